@@ -1,0 +1,324 @@
+//! The immutable facts of the log: event kinds, their payloads and the
+//! envelope every stored event carries.
+//!
+//! Payload shapes are part of the stored format. Changing one means a new
+//! schema version (see [`SCHEMA_VERSION`]), never an edit in place.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::model::JobStep;
+
+/// Version of the payload shapes this build writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Why a step failed.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// The handler returned `success: false`.
+    HandlerFailed,
+    /// No handler is registered for the step's type.
+    NoHandler,
+    /// The handler panicked.
+    Panic,
+    /// The step ran past its deadline.
+    Timeout,
+    /// The executor stopped while the step ran; its outcome is unknown.
+    Interrupted,
+}
+
+/// Payload of `JobStarted`: everything the job is bound to, frozen.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobStarted {
+    /// The contract the plan was made under (EXEC-005: never changes).
+    pub contract_id: Uuid,
+    /// The plan as executed (EXEC-005: never changes).
+    pub plan: Vec<JobStep>,
+    /// Who started the job.
+    pub executed_by: String,
+    /// Version of the executor that started the job.
+    pub executor_version: String,
+    /// Health observed before the first step, when an observer was given.
+    pub health_before: Option<Value>,
+}
+
+/// Payload of `StepStarted`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepStarted {
+    /// The step about to run.
+    pub step_index: u32,
+}
+
+/// Payload of `StepSucceeded`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepSucceeded {
+    /// The step that ran.
+    pub step_index: u32,
+    /// The handler's output.
+    pub output: Value,
+    /// Health observed right after the step.
+    pub health_after: Option<Value>,
+}
+
+/// Payload of `StepFailed`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepFailed {
+    /// The step that failed.
+    pub step_index: u32,
+    /// Why it failed.
+    pub failure: FailureKind,
+    /// The failure message.
+    pub error: String,
+    /// The handler's output, when the handler returned one.
+    pub output: Option<Value>,
+    /// Health observed right after the step.
+    pub health_after: Option<Value>,
+}
+
+/// Payload of `JobCompleted`: every planned step succeeded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobCompleted {}
+
+/// Payload of `JobHalted`: the job stopped at its first failed step.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobHalted {
+    /// The step whose failure halted the job.
+    pub step_index: u32,
+}
+
+/// One fact about a job.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// The job began, with its frozen plan.
+    JobStarted(JobStarted),
+    /// A step is about to run; committed before its handler is called.
+    StepStarted(StepStarted),
+    /// A step succeeded.
+    StepSucceeded(StepSucceeded),
+    /// A step failed.
+    StepFailed(StepFailed),
+    /// Every planned step succeeded.
+    JobCompleted(JobCompleted),
+    /// The job stopped after a failed step.
+    JobHalted(JobHalted),
+}
+
+/// The event kinds this build reads and writes, in their stored spelling.
+pub const EVENT_KINDS: [&str; 6] = [
+    "JobStarted",
+    "StepStarted",
+    "StepSucceeded",
+    "StepFailed",
+    "JobCompleted",
+    "JobHalted",
+];
+
+/// An event that cannot be decoded from its stored parts.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The stored kind is not one this build knows.
+    #[error("unknown event kind {0:?}")]
+    UnknownKind(String),
+    /// The stored schema version is newer than this build.
+    #[error(
+        "event schema version {found} is not supported (this build reads up to {SCHEMA_VERSION})"
+    )]
+    UnsupportedSchemaVersion {
+        /// The stored version.
+        found: u32,
+    },
+    /// The recorded time is not an RFC 3339 timestamp.
+    #[error("recorded_at {0:?} is not an RFC 3339 timestamp")]
+    Timestamp(String),
+    /// The payload does not have the kind's shape.
+    #[error("malformed {kind} payload: {source}")]
+    Payload {
+        /// The stored kind.
+        kind: &'static str,
+        /// What serde found wrong.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl Event {
+    /// The stored kind name, e.g. `"StepStarted"`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::JobStarted(_) => "JobStarted",
+            Event::StepStarted(_) => "StepStarted",
+            Event::StepSucceeded(_) => "StepSucceeded",
+            Event::StepFailed(_) => "StepFailed",
+            Event::JobCompleted(_) => "JobCompleted",
+            Event::JobHalted(_) => "JobHalted",
+        }
+    }
+
+    /// Whether this event ends its job.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, Event::JobCompleted(_) | Event::JobHalted(_))
+    }
+
+    /// The payload as compact JSON, the stored form.
+    pub fn payload_json(&self) -> String {
+        let encoded = match self {
+            Event::JobStarted(p) => serde_json::to_string(p),
+            Event::StepStarted(p) => serde_json::to_string(p),
+            Event::StepSucceeded(p) => serde_json::to_string(p),
+            Event::StepFailed(p) => serde_json::to_string(p),
+            Event::JobCompleted(p) => serde_json::to_string(p),
+            Event::JobHalted(p) => serde_json::to_string(p),
+        };
+        // Payloads are plain structs of strings, numbers and JSON values:
+        // serialising them to a String cannot fail.
+        encoded.expect("event payloads always serialise")
+    }
+
+    /// Decodes an event from its stored kind, schema version and payload.
+    ///
+    /// # Errors
+    /// [`DecodeError`] for an unknown kind, a newer schema version, or a
+    /// payload that does not have the kind's shape.
+    pub fn decode(kind: &str, schema_version: u32, payload: &str) -> Result<Event, DecodeError> {
+        if schema_version == 0 || schema_version > SCHEMA_VERSION {
+            return Err(DecodeError::UnsupportedSchemaVersion {
+                found: schema_version,
+            });
+        }
+        fn parse<T: serde::de::DeserializeOwned>(
+            kind: &'static str,
+            payload: &str,
+        ) -> Result<T, DecodeError> {
+            serde_json::from_str(payload).map_err(|source| DecodeError::Payload { kind, source })
+        }
+        Ok(match kind {
+            "JobStarted" => Event::JobStarted(parse("JobStarted", payload)?),
+            "StepStarted" => Event::StepStarted(parse("StepStarted", payload)?),
+            "StepSucceeded" => Event::StepSucceeded(parse("StepSucceeded", payload)?),
+            "StepFailed" => Event::StepFailed(parse("StepFailed", payload)?),
+            "JobCompleted" => Event::JobCompleted(parse("JobCompleted", payload)?),
+            "JobHalted" => Event::JobHalted(parse("JobHalted", payload)?),
+            other => return Err(DecodeError::UnknownKind(other.to_owned())),
+        })
+    }
+}
+
+/// An event in its stored form: the envelope plus the payload as JSON text,
+/// exactly as the log holds it. Both stores keep events in this form, so what
+/// one store returns the other would too.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventRecord {
+    /// Position in the whole log, starting at 1; 0 until the store assigns it.
+    pub position: u64,
+    /// The job the event belongs to.
+    pub job_id: Uuid,
+    /// Position in the job's log, starting at 1, without gaps.
+    pub seq: u64,
+    /// The event kind, e.g. `"StepStarted"`.
+    pub kind: String,
+    /// Payload schema version.
+    pub schema_version: u32,
+    /// When the event was recorded, as [`format_timestamp`] writes it.
+    pub recorded_at: String,
+    /// The payload as compact JSON.
+    pub payload: String,
+}
+
+/// A decoded event: the envelope plus the fact.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RecordedEvent {
+    /// Position in the whole log, starting at 1.
+    pub position: u64,
+    /// The job the event belongs to.
+    pub job_id: Uuid,
+    /// Position in the job's log, starting at 1, without gaps.
+    pub seq: u64,
+    /// When the event was recorded, in whole microseconds.
+    pub recorded_at: DateTime<Utc>,
+    /// Payload schema version it was stored with.
+    pub schema_version: u32,
+    /// The fact.
+    pub event: Event,
+}
+
+impl EventRecord {
+    /// Encodes `event` as the `seq`-th event of `job_id`, recorded at `recorded_at`
+    /// (truncated to the microseconds the log keeps). Position is left 0.
+    pub fn encode(job_id: Uuid, seq: u64, recorded_at: DateTime<Utc>, event: &Event) -> Self {
+        EventRecord {
+            position: 0,
+            job_id,
+            seq,
+            kind: event.kind().to_owned(),
+            schema_version: SCHEMA_VERSION,
+            recorded_at: format_timestamp(&truncate_to_micros(recorded_at)),
+            payload: event.payload_json(),
+        }
+    }
+
+    /// Decodes the stored form.
+    ///
+    /// # Errors
+    /// [`DecodeError`] when the kind, schema version, timestamp or payload is
+    /// not one this build can read.
+    pub fn decode(&self) -> Result<RecordedEvent, DecodeError> {
+        let recorded_at = parse_timestamp(&self.recorded_at)
+            .map_err(|_| DecodeError::Timestamp(self.recorded_at.clone()))?;
+        Ok(RecordedEvent {
+            position: self.position,
+            job_id: self.job_id,
+            seq: self.seq,
+            recorded_at,
+            schema_version: self.schema_version,
+            event: Event::decode(&self.kind, self.schema_version, &self.payload)?,
+        })
+    }
+
+    /// The event as one line of JSON: the envelope fields and the payload
+    /// object, as `job-executor events` prints it.
+    pub fn to_json_line(&self) -> String {
+        // The payload is embedded verbatim: it is the stored JSON text.
+        format!(
+            "{{\"position\":{},\"job_id\":\"{}\",\"seq\":{},\"kind\":{},\"schema_version\":{},\"recorded_at\":{},\"payload\":{}}}",
+            self.position,
+            self.job_id,
+            self.seq,
+            json_string(&self.kind),
+            self.schema_version,
+            json_string(&self.recorded_at),
+            self.payload,
+        )
+    }
+}
+
+fn json_string(text: &str) -> String {
+    Value::String(text.to_owned()).to_string()
+}
+
+/// Drops sub-microsecond precision, which the stored text cannot carry.
+pub fn truncate_to_micros(at: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(at.timestamp_micros()).unwrap_or(at)
+}
+
+/// Formats a timestamp as stored and as shown in evidence: RFC 3339, UTC,
+/// microseconds, `Z` suffix (fixed width, so the text sorts as time does).
+pub fn format_timestamp(at: &DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+/// Parses a timestamp written by [`format_timestamp`].
+///
+/// # Errors
+/// The parse error when `text` is not RFC 3339.
+pub fn parse_timestamp(text: &str) -> Result<DateTime<Utc>, chrono::ParseError> {
+    DateTime::parse_from_rfc3339(text).map(|at| at.with_timezone(&Utc))
+}

@@ -1,0 +1,52 @@
+//! An embeddable, deterministic, event-sourced executor of governance jobs.
+//!
+//! A job is an ordered plan of [`JobStep`]s. The [`JobExecutor`] runs each
+//! step through the [`StepHandler`] registered for its type, in declared
+//! order; it stops at the first failure, never retries, observes (never
+//! modifies) health, and records every fact as an immutable event in an
+//! append-only log. Results and audit evidence are projections of that log,
+//! so replaying a stored job gives exactly the evidence emitted live.
+//!
+//! The flow is plan → events ([`events`]) judged by the state machine
+//! ([`machine`]) → log ([`store`]) → projections ([`projection`]).
+//! [`verify`] checks any stored log against the invariants EXEC-001..006.
+//!
+//! ```
+//! use job_executor::{create_default_executor, execution_result_to_evidence, JobStatus, JobStep};
+//! use uuid::Uuid;
+//!
+//! let executor = create_default_executor();
+//! let steps = vec![
+//!     JobStep::new(0, "capability_enable", "billing"),
+//!     JobStep::new(1, "configuration_change", "billing"),
+//! ];
+//! let job_id = Uuid::new_v4();
+//! let result = executor.execute_job(job_id, Uuid::new_v4(), &steps, None, "ops").unwrap();
+//! assert_eq!(result.final_status, JobStatus::Completed);
+//!
+//! // The log replays to the same evidence.
+//! let replayed = executor.replay(job_id).unwrap();
+//! assert_eq!(execution_result_to_evidence(&replayed), execution_result_to_evidence(&result));
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod cli;
+pub mod clock;
+pub mod events;
+pub mod executor;
+pub mod handler;
+pub mod machine;
+pub mod model;
+pub mod projection;
+pub mod store;
+pub mod verify;
+
+pub use executor::{
+    EXECUTOR_VERSION, ExecutorBuilder, ExecutorError, JobExecutor, create_default_executor,
+};
+pub use handler::{FailingHandler, HealthObserver, NoOpHandler, StepHandler};
+pub use model::{
+    ExecutionContext, ExecutionResult, JobStatus, JobStep, StepOutput, StepResult, StepStatus,
+};
+pub use projection::{execution_result_to_evidence, replay};

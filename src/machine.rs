@@ -1,0 +1,374 @@
+//! The job state machine: the one place where the invariants of a job's log
+//! are decided.
+//!
+//! [`apply`] is a pure transition function: given the state folded so far and
+//! the next event, it returns the new state or says which invariant the event
+//! would break. [`next_action`] says what the executor must do next. Neither
+//! takes a clock, does I/O or allocates. The executor, the projections and
+//! `verify` all fold through [`apply`], so a sequence one of them accepts is
+//! accepted by all.
+
+use crate::events::Event;
+use crate::model::{JobStatus, validate_plan};
+
+/// Where a job is in its life.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// No event yet.
+    NotStarted,
+    /// Between steps: `next_step` is the next to start (or `steps` when all ran).
+    Idle,
+    /// Step `step_index` has started and has no outcome yet.
+    StepRunning {
+        /// The step in flight.
+        step_index: u32,
+    },
+    /// Step `step_index` failed; only `JobHalted` may follow.
+    StepFailed {
+        /// The failed step.
+        step_index: u32,
+    },
+    /// Terminal: every step succeeded.
+    Completed,
+    /// Terminal: halted after `step_index` failed.
+    Halted {
+        /// The failed step.
+        step_index: u32,
+    },
+}
+
+/// The state folded from a job's events: small, `Copy`, and all the machine
+/// needs to judge the next event.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct JobState {
+    /// Where the job is.
+    pub phase: Phase,
+    /// Number of steps in the frozen plan.
+    pub steps: u32,
+    /// The next step that may start.
+    pub next_step: u32,
+}
+
+impl Default for JobState {
+    fn default() -> Self {
+        JobState::new()
+    }
+}
+
+impl JobState {
+    /// The state of a job with no events.
+    pub const fn new() -> Self {
+        JobState {
+            phase: Phase::NotStarted,
+            steps: 0,
+            next_step: 0,
+        }
+    }
+
+    /// Whether the job has ended (`JobCompleted` or `JobHalted`).
+    pub fn is_terminal(&self) -> bool {
+        matches!(self.phase, Phase::Completed | Phase::Halted { .. })
+    }
+
+    /// The job's status as this state sees it.
+    pub fn status(&self) -> JobStatus {
+        match self.phase {
+            Phase::NotStarted => JobStatus::Pending,
+            Phase::Idle | Phase::StepRunning { .. } | Phase::StepFailed { .. } => {
+                JobStatus::Running
+            }
+            Phase::Completed => JobStatus::Completed,
+            Phase::Halted { .. } => JobStatus::Failed,
+        }
+    }
+}
+
+/// What the executor must do next for a job in a given state.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum NextAction {
+    /// Append `JobStarted`.
+    StartJob,
+    /// Append `StepStarted` for this step, then run its handler.
+    StartStep(u32),
+    /// The step's handler has been called; append its outcome.
+    RecordOutcome(u32),
+    /// Append `JobCompleted`.
+    Complete,
+    /// Append `JobHalted` for this failed step.
+    Halt(u32),
+    /// The job is terminal; nothing may be appended.
+    Done,
+}
+
+/// What the executor must do next. Pure.
+pub fn next_action(state: &JobState) -> NextAction {
+    match state.phase {
+        Phase::NotStarted => NextAction::StartJob,
+        Phase::Idle if state.next_step < state.steps => NextAction::StartStep(state.next_step),
+        Phase::Idle => NextAction::Complete,
+        Phase::StepRunning { step_index } => NextAction::RecordOutcome(step_index),
+        Phase::StepFailed { step_index } => NextAction::Halt(step_index),
+        Phase::Completed | Phase::Halted { .. } => NextAction::Done,
+    }
+}
+
+/// An event the machine refuses, and why. Each names the invariant it guards.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TransitionError {
+    /// The first event of a job must be `JobStarted`.
+    #[error("{kind} before JobStarted: a job's log must begin with JobStarted")]
+    NotStarted {
+        /// The refused kind.
+        kind: &'static str,
+    },
+    /// A job is started at most once.
+    #[error("JobStarted again: a job id is executed at most once")]
+    AlreadyStarted,
+    /// The plan in `JobStarted` is not executable.
+    #[error("JobStarted carries an invalid plan: {0}")]
+    InvalidPlan(String),
+    /// A step was started that is not the next one in the plan.
+    #[error("StepStarted for step {step_index}, but the next step in plan order is {expected}")]
+    OutOfOrder {
+        /// The refused step.
+        step_index: u32,
+        /// The step that may start next.
+        expected: u32,
+    },
+    /// A step was started a second time.
+    #[error("StepStarted for step {step_index}, which already started: steps are never retried")]
+    Restarted {
+        /// The refused step.
+        step_index: u32,
+    },
+    /// A step was started that the plan does not have.
+    #[error("StepStarted for step {step_index}, but the plan has {steps} steps")]
+    NoSuchStep {
+        /// The refused step.
+        step_index: u32,
+        /// Steps in the plan.
+        steps: u32,
+    },
+    /// Something other than the step's outcome followed a `StepStarted`.
+    #[error(
+        "{kind} while step {running} has no outcome: each started step gets exactly one outcome first"
+    )]
+    OutcomeMissing {
+        /// The refused kind.
+        kind: &'static str,
+        /// The step in flight.
+        running: u32,
+    },
+    /// An outcome for a step that is not in flight.
+    #[error("{kind} for step {step_index}, which is not running")]
+    OutcomeWithoutStart {
+        /// The refused kind.
+        kind: &'static str,
+        /// The step the outcome names.
+        step_index: u32,
+    },
+    /// Something other than `JobHalted` followed a failed step.
+    #[error("{kind} after step {failed} failed: a failed job halts and runs nothing more")]
+    AfterFailure {
+        /// The refused kind.
+        kind: &'static str,
+        /// The failed step.
+        failed: u32,
+    },
+    /// `JobHalted` names a step other than the one that failed.
+    #[error("JobHalted names step {step_index}, but step {failed} failed")]
+    HaltMismatch {
+        /// The step named.
+        step_index: u32,
+        /// The failed step.
+        failed: u32,
+    },
+    /// `JobHalted` without a failed step.
+    #[error("JobHalted for step {step_index}, but no step has failed")]
+    HaltWithoutFailure {
+        /// The step named.
+        step_index: u32,
+    },
+    /// `JobCompleted` before every planned step succeeded.
+    #[error(
+        "JobCompleted after {succeeded} of {steps} steps: a job completes only when every step succeeded"
+    )]
+    Incomplete {
+        /// Steps that succeeded.
+        succeeded: u32,
+        /// Steps in the plan.
+        steps: u32,
+    },
+    /// Anything after the terminal event.
+    #[error("{kind} after the job ended: the log of a finished job is closed")]
+    AfterEnd {
+        /// The refused kind.
+        kind: &'static str,
+    },
+}
+
+impl TransitionError {
+    /// The invariant this refusal protects (`"EXEC-001"` … `"EXEC-006"`), or
+    /// `"LOG"` for the structure every log shares.
+    pub fn invariant(&self) -> &'static str {
+        match self {
+            TransitionError::NotStarted { .. } => "LOG",
+            TransitionError::AlreadyStarted | TransitionError::Restarted { .. } => "EXEC-006",
+            TransitionError::InvalidPlan(_)
+            | TransitionError::OutOfOrder { .. }
+            | TransitionError::NoSuchStep { .. } => "EXEC-001",
+            TransitionError::OutcomeMissing { .. }
+            | TransitionError::OutcomeWithoutStart { .. } => "EXEC-002",
+            TransitionError::AfterFailure { .. }
+            | TransitionError::HaltMismatch { .. }
+            | TransitionError::HaltWithoutFailure { .. }
+            | TransitionError::Incomplete { .. }
+            | TransitionError::AfterEnd { .. } => "EXEC-003",
+        }
+    }
+}
+
+/// Folds one event into the state, or refuses it. Pure.
+///
+/// # Errors
+/// A [`TransitionError`] naming the invariant the event would break; the
+/// caller's state is untouched (it is `Copy`).
+///
+/// ```
+/// use job_executor::events::{Event, StepStarted};
+/// use job_executor::machine::{apply, JobState, TransitionError};
+///
+/// let err = apply(JobState::new(), &Event::StepStarted(StepStarted { step_index: 0 }));
+/// assert_eq!(err, Err(TransitionError::NotStarted { kind: "StepStarted" }));
+/// ```
+pub fn apply(state: JobState, event: &Event) -> Result<JobState, TransitionError> {
+    let kind = event.kind();
+    match (state.phase, event) {
+        (Phase::Completed | Phase::Halted { .. }, _) => Err(TransitionError::AfterEnd { kind }),
+
+        (Phase::NotStarted, Event::JobStarted(started)) => {
+            validate_plan(&started.plan)
+                .map_err(|e| TransitionError::InvalidPlan(e.to_string()))?;
+            Ok(JobState {
+                phase: Phase::Idle,
+                // validate_plan bounds the plan far below u32::MAX.
+                steps: started.plan.len() as u32,
+                next_step: 0,
+            })
+        }
+        (Phase::NotStarted, _) => Err(TransitionError::NotStarted { kind }),
+        (_, Event::JobStarted(_)) => Err(TransitionError::AlreadyStarted),
+
+        (Phase::Idle, Event::StepStarted(s)) => {
+            let step_index = s.step_index;
+            if step_index < state.next_step {
+                Err(TransitionError::Restarted { step_index })
+            } else if step_index >= state.steps {
+                Err(TransitionError::NoSuchStep {
+                    step_index,
+                    steps: state.steps,
+                })
+            } else if step_index > state.next_step {
+                Err(TransitionError::OutOfOrder {
+                    step_index,
+                    expected: state.next_step,
+                })
+            } else {
+                Ok(JobState {
+                    phase: Phase::StepRunning { step_index },
+                    ..state
+                })
+            }
+        }
+        (Phase::Idle, Event::StepSucceeded(s)) => Err(TransitionError::OutcomeWithoutStart {
+            kind,
+            step_index: s.step_index,
+        }),
+        (Phase::Idle, Event::StepFailed(s)) => Err(TransitionError::OutcomeWithoutStart {
+            kind,
+            step_index: s.step_index,
+        }),
+        (Phase::Idle, Event::JobCompleted(_)) => {
+            if state.next_step == state.steps {
+                Ok(JobState {
+                    phase: Phase::Completed,
+                    ..state
+                })
+            } else {
+                Err(TransitionError::Incomplete {
+                    succeeded: state.next_step,
+                    steps: state.steps,
+                })
+            }
+        }
+        (Phase::Idle, Event::JobHalted(h)) => Err(TransitionError::HaltWithoutFailure {
+            step_index: h.step_index,
+        }),
+
+        (Phase::StepRunning { step_index }, Event::StepSucceeded(s)) => {
+            if s.step_index == step_index {
+                Ok(JobState {
+                    phase: Phase::Idle,
+                    next_step: step_index + 1,
+                    ..state
+                })
+            } else {
+                Err(TransitionError::OutcomeWithoutStart {
+                    kind,
+                    step_index: s.step_index,
+                })
+            }
+        }
+        (Phase::StepRunning { step_index }, Event::StepFailed(f)) => {
+            if f.step_index == step_index {
+                Ok(JobState {
+                    phase: Phase::StepFailed { step_index },
+                    next_step: step_index + 1,
+                    ..state
+                })
+            } else {
+                Err(TransitionError::OutcomeWithoutStart {
+                    kind,
+                    step_index: f.step_index,
+                })
+            }
+        }
+        (Phase::StepRunning { step_index }, _) => Err(TransitionError::OutcomeMissing {
+            kind,
+            running: step_index,
+        }),
+
+        (Phase::StepFailed { step_index }, Event::JobHalted(h)) => {
+            if h.step_index == step_index {
+                Ok(JobState {
+                    phase: Phase::Halted { step_index },
+                    ..state
+                })
+            } else {
+                Err(TransitionError::HaltMismatch {
+                    step_index: h.step_index,
+                    failed: step_index,
+                })
+            }
+        }
+        (Phase::StepFailed { step_index }, _) => Err(TransitionError::AfterFailure {
+            kind,
+            failed: step_index,
+        }),
+    }
+}
+
+/// Folds a whole sequence of events from the empty state.
+///
+/// # Errors
+/// The position (0-based) of the first refused event and why.
+pub fn fold<'a>(
+    events: impl IntoIterator<Item = &'a Event>,
+) -> Result<JobState, (usize, TransitionError)> {
+    events
+        .into_iter()
+        .enumerate()
+        .try_fold(JobState::new(), |state, (i, event)| {
+            apply(state, event).map_err(|e| (i, e))
+        })
+}

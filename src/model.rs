@@ -1,0 +1,302 @@
+//! The plan and result types that users build and read.
+//!
+//! These are plain data: nothing here runs a step or touches the log.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::events::FailureKind;
+
+/// Default deadline of a step whose JSON omits `timeout_seconds`.
+pub const DEFAULT_TIMEOUT_SECONDS: u64 = 300;
+
+/// Largest plan the executor accepts; input controls plan size, so it has a limit.
+pub const PLAN_STEPS_MAX: usize = 100_000;
+
+fn default_timeout_seconds() -> u64 {
+    DEFAULT_TIMEOUT_SECONDS
+}
+
+fn empty_object() -> Value {
+    Value::Object(serde_json::Map::new())
+}
+
+/// One declared step of a job plan.
+///
+/// `step_index` must equal the step's position in the plan (0, 1, 2, …): the
+/// index *is* the declared order (EXEC-001), so a plan cannot be ambiguous.
+///
+/// ```
+/// let step: job_executor::JobStep = serde_json::from_str(
+///     r#"{"step_index": 0, "step_type": "capability_enable", "target": "billing",
+///         "parameters": {"flag": true}}"#,
+/// ).unwrap();
+/// assert_eq!(step.timeout_seconds, 300);
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobStep {
+    /// Position of the step in the plan, starting at 0.
+    pub step_index: u32,
+    /// Selects the registered handler that runs the step.
+    pub step_type: String,
+    /// What the step acts on; opaque to the executor.
+    pub target: String,
+    /// Handler parameters; must be a JSON object (`{}` when absent).
+    #[serde(default = "empty_object")]
+    pub parameters: Value,
+    /// Deadline for the step in seconds (300 when absent).
+    #[serde(default = "default_timeout_seconds")]
+    pub timeout_seconds: u64,
+}
+
+impl JobStep {
+    /// A step with empty parameters and the default timeout.
+    pub fn new(step_index: u32, step_type: impl Into<String>, target: impl Into<String>) -> Self {
+        JobStep {
+            step_index,
+            step_type: step_type.into(),
+            target: target.into(),
+            parameters: empty_object(),
+            timeout_seconds: DEFAULT_TIMEOUT_SECONDS,
+        }
+    }
+}
+
+/// A plan file, as `job-executor run` reads it. Unknown fields are refused.
+///
+/// ```
+/// let plan: job_executor::model::PlanFile = serde_json::from_str(r#"{
+///     "contract_id": "6f1c2a6e-8a49-4d1a-9d55-0e3a1f5b7c11",
+///     "steps": [{"step_index": 0, "step_type": "capability_enable", "target": "billing"}]
+/// }"#).unwrap();
+/// assert!(plan.job_id.is_none());
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanFile {
+    /// The job id; generated when absent.
+    #[serde(default)]
+    pub job_id: Option<Uuid>,
+    /// The contract the plan was made under.
+    pub contract_id: Uuid,
+    /// The steps, in order.
+    pub steps: Vec<JobStep>,
+}
+
+/// Why a plan is not executable. Checked before anything is appended.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    /// A step's `step_index` is not its position in the plan.
+    #[error(
+        "step at position {position} has step_index {step_index}; step_index must equal the step's position (0, 1, 2, …)"
+    )]
+    IndexOutOfOrder {
+        /// Position of the step in the plan.
+        position: usize,
+        /// The index the step declared.
+        step_index: u32,
+    },
+    /// A step's `parameters` is not a JSON object.
+    #[error("step {step_index}: parameters must be a JSON object")]
+    ParametersNotObject {
+        /// The offending step.
+        step_index: u32,
+    },
+    /// The plan has more steps than [`PLAN_STEPS_MAX`].
+    #[error("plan has {steps} steps; at most {max} are allowed", max = PLAN_STEPS_MAX)]
+    TooManySteps {
+        /// Number of steps in the plan.
+        steps: usize,
+    },
+}
+
+/// Checks that a plan is executable: indices 0..n in order, object parameters,
+/// bounded size.
+///
+/// # Errors
+/// The first [`PlanError`] found, in plan order.
+pub fn validate_plan(steps: &[JobStep]) -> Result<(), PlanError> {
+    if steps.len() > PLAN_STEPS_MAX {
+        return Err(PlanError::TooManySteps { steps: steps.len() });
+    }
+    for (position, step) in steps.iter().enumerate() {
+        if step.step_index as usize != position {
+            return Err(PlanError::IndexOutOfOrder {
+                position,
+                step_index: step.step_index,
+            });
+        }
+        if !step.parameters.is_object() {
+            return Err(PlanError::ParametersNotObject {
+                step_index: step.step_index,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Status of a whole job.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum JobStatus {
+    /// Not started.
+    Pending,
+    /// Started and not yet terminal (or stopped mid-way).
+    Running,
+    /// Every planned step succeeded.
+    Completed,
+    /// A step failed and the job halted.
+    Failed,
+    /// The job was cancelled before it finished.
+    Cancelled,
+}
+
+impl JobStatus {
+    /// The wire name, as in evidence: `"COMPLETED"`, `"FAILED"`, ….
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Pending => "PENDING",
+            JobStatus::Running => "RUNNING",
+            JobStatus::Completed => "COMPLETED",
+            JobStatus::Failed => "FAILED",
+            JobStatus::Cancelled => "CANCELLED",
+        }
+    }
+}
+
+impl std::fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Status of one step.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum StepStatus {
+    /// Not started.
+    Pending,
+    /// Started; no outcome recorded yet.
+    Running,
+    /// The handler reported success.
+    Completed,
+    /// The step failed (handler failure, no handler, panic, timeout, interruption).
+    Failed,
+    /// Never started because an earlier step failed.
+    Skipped,
+}
+
+/// What a handler returns for one step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepOutput {
+    /// Whether the step succeeded.
+    pub success: bool,
+    /// Handler output, recorded in the log; a JSON value, `{}` when there is none.
+    pub output: Value,
+    /// Why the step failed, when it did.
+    pub error: Option<String>,
+}
+
+impl StepOutput {
+    /// A successful outcome carrying `output`.
+    pub fn succeeded(output: Value) -> Self {
+        StepOutput {
+            success: true,
+            output,
+            error: None,
+        }
+    }
+
+    /// A failed outcome with `error` and an empty output object.
+    pub fn failed(error: impl Into<String>) -> Self {
+        StepOutput {
+            success: false,
+            output: empty_object(),
+            error: Some(error.into()),
+        }
+    }
+}
+
+/// What a handler may know about the step it runs. Handlers only ever get a
+/// shared reference to it: it grants no authority over governance state.
+#[derive(Clone, Debug)]
+pub struct ExecutionContext {
+    /// The job being executed.
+    pub job_id: Uuid,
+    /// The contract the job was planned under.
+    pub contract_id: Uuid,
+    /// Index of the step being run.
+    pub step_index: u32,
+    /// Type of the step being run.
+    pub step_type: String,
+    /// Target of the step being run.
+    pub target: String,
+    /// Who started the job.
+    pub executed_by: String,
+    /// When the step's `StepStarted` was recorded.
+    pub started_at: DateTime<Utc>,
+}
+
+/// The recorded outcome of one executed step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepResult {
+    /// Index of the step.
+    pub step_index: u32,
+    /// `Completed`, `Failed`, or `Running` for a step whose outcome is not recorded.
+    pub status: StepStatus,
+    /// When the step's `StepStarted` was recorded.
+    pub started_at: DateTime<Utc>,
+    /// When its outcome was recorded (equals `started_at` while running).
+    pub completed_at: DateTime<Utc>,
+    /// Handler output, when the handler returned one.
+    pub output: Option<Value>,
+    /// Failure message, when the step failed.
+    pub error: Option<String>,
+    /// Health observed right after the step, when an observer was given.
+    pub health_after: Option<Value>,
+    /// Why the step failed, when it did.
+    pub failure_kind: Option<FailureKind>,
+}
+
+/// The result of a job, folded from its event log.
+///
+/// `execute_job` returns exactly the fold that [`crate::replay`] computes from
+/// the stored events, so a live result and a replayed one cannot differ.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExecutionResult {
+    /// The job.
+    pub job_id: Uuid,
+    /// The contract recorded at `JobStarted`.
+    pub contract_id: Uuid,
+    /// Who started the job.
+    pub executed_by: String,
+    /// Version of the executor that started the job.
+    pub executor_version: String,
+    /// Terminal status, or `Running` for a job whose log has no terminal event.
+    pub final_status: JobStatus,
+    /// `All steps completed successfully`, or `Step <index> failed: <error>`.
+    pub final_reason: String,
+    /// Steps started.
+    pub steps_executed: usize,
+    /// Steps that succeeded.
+    pub steps_succeeded: usize,
+    /// Steps that failed.
+    pub steps_failed: usize,
+    /// Steps in the plan.
+    pub steps_planned: usize,
+    /// One entry per started step, in order.
+    pub step_results: Vec<StepResult>,
+    /// Health observed before the first step.
+    pub health_before: Option<Value>,
+    /// Health observed after the last successful step.
+    pub health_after: Option<Value>,
+    /// When `JobStarted` was recorded.
+    pub started_at: DateTime<Utc>,
+    /// When the terminal event was recorded (the last event, for an unfinished job).
+    pub completed_at: DateTime<Utc>,
+    /// Number of events in the job's log.
+    pub events: u64,
+}

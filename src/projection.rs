@@ -1,0 +1,332 @@
+//! Results and evidence, folded from a job's events.
+//!
+//! [`Projector`] is the only way an [`ExecutionResult`] is made: the executor
+//! feeds it each event as it is recorded, and [`replay`] feeds it the stored
+//! log. Every event passes through the state machine on the way in, so a
+//! projection of a log that breaks an invariant is refused, never guessed.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::events::{DecodeError, Event, EventRecord, FailureKind, format_timestamp};
+use crate::machine::{self, JobState, Phase, TransitionError};
+use crate::model::{ExecutionResult, StepResult, StepStatus};
+use crate::store::{EventStore, StoreError};
+
+/// `final_reason` of a job whose every step succeeded.
+pub const REASON_COMPLETED: &str = "All steps completed successfully";
+
+/// `final_reason` of a job whose log has no terminal event.
+pub const REASON_UNFINISHED: &str = "Job has not finished";
+
+/// Why a job's log cannot be projected.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// The log has no events for the job.
+    #[error("unknown job {job_id}: the log has no events for it")]
+    UnknownJob {
+        /// The job asked for.
+        job_id: Uuid,
+    },
+    /// A stored event cannot be decoded.
+    #[error("job {job_id} seq {seq}: {source}")]
+    Decode {
+        /// The job.
+        job_id: Uuid,
+        /// The event's seq.
+        seq: u64,
+        /// What is wrong with it.
+        #[source]
+        source: DecodeError,
+    },
+    /// A stored event breaks an invariant.
+    #[error("job {job_id} seq {seq}: {invariant}: {source}", invariant = source.invariant())]
+    Rejected {
+        /// The job.
+        job_id: Uuid,
+        /// The event's seq.
+        seq: u64,
+        /// The refusal.
+        #[source]
+        source: TransitionError,
+    },
+    /// The job's seq numbers are not 1, 2, 3, ….
+    #[error("job {job_id}: expected seq {expected}, found seq {found}")]
+    SeqGap {
+        /// The job.
+        job_id: Uuid,
+        /// The seq that should come next.
+        expected: u64,
+        /// The seq stored.
+        found: u64,
+    },
+    /// The log could not be read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Incrementally folds one job's events into its [`ExecutionResult`].
+#[derive(Clone, Debug)]
+pub struct Projector {
+    job_id: Uuid,
+    state: JobState,
+    events: u64,
+    contract_id: Uuid,
+    executed_by: String,
+    executor_version: String,
+    health_before: Option<Value>,
+    health_after: Option<Value>,
+    steps: Vec<StepResult>,
+    started_at: Option<DateTime<Utc>>,
+    last_at: Option<DateTime<Utc>>,
+}
+
+impl Projector {
+    /// A projector for `job_id` that has seen no events.
+    pub fn new(job_id: Uuid) -> Self {
+        Projector {
+            job_id,
+            state: JobState::new(),
+            events: 0,
+            contract_id: Uuid::nil(),
+            executed_by: String::new(),
+            executor_version: String::new(),
+            health_before: None,
+            health_after: None,
+            steps: Vec::new(),
+            started_at: None,
+            last_at: None,
+        }
+    }
+
+    /// The state machine's view of the job so far.
+    pub fn state(&self) -> JobState {
+        self.state
+    }
+
+    /// Events folded so far.
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
+    /// Passes `event` through the state machine and folds it in.
+    ///
+    /// # Errors
+    /// The machine's refusal; the projector is unchanged then.
+    pub fn apply(
+        &mut self,
+        recorded_at: DateTime<Utc>,
+        event: &Event,
+    ) -> Result<(), TransitionError> {
+        self.state = machine::apply(self.state, event)?;
+        self.events += 1;
+        self.started_at.get_or_insert(recorded_at);
+        self.last_at = Some(recorded_at);
+        match event {
+            Event::JobStarted(started) => {
+                self.contract_id = started.contract_id;
+                self.executed_by.clone_from(&started.executed_by);
+                self.executor_version.clone_from(&started.executor_version);
+                self.health_before.clone_from(&started.health_before);
+            }
+            Event::StepStarted(s) => self.steps.push(StepResult {
+                step_index: s.step_index,
+                status: StepStatus::Running,
+                started_at: recorded_at,
+                completed_at: recorded_at,
+                output: None,
+                error: None,
+                health_after: None,
+                failure_kind: None,
+            }),
+            Event::StepSucceeded(s) => {
+                self.health_after.clone_from(&s.health_after);
+                if let Some(step) = self.steps.last_mut() {
+                    step.status = StepStatus::Completed;
+                    step.completed_at = recorded_at;
+                    step.output = Some(s.output.clone());
+                    step.health_after.clone_from(&s.health_after);
+                }
+            }
+            Event::StepFailed(f) => {
+                if let Some(step) = self.steps.last_mut() {
+                    step.status = StepStatus::Failed;
+                    step.completed_at = recorded_at;
+                    step.output.clone_from(&f.output);
+                    step.error = Some(f.error.clone());
+                    step.health_after.clone_from(&f.health_after);
+                    step.failure_kind = Some(f.failure);
+                }
+            }
+            Event::JobCompleted(_) | Event::JobHalted(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Decodes a stored record of this job and folds it in, checking that it
+    /// is the job's next seq.
+    ///
+    /// # Errors
+    /// [`ReplayError`] for a seq gap, an undecodable record or a refused event.
+    pub fn apply_record(&mut self, record: &EventRecord) -> Result<(), ReplayError> {
+        let job_id = self.job_id;
+        let expected = self.events + 1;
+        if record.seq != expected || record.job_id != job_id {
+            return Err(ReplayError::SeqGap {
+                job_id,
+                expected,
+                found: record.seq,
+            });
+        }
+        let recorded = record.decode().map_err(|source| ReplayError::Decode {
+            job_id,
+            seq: record.seq,
+            source,
+        })?;
+        self.apply(recorded.recorded_at, &recorded.event)
+            .map_err(|source| ReplayError::Rejected {
+                job_id,
+                seq: record.seq,
+                source,
+            })
+    }
+
+    /// The result as of the events folded so far, or `None` before `JobStarted`.
+    pub fn result(&self) -> Option<ExecutionResult> {
+        let started_at = self.started_at?;
+        let steps_succeeded = count(&self.steps, StepStatus::Completed);
+        let steps_failed = count(&self.steps, StepStatus::Failed);
+        let final_reason = match self.state.phase {
+            Phase::Completed => REASON_COMPLETED.to_owned(),
+            Phase::Halted { step_index } | Phase::StepFailed { step_index } => {
+                let error = self
+                    .steps
+                    .iter()
+                    .find(|s| s.step_index == step_index)
+                    .and_then(|s| s.error.as_deref())
+                    .unwrap_or_default();
+                format!("Step {step_index} failed: {error}")
+            }
+            Phase::NotStarted | Phase::Idle | Phase::StepRunning { .. } => {
+                REASON_UNFINISHED.to_owned()
+            }
+        };
+        Some(ExecutionResult {
+            job_id: self.job_id,
+            contract_id: self.contract_id,
+            executed_by: self.executed_by.clone(),
+            executor_version: self.executor_version.clone(),
+            final_status: self.state.status(),
+            final_reason,
+            steps_executed: self.steps.len(),
+            steps_succeeded,
+            steps_failed,
+            steps_planned: self.state.steps as usize,
+            step_results: self.steps.clone(),
+            health_before: self.health_before.clone(),
+            health_after: self.health_after.clone(),
+            started_at,
+            completed_at: self.last_at.unwrap_or(started_at),
+            events: self.events,
+        })
+    }
+}
+
+fn count(steps: &[StepResult], status: StepStatus) -> usize {
+    steps.iter().filter(|s| s.status == status).count()
+}
+
+/// Rebuilds a stored job's result from its events, through the state machine.
+///
+/// # Errors
+/// [`ReplayError::UnknownJob`] when the log has no events for `job_id`; any
+/// other [`ReplayError`] when the log cannot be read or breaks an invariant.
+pub fn replay(store: &dyn EventStore, job_id: Uuid) -> Result<ExecutionResult, ReplayError> {
+    let records = store.load_job(job_id)?;
+    let mut projector = Projector::new(job_id);
+    for record in &records {
+        projector.apply_record(record)?;
+    }
+    projector.result().ok_or(ReplayError::UnknownJob { job_id })
+}
+
+fn status_name(status: StepStatus) -> &'static str {
+    match status {
+        StepStatus::Pending => "PENDING",
+        StepStatus::Running => "RUNNING",
+        StepStatus::Completed => "COMPLETED",
+        StepStatus::Failed => "FAILED",
+        StepStatus::Skipped => "SKIPPED",
+    }
+}
+
+fn failure_name(kind: FailureKind) -> &'static str {
+    match kind {
+        FailureKind::HandlerFailed => "handler_failed",
+        FailureKind::NoHandler => "no_handler",
+        FailureKind::Panic => "panic",
+        FailureKind::Timeout => "timeout",
+        FailureKind::Interrupted => "interrupted",
+    }
+}
+
+/// The audit evidence of a result: a JSON object whose keys serialise in
+/// sorted order, with RFC 3339 UTC timestamps, so the same result always
+/// gives the same bytes.
+///
+/// ```
+/// use job_executor::{create_default_executor, execution_result_to_evidence, JobStep};
+/// let executor = create_default_executor();
+/// let steps = [JobStep::new(0, "capability_enable", "billing")];
+/// let result = executor
+///     .execute_job(uuid::Uuid::new_v4(), uuid::Uuid::new_v4(), &steps, None, "ops")
+///     .unwrap();
+/// let evidence = execution_result_to_evidence(&result);
+/// assert_eq!(evidence["final_status"], "COMPLETED");
+/// assert_eq!(evidence["execution_summary"]["steps_succeeded"], 1);
+/// ```
+pub fn execution_result_to_evidence(result: &ExecutionResult) -> Value {
+    let step_results: Vec<Value> = result
+        .step_results
+        .iter()
+        .map(|step| {
+            json!({
+                "step_index": step.step_index,
+                "status": status_name(step.status),
+                "started_at": format_timestamp(&step.started_at),
+                "completed_at": format_timestamp(&step.completed_at),
+                "output": step.output,
+                "error": step.error,
+                "failure_kind": step.failure_kind.map(failure_name),
+                "health_after": step.health_after,
+            })
+        })
+        .collect();
+    let duration = result.completed_at - result.started_at;
+    let duration_seconds = duration.num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6;
+    json!({
+        "job_id": result.job_id.to_string(),
+        "contract_id": result.contract_id.to_string(),
+        "executed_by": result.executed_by,
+        "executor_version": result.executor_version,
+        "final_status": result.final_status.as_str(),
+        "final_reason": result.final_reason,
+        "execution_summary": {
+            "steps_planned": result.steps_planned,
+            "steps_executed": result.steps_executed,
+            "steps_succeeded": result.steps_succeeded,
+            "steps_failed": result.steps_failed,
+        },
+        "step_results": step_results,
+        "health_observations": {
+            "before": result.health_before,
+            "after": result.health_after,
+        },
+        "timing": {
+            "started_at": format_timestamp(&result.started_at),
+            "completed_at": format_timestamp(&result.completed_at),
+            "duration_seconds": duration_seconds,
+        },
+    })
+}

@@ -1,0 +1,169 @@
+//! The event log: where events are appended and read back.
+//!
+//! Only this module touches storage. Stores hold events in their encoded form
+//! ([`EventRecord`]) and know nothing of what the events mean; the executor
+//! decides what may be appended (through the state machine), and the store
+//! guarantees that an append is atomic, never overwrites, and never leaves a
+//! gap in a job's sequence numbers.
+
+mod memory;
+mod sqlite;
+
+use std::path::PathBuf;
+
+use uuid::Uuid;
+
+pub use memory::MemoryStore;
+pub use sqlite::{APPLICATION_ID, DB_SCHEMA_VERSION, SqliteOptions, SqliteStore, Synchronous};
+
+use crate::events::EventRecord;
+
+/// An append-only log of events, shared by every thread of an executor.
+pub trait EventStore: Send + Sync {
+    /// Appends events of one job atomically: all of them or none.
+    ///
+    /// `records` must all belong to one job and carry consecutive `seq`
+    /// numbers, the first one past the job's last stored event. Their
+    /// `position` is ignored; the positions assigned are returned in order.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] when the job's last stored seq is not the one
+    /// `records` follow (another writer got there first); any other
+    /// [`StoreError`] when the log cannot be written. Nothing is appended then.
+    fn append(&self, records: &[EventRecord]) -> Result<Vec<u64>, StoreError>;
+
+    /// The job's last stored seq, 0 when it has no events.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the log cannot be read.
+    fn last_seq(&self, job_id: Uuid) -> Result<u64, StoreError>;
+
+    /// Every event of one job, in seq order. Costs O(the job's events).
+    ///
+    /// # Errors
+    /// [`StoreError`] when the log cannot be read.
+    fn load_job(&self, job_id: Uuid) -> Result<Vec<EventRecord>, StoreError>;
+
+    /// The ids of every job in the log, in the order the jobs started.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the log cannot be read.
+    fn job_ids(&self) -> Result<Vec<Uuid>, StoreError>;
+}
+
+/// A failure of the event log itself.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another writer appended to the job first (optimistic concurrency).
+    #[error(
+        "conflict on job {job_id}: expected to append seq {expected}, but the job's last stored seq is {found}"
+    )]
+    Conflict {
+        /// The job.
+        job_id: Uuid,
+        /// The seq the append carried.
+        expected: u64,
+        /// The job's last stored seq.
+        found: u64,
+    },
+    /// The records passed to `append` are not one job's consecutive events.
+    #[error("invalid append: {0}")]
+    InvalidAppend(String),
+    /// The database file does not exist and the store was asked not to create it.
+    #[error("{}: no such database", path.display())]
+    NotFound {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// The file exists but is not a job-executor database; it was not modified.
+    #[error("{}: not a job-executor database ({reason}); the file was left untouched", path.display())]
+    NotOurs {
+        /// The path given.
+        path: PathBuf,
+        /// What gave it away.
+        reason: String,
+    },
+    /// The database was written by a newer build.
+    #[error("{}: schema version {found} is newer than this build supports ({supported}); upgrade job-executor", path.display())]
+    SchemaTooNew {
+        /// The path given.
+        path: PathBuf,
+        /// The version stored.
+        found: u32,
+        /// The newest version this build knows.
+        supported: u32,
+    },
+    /// The database is damaged.
+    #[error("{}: database is corrupt: {detail}", path.display())]
+    Corrupt {
+        /// The path given.
+        path: PathBuf,
+        /// What SQLite reported.
+        detail: String,
+    },
+    /// A stored row cannot be read as an event record.
+    #[error("job {job_id} seq {seq}: unreadable row: {detail}")]
+    BadRow {
+        /// The job.
+        job_id: String,
+        /// The seq.
+        seq: i64,
+        /// What is wrong.
+        detail: String,
+    },
+    /// Reading the file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The path given.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// SQLite refused or failed an operation.
+    #[error("{context}: {source}")]
+    Sqlite {
+        /// What the store was doing.
+        context: &'static str,
+        /// SQLite's error.
+        #[source]
+        source: rusqlite::Error,
+    },
+}
+
+impl StoreError {
+    /// Whether this is an optimistic-concurrency conflict.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, StoreError::Conflict { .. })
+    }
+}
+
+/// Checks the shape `append` requires: one job, consecutive seqs.
+fn check_batch(records: &[EventRecord]) -> Result<(Uuid, u64), StoreError> {
+    let first = records
+        .first()
+        .ok_or_else(|| StoreError::InvalidAppend("no events to append".into()))?;
+    if first.seq == 0 {
+        return Err(StoreError::InvalidAppend(format!(
+            "job {}: seq starts at 1",
+            first.job_id
+        )));
+    }
+    for (offset, record) in records.iter().enumerate() {
+        if record.job_id != first.job_id {
+            return Err(StoreError::InvalidAppend(format!(
+                "events of jobs {} and {} in one append",
+                first.job_id, record.job_id
+            )));
+        }
+        if record.seq != first.seq + offset as u64 {
+            return Err(StoreError::InvalidAppend(format!(
+                "job {}: seq {} does not follow seq {}",
+                first.job_id,
+                record.seq,
+                first.seq + offset as u64 - 1
+            )));
+        }
+    }
+    Ok((first.job_id, first.seq))
+}

@@ -1,0 +1,418 @@
+//! The SQLite event log: the default for files.
+//!
+//! The schema lives in `schema/*.sql`, applied in order on open and tracked
+//! by `PRAGMA user_version`; `PRAGMA application_id` marks the file as ours,
+//! so a database of another program is refused before anything is written
+//! to it. Append-only, seq contiguity and "closed after the end" are enforced
+//! by the schema's triggers, whatever program writes to the file.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior, params};
+use uuid::Uuid;
+
+use super::{EventStore, StoreError, check_batch};
+use crate::events::EventRecord;
+
+/// `PRAGMA application_id` of a job-executor database ("JEXE").
+pub const APPLICATION_ID: i32 = 0x4A45_5845;
+
+/// The schema migrations, in order; migration `i` brings the schema to version `i + 1`.
+const MIGRATIONS: &[&str] = &[include_str!("../../schema/0001_events.sql")];
+
+/// The schema version this build writes.
+pub const DB_SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
+
+const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";
+
+/// How hard each commit waits for the disk (`PRAGMA synchronous`).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub enum Synchronous {
+    /// Every commit is durable when `append` returns (fsync per commit). Default.
+    #[default]
+    Full,
+    /// In WAL mode, a commit survives a crash of the process but the last
+    /// commits may be lost on power failure; much faster.
+    Normal,
+}
+
+/// How to open a SQLite event log.
+#[derive(Clone, Debug)]
+pub struct SqliteOptions {
+    /// Durability of each commit.
+    pub synchronous: Synchronous,
+    /// How long a write waits for another writer's lock before failing.
+    pub busy_timeout: Duration,
+    /// Create the file when it does not exist.
+    pub create: bool,
+    /// Open for reading only: nothing is ever written, not even the schema.
+    pub read_only: bool,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions {
+            synchronous: Synchronous::Full,
+            busy_timeout: Duration::from_secs(5),
+            create: true,
+            read_only: false,
+        }
+    }
+}
+
+/// An event log in a SQLite database.
+///
+/// ```
+/// use job_executor::store::{SqliteStore, EventStore};
+/// let dir = tempfile::tempdir().unwrap();
+/// let store = SqliteStore::open(dir.path().join("log.db")).unwrap();
+/// assert!(store.job_ids().unwrap().is_empty());
+/// ```
+#[derive(Debug)]
+pub struct SqliteStore {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+impl SqliteStore {
+    /// Opens (creating when absent) the log at `path` with default options:
+    /// WAL, `synchronous=FULL`, 5 s busy timeout.
+    ///
+    /// # Errors
+    /// [`StoreError::NotOurs`] for a file that is not a job-executor database
+    /// (left byte-for-byte untouched), [`StoreError::SchemaTooNew`],
+    /// [`StoreError::Corrupt`], or the I/O or SQLite failure.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        SqliteStore::open_with(path, &SqliteOptions::default())
+    }
+
+    /// Opens the log at `path` with `options`.
+    ///
+    /// # Errors
+    /// As [`SqliteStore::open`], plus [`StoreError::NotFound`] when the file is
+    /// absent and `options.create` is false or `options.read_only` is true.
+    pub fn open_with(path: impl AsRef<Path>, options: &SqliteOptions) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let exists = check_header(&path)?;
+        if !exists && (options.read_only || !options.create) {
+            return Err(StoreError::NotFound { path });
+        }
+        let flags = if options.read_only {
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        } else {
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        };
+        let conn = Connection::open_with_flags(&path, flags)
+            .map_err(|e| classify(&path, "opening the database", e))?;
+        conn.busy_timeout(options.busy_timeout)
+            .map_err(|e| classify(&path, "setting the busy timeout", e))?;
+        let version = check_ours(&path, &conn)?;
+        if version == 0 && options.read_only {
+            // An empty file: there is no log to read yet.
+            return Err(StoreError::NotFound { path });
+        }
+        if !options.read_only {
+            configure(&path, &conn, options.synchronous)?;
+        }
+        let mut store = SqliteStore {
+            path,
+            conn: Mutex::new(conn),
+        };
+        if !options.read_only {
+            store.migrate(version)?;
+        }
+        Ok(store)
+    }
+
+    /// A log in a private in-memory SQLite database, with the full schema.
+    /// For tests and short-lived embeddings.
+    ///
+    /// # Errors
+    /// The SQLite failure, if the schema cannot be applied.
+    pub fn open_in_memory() -> Result<Self, StoreError> {
+        let path = PathBuf::from(":memory:");
+        let conn = Connection::open_in_memory()
+            .map_err(|e| classify(&path, "opening an in-memory database", e))?;
+        let mut store = SqliteStore {
+            path,
+            conn: Mutex::new(conn),
+        };
+        store.migrate(0)?;
+        Ok(store)
+    }
+
+    /// The path the store was opened at.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        // A panic cannot leave a half-done write: every write runs in a
+        // transaction that rolls back when dropped.
+        self.conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn migrate(&mut self, from_version: u32) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let conn = self
+            .conn
+            .get_mut()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (index, sql) in MIGRATIONS.iter().enumerate().skip(from_version as usize) {
+            let version = index as u32 + 1;
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(|e| classify(&path, "starting a schema migration", e))?;
+            tx.execute_batch(sql)
+                .map_err(|e| classify(&path, "applying a schema migration", e))?;
+            tx.pragma_update(None, "application_id", APPLICATION_ID)
+                .map_err(|e| classify(&path, "recording the application id", e))?;
+            tx.pragma_update(None, "user_version", version)
+                .map_err(|e| classify(&path, "recording the schema version", e))?;
+            tx.commit()
+                .map_err(|e| classify(&path, "committing a schema migration", e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether `path` exists; if it does, that it could be a SQLite database.
+/// Reads the header only, so a foreign file is refused before SQLite opens it.
+fn check_header(path: &Path) -> Result<bool, StoreError> {
+    let mut file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(source) => {
+            return Err(StoreError::Io {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    let mut header = Vec::with_capacity(SQLITE_HEADER.len());
+    (&mut file)
+        .take(SQLITE_HEADER.len() as u64)
+        .read_to_end(&mut header)
+        .map_err(|source| StoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    // An empty file is an empty database, as SQLite itself treats it.
+    if !header.is_empty() && header.as_slice() != SQLITE_HEADER {
+        return Err(StoreError::NotOurs {
+            path: path.to_path_buf(),
+            reason: "not a SQLite database".into(),
+        });
+    }
+    Ok(true)
+}
+
+/// Checks that an opened database is ours (or empty) and returns its schema version.
+fn check_ours(path: &Path, conn: &Connection) -> Result<u32, StoreError> {
+    let read = |e| classify(path, "reading the database header", e);
+    let application_id: i32 = conn
+        .pragma_query_value(None, "application_id", |row| row.get(0))
+        .map_err(read)?;
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(read)?;
+    if application_id != APPLICATION_ID {
+        let objects: i64 = conn
+            .query_row("SELECT count(*) FROM sqlite_schema", [], |row| row.get(0))
+            .map_err(read)?;
+        if application_id != 0 || objects != 0 {
+            return Err(StoreError::NotOurs {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "application_id is {application_id:#x}, not {APPLICATION_ID:#x}, and it holds {objects} schema objects"
+                ),
+            });
+        }
+        return Ok(0);
+    }
+    let version = u32::try_from(version).map_err(|_| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        detail: format!("schema version {version} is negative"),
+    })?;
+    if version > DB_SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            path: path.to_path_buf(),
+            found: version,
+            supported: DB_SCHEMA_VERSION,
+        });
+    }
+    Ok(version)
+}
+
+fn configure(path: &Path, conn: &Connection, synchronous: Synchronous) -> Result<(), StoreError> {
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+        .map_err(|e| classify(path, "enabling WAL", e))?;
+    // In-memory and some special files cannot use WAL; a file that can must.
+    if !mode.eq_ignore_ascii_case("wal") && !mode.eq_ignore_ascii_case("memory") {
+        return Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: format!("journal mode stays {mode:?}; WAL is required"),
+        });
+    }
+    let level = match synchronous {
+        Synchronous::Full => "FULL",
+        Synchronous::Normal => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", level)
+        .map_err(|e| classify(path, "setting synchronous", e))
+}
+
+/// Maps a SQLite error to the store error a user can act on.
+fn classify(path: &Path, context: &'static str, error: rusqlite::Error) -> StoreError {
+    match error.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase) => StoreError::NotOurs {
+            path: path.to_path_buf(),
+            reason: "SQLite does not recognise it as a database".into(),
+        },
+        Some(ErrorCode::DatabaseCorrupt) => StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: error.to_string(),
+        },
+        _ => StoreError::Sqlite {
+            context,
+            source: error,
+        },
+    }
+}
+
+fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<EventRecord, StoreError>> {
+    let position: i64 = row.get(0)?;
+    let job_id: String = row.get(1)?;
+    let seq: i64 = row.get(2)?;
+    let kind: String = row.get(3)?;
+    let schema_version: i64 = row.get(4)?;
+    let recorded_at: String = row.get(5)?;
+    let payload: String = row.get(6)?;
+    let bad = |detail: String| StoreError::BadRow {
+        job_id: job_id.clone(),
+        seq,
+        detail,
+    };
+    let record = (|| {
+        Ok(EventRecord {
+            position: u64::try_from(position).map_err(|_| bad(format!("position {position}")))?,
+            job_id: Uuid::parse_str(&job_id).map_err(|e| bad(format!("job id: {e}")))?,
+            seq: u64::try_from(seq).map_err(|_| bad(format!("seq {seq}")))?,
+            kind,
+            schema_version: u32::try_from(schema_version)
+                .map_err(|_| bad(format!("schema_version {schema_version}")))?,
+            recorded_at,
+            payload,
+        })
+    })();
+    Ok(record)
+}
+
+impl EventStore for SqliteStore {
+    fn append(&self, records: &[EventRecord]) -> Result<Vec<u64>, StoreError> {
+        let (job_id, first_seq) = check_batch(records)?;
+        let job_text = job_id.to_string();
+        let mut conn = self.lock();
+        let write = |e| classify(&self.path, "appending events", e);
+        // IMMEDIATE takes the write lock up front, so the seq check and the
+        // inserts see the same log.
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(write)?;
+        let last: i64 = tx
+            .prepare_cached("SELECT coalesce(max(seq), 0) FROM events WHERE job_id = ?1")
+            .and_then(|mut stmt| stmt.query_row([&job_text], |row| row.get(0)))
+            .map_err(write)?;
+        let last = last.max(0) as u64;
+        if last + 1 != first_seq {
+            return Err(StoreError::Conflict {
+                job_id,
+                expected: first_seq,
+                found: last,
+            });
+        }
+        let mut positions = Vec::with_capacity(records.len());
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO events (job_id, seq, kind, schema_version, recorded_at, payload)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .map_err(write)?;
+            for record in records {
+                insert
+                    .execute(params![
+                        job_text,
+                        record.seq as i64,
+                        record.kind,
+                        record.schema_version,
+                        record.recorded_at,
+                        record.payload,
+                    ])
+                    .map_err(write)?;
+                positions.push(tx.last_insert_rowid() as u64);
+            }
+        }
+        tx.commit().map_err(write)?;
+        Ok(positions)
+    }
+
+    fn last_seq(&self, job_id: Uuid) -> Result<u64, StoreError> {
+        let conn = self.lock();
+        let last: i64 = conn
+            .prepare_cached("SELECT coalesce(max(seq), 0) FROM events WHERE job_id = ?1")
+            .and_then(|mut stmt| stmt.query_row([job_id.to_string()], |row| row.get(0)))
+            .map_err(|e| classify(&self.path, "reading a job's last seq", e))?;
+        Ok(last.max(0) as u64)
+    }
+
+    fn load_job(&self, job_id: Uuid) -> Result<Vec<EventRecord>, StoreError> {
+        let conn = self.lock();
+        let read = |e| classify(&self.path, "reading a job's events", e);
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT position, job_id, seq, kind, schema_version, recorded_at, payload
+                 FROM events WHERE job_id = ?1 ORDER BY seq",
+            )
+            .map_err(read)?;
+        let rows = stmt
+            .query_map([job_id.to_string()], read_row)
+            .map_err(read)?;
+        let mut records = Vec::new();
+        for row in rows {
+            records.push(row.map_err(read)??);
+        }
+        Ok(records)
+    }
+
+    fn job_ids(&self) -> Result<Vec<Uuid>, StoreError> {
+        let conn = self.lock();
+        let read = |e| classify(&self.path, "listing jobs", e);
+        let mut stmt = conn
+            .prepare_cached("SELECT job_id FROM events WHERE seq = 1 ORDER BY position")
+            .map_err(read)?;
+        let rows = stmt
+            .query_map([], |row| row.get::<_, String>(0))
+            .map_err(read)?;
+        let mut ids = Vec::new();
+        for row in rows {
+            let text = row.map_err(read)?;
+            let id = Uuid::parse_str(&text).map_err(|e| StoreError::BadRow {
+                job_id: text.clone(),
+                seq: 1,
+                detail: format!("job id: {e}"),
+            })?;
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+}
