@@ -372,3 +372,93 @@ pub fn fold<'a>(
             apply(state, event).map_err(|e| (i, e))
         })
 }
+
+/// Given / when / then for the state machine: given past events, when one
+/// more event arrives, then this state or this refusal. It serves the
+/// crate's own tests and lets users check their expectations the same way.
+///
+/// ```
+/// use job_executor::events::{Event, JobStarted, StepStarted};
+/// use job_executor::machine::{Phase, Scenario, TransitionError};
+/// use job_executor::JobStep;
+///
+/// let started = Event::JobStarted(JobStarted {
+///     contract_id: uuid::Uuid::nil(),
+///     plan: vec![JobStep::new(0, "noop", "t"), JobStep::new(1, "noop", "t")],
+///     executed_by: "ops".into(),
+///     executor_version: "1.0.0".into(),
+///     health_before: None,
+/// });
+/// Scenario::given([started.clone()])
+///     .when(Event::StepStarted(StepStarted { step_index: 0 }))
+///     .then_phase(Phase::StepRunning { step_index: 0 });
+/// Scenario::given([started])
+///     .when(Event::StepStarted(StepStarted { step_index: 1 }))
+///     .then_error(TransitionError::OutOfOrder { step_index: 1, expected: 0 });
+/// ```
+#[derive(Debug)]
+pub struct Scenario {
+    state: JobState,
+}
+
+/// A [`Scenario`] with its event: ready for `then`.
+#[derive(Debug)]
+pub struct ScenarioOutcome {
+    result: Result<JobState, TransitionError>,
+}
+
+impl Scenario {
+    /// Folds `events` from the empty state.
+    ///
+    /// # Panics
+    /// When the machine refuses one of the given events: a scenario's past
+    /// must be a valid log.
+    pub fn given(events: impl IntoIterator<Item = Event>) -> Self {
+        let events: Vec<Event> = events.into_iter().collect();
+        match fold(&events) {
+            Ok(state) => Scenario { state },
+            Err((i, e)) => panic!("given event {i} ({}) is refused: {e}", events[i].kind()),
+        }
+    }
+
+    /// Applies `event` to the given state.
+    pub fn when(self, event: Event) -> ScenarioOutcome {
+        ScenarioOutcome {
+            result: apply(self.state, &event),
+        }
+    }
+}
+
+impl ScenarioOutcome {
+    /// The resulting state.
+    ///
+    /// # Panics
+    /// When the event was refused.
+    pub fn then_state(self) -> JobState {
+        match self.result {
+            Ok(state) => state,
+            Err(e) => panic!("expected the event to be accepted, but it was refused: {e}"),
+        }
+    }
+
+    /// Asserts that the event was accepted and led to `phase`.
+    ///
+    /// # Panics
+    /// When the event was refused or led elsewhere.
+    pub fn then_phase(self, phase: Phase) -> JobState {
+        let state = self.then_state();
+        assert_eq!(state.phase, phase, "unexpected phase after the event");
+        state
+    }
+
+    /// Asserts that the event was refused with `expected`.
+    ///
+    /// # Panics
+    /// When the event was accepted or refused otherwise.
+    pub fn then_error(self, expected: TransitionError) {
+        match self.result {
+            Ok(state) => panic!("expected refusal {expected:?}, but the event led to {state:?}"),
+            Err(e) => assert_eq!(e, expected, "refused for another reason"),
+        }
+    }
+}

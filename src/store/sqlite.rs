@@ -152,6 +152,26 @@ impl SqliteStore {
         &self.path
     }
 
+    /// The durability this connection commits with, as SQLite reports it.
+    ///
+    /// # Errors
+    /// The SQLite failure, or [`StoreError::Corrupt`] for a level this build
+    /// never sets.
+    pub fn synchronous(&self) -> Result<Synchronous, StoreError> {
+        let level: i64 = self
+            .lock()
+            .pragma_query_value(None, "synchronous", |row| row.get(0))
+            .map_err(|e| classify(&self.path, "reading synchronous", e))?;
+        match level {
+            2 => Ok(Synchronous::Full),
+            1 => Ok(Synchronous::Normal),
+            other => Err(StoreError::Corrupt {
+                path: self.path.clone(),
+                detail: format!("unexpected synchronous level {other}"),
+            }),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Connection> {
         // A panic cannot leave a half-done write: every write runs in a
         // transaction that rolls back when dropped.
