@@ -40,7 +40,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         JobStep::new(1, "capability_enable", "billing.refunds"),
     ];
     let job_id = Uuid::new_v4();
-    let result = executor.execute_job(job_id, Uuid::new_v4(), &steps, Some(&StaticHealth), "ops")?;
+    let result =
+        executor.execute_job(job_id, Uuid::new_v4(), &steps, Some(&StaticHealth), "ops")?;
     let evidence = execution_result_to_evidence(&result);
     println!("{}", serde_json::to_string_pretty(&evidence)?);
 
