@@ -5,9 +5,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use job_executor::store::{EventStore, MemoryStore};
 use job_executor::{
-    EXECUTOR_VERSION, ExecutionContext, ExecutorError, FailingHandler, HealthObserver, JobExecutor,
-    JobStatus, JobStep, NoOpHandler, StepHandler, StepOutput, StepStatus, create_default_executor,
-    execution_result_to_evidence,
+    EXECUTOR_VERSION, ExecutionContext, ExecutionResult, ExecutorError, FailingHandler,
+    HealthObserver, JobExecutor, JobStatus, JobStep, NoOpHandler, StepHandler, StepOutput,
+    StepStatus, create_default_executor, execution_result_to_evidence,
 };
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -35,6 +35,17 @@ fn plan(types: &[&str]) -> Vec<JobStep> {
         .enumerate()
         .map(|(i, t)| JobStep::new(i as u32, *t, format!("target-{i}")))
         .collect()
+}
+
+/// Runs a fresh job of the given step types and unwraps the result.
+fn run(
+    executor: &JobExecutor,
+    types: &[&str],
+    health: Option<&dyn HealthObserver>,
+) -> ExecutionResult {
+    executor
+        .execute_job(Uuid::new_v4(), Uuid::new_v4(), &plan(types), health, "ops")
+        .unwrap()
 }
 
 fn executor_with_store() -> (JobExecutor, Arc<MemoryStore>) {
@@ -66,15 +77,7 @@ fn executor_is_send_and_sync() {
 #[test]
 fn all_steps_succeed() {
     let (executor, _) = executor_with_store();
-    let result = executor
-        .execute_job(
-            Uuid::new_v4(),
-            Uuid::new_v4(),
-            &plan(&["ok", "ok"]),
-            None,
-            "ops",
-        )
-        .unwrap();
+    let result = run(&executor, &["ok", "ok"], None);
     assert_eq!(result.final_status, JobStatus::Completed);
     assert_eq!(result.final_reason, "All steps completed successfully");
     assert_eq!(
@@ -99,15 +102,7 @@ fn all_steps_succeed() {
 #[test]
 fn stops_at_first_failure() {
     let (executor, _) = executor_with_store();
-    let result = executor
-        .execute_job(
-            Uuid::new_v4(),
-            Uuid::new_v4(),
-            &plan(&["ok", "fail", "ok"]),
-            None,
-            "ops",
-        )
-        .unwrap();
+    let result = run(&executor, &["ok", "fail", "ok"], None);
     assert_eq!(result.final_status, JobStatus::Failed);
     assert_eq!(result.final_reason, "Step 1 failed: Intentional failure");
     assert_eq!(
@@ -128,15 +123,7 @@ fn stops_at_first_failure() {
 #[test]
 fn missing_handler_fails_the_step() {
     let (executor, _) = executor_with_store();
-    let result = executor
-        .execute_job(
-            Uuid::new_v4(),
-            Uuid::new_v4(),
-            &plan(&["ok", "nope", "ok"]),
-            None,
-            "ops",
-        )
-        .unwrap();
+    let result = run(&executor, &["ok", "nope", "ok"], None);
     assert_eq!(result.final_status, JobStatus::Failed);
     let error = result.step_results[1].error.clone().unwrap();
     assert!(
@@ -149,24 +136,14 @@ fn missing_handler_fails_the_step() {
 #[test]
 fn panicking_handler_fails_its_step_and_executor_stays_usable() {
     let (executor, _) = executor_with_store();
-    let result = executor
-        .execute_job(
-            Uuid::new_v4(),
-            Uuid::new_v4(),
-            &plan(&["panic", "ok"]),
-            None,
-            "ops",
-        )
-        .unwrap();
+    let result = run(&executor, &["panic", "ok"], None);
     assert_eq!(result.final_status, JobStatus::Failed);
     let error = result.step_results[0].error.clone().unwrap();
     assert!(error.starts_with("Execution error:"), "{error}");
     assert!(error.contains("handler exploded"), "{error}");
     assert_eq!(result.final_reason, format!("Step 0 failed: {error}"));
 
-    let again = executor
-        .execute_job(Uuid::new_v4(), Uuid::new_v4(), &plan(&["ok"]), None, "ops")
-        .unwrap();
+    let again = run(&executor, &["ok"], None);
     assert_eq!(again.final_status, JobStatus::Completed);
 }
 
@@ -174,15 +151,7 @@ fn panicking_handler_fails_its_step_and_executor_stays_usable() {
 fn health_is_observed_before_and_after_each_executed_step() {
     let (executor, _) = executor_with_store();
     let health = observer();
-    let result = executor
-        .execute_job(
-            Uuid::new_v4(),
-            Uuid::new_v4(),
-            &plan(&["ok", "ok", "fail", "ok"]),
-            Some(&health),
-            "ops",
-        )
-        .unwrap();
+    let result = run(&executor, &["ok", "ok", "fail", "ok"], Some(&health));
     assert_eq!(health.reads.load(Ordering::SeqCst), 1 + 3);
     assert_eq!(result.health_before, Some(json!({"reading": 0})));
     // The last observation after a successful step, not after the failure.
@@ -196,9 +165,7 @@ fn health_is_observed_before_and_after_each_executed_step() {
 #[test]
 fn without_observer_health_is_absent() {
     let (executor, _) = executor_with_store();
-    let result = executor
-        .execute_job(Uuid::new_v4(), Uuid::new_v4(), &plan(&["ok"]), None, "ops")
-        .unwrap();
+    let result = run(&executor, &["ok"], None);
     assert_eq!(result.health_before, None);
     assert_eq!(result.health_after, None);
 }
@@ -340,15 +307,7 @@ fn arc_handlers_and_trait_objects_are_handlers() {
     let mut executor = JobExecutor::new();
     executor.register_handler("a", shared.clone());
     executor.register_handler("b", Arc::new(Upper));
-    let result = executor
-        .execute_job(
-            Uuid::new_v4(),
-            Uuid::new_v4(),
-            &plan(&["a", "b"]),
-            None,
-            "ops",
-        )
-        .unwrap();
+    let result = run(&executor, &["a", "b"], None);
     assert_eq!(result.step_results[0].output, Some(json!("TARGET-0")));
     assert_eq!(result.step_results[1].output, Some(json!("TARGET-1")));
 }
@@ -392,9 +351,7 @@ fn default_executor_runs_the_seed_step_types() {
         "configuration_change",
         "unknown",
     ];
-    let result = executor
-        .execute_job(Uuid::new_v4(), Uuid::new_v4(), &plan(&types), None, "ops")
-        .unwrap();
+    let result = run(&executor, &types, None);
     assert_eq!(result.final_status, JobStatus::Completed);
     assert_eq!(result.steps_succeeded, 6);
 }
@@ -434,15 +391,7 @@ fn statuses_serialise_in_capitals() {
 fn evidence_has_the_pinned_shape() {
     let (executor, _) = executor_with_store();
     let health = observer();
-    let result = executor
-        .execute_job(
-            Uuid::new_v4(),
-            Uuid::new_v4(),
-            &plan(&["ok", "fail"]),
-            Some(&health),
-            "ops",
-        )
-        .unwrap();
+    let result = run(&executor, &["ok", "fail"], Some(&health));
     let evidence = execution_result_to_evidence(&result);
     assert_eq!(evidence["job_id"], json!(result.job_id.to_string()));
     assert_eq!(evidence["final_status"], "FAILED");
@@ -530,10 +479,7 @@ fn threads_share_one_executor() {
                         } else {
                             ["ok", "fail"]
                         };
-                        executor
-                            .execute_job(Uuid::new_v4(), Uuid::new_v4(), &plan(&types), None, "ops")
-                            .unwrap()
-                            .job_id
+                        run(&executor, &types, None).job_id
                     })
                     .collect::<Vec<_>>()
             })
