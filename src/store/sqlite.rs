@@ -49,7 +49,8 @@ pub struct SqliteOptions {
     pub busy_timeout: Duration,
     /// Create the file when it does not exist.
     pub create: bool,
-    /// Open for reading only: nothing is ever written, not even the schema.
+    /// Open for reading only: nothing is ever written, not even the schema,
+    /// and a missing file is not created.
     pub read_only: bool,
 }
 
@@ -101,15 +102,19 @@ impl SqliteStore {
         if !exists && (options.read_only || !options.create) {
             return Err(StoreError::NotFound { path });
         }
-        let flags = if options.read_only {
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
-        } else {
-            OpenFlags::SQLITE_OPEN_READ_WRITE
-                | OpenFlags::SQLITE_OPEN_CREATE
-                | OpenFlags::SQLITE_OPEN_NO_MUTEX
-        };
+        // Readers open read-write too (SQLite falls back to read-only for a
+        // write-protected file) but with `query_only`: a read-only connection
+        // to a WAL database would leave its -wal and -shm files behind.
+        let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        if !options.read_only {
+            flags |= OpenFlags::SQLITE_OPEN_CREATE;
+        }
         let conn = Connection::open_with_flags(&path, flags)
             .map_err(|e| classify(&path, "opening the database", e))?;
+        if options.read_only {
+            conn.pragma_update(None, "query_only", true)
+                .map_err(|e| classify(&path, "opening the database for reading", e))?;
+        }
         conn.busy_timeout(options.busy_timeout)
             .map_err(|e| classify(&path, "setting the busy timeout", e))?;
         let version = check_ours(&path, &conn)?;
