@@ -2,26 +2,32 @@
 //! prints. Every JSON it prints is built by the library.
 //!
 //! Exit codes: 0 success (for `run`, the job COMPLETED); 1 the job FAILED, or
-//! `verify` found violations; 2 bad input or a failure of the log, with one
+//! `verify` found a violation; 2 bad input or a failure of the log, with one
 //! line on stderr and nothing written.
 
-use std::io::{self, Write};
+use std::collections::HashMap;
+use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use uuid::Uuid;
 
+use crate::bundle::{BundleError, export, verify_bundle};
+use crate::chain::{Digest, HeadKey, KeyError};
 use crate::clock::{LogicalClock, derived_job_id};
 use crate::executor::{ExecutorError, JobExecutor, register_defaults};
-use crate::model::{JobStatus, PlanError, PlanFile, validate_plan};
+use crate::model::{ExecutionResult, JobStatus, PlanError, PlanFile, validate_plan};
 use crate::projection::{Projector, ReplayError, execution_result_to_evidence, replay};
 use crate::store::{EventStore, SqliteOptions, SqliteStore, StoreError, Synchronous};
-use crate::verify::verify_store;
+use crate::verify::{VerifyOptions, verify_store};
 
 /// The database file used when `--db` is not given.
 pub const DEFAULT_DB: &str = "job-executor.db";
+
+/// Logs longer than this show progress while verified (on a terminal).
+const PROGRESS_EVENTS_MIN: u64 = 100_000;
 
 /// Executes governance job plans as an event-sourced, replayable log.
 #[derive(Debug, Parser)]
@@ -32,6 +38,14 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// `--db`, shared by every command that reads or writes the log.
+#[derive(Debug, Args)]
+pub struct DbArg {
+    /// The event log database.
+    #[arg(long, default_value = DEFAULT_DB)]
+    pub db: PathBuf,
+}
+
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -40,8 +54,8 @@ pub enum Command {
         /// The plan: {"job_id"?: uuid, "contract_id": uuid, "steps": [...]}.
         plan: PathBuf,
         /// The event log database.
-        #[arg(long, default_value = DEFAULT_DB)]
-        db: PathBuf,
+        #[command(flatten)]
+        db: DbArg,
         /// Who runs the job, recorded in JobStarted.
         #[arg(long, default_value = "job-executor")]
         executed_by: String,
@@ -52,34 +66,66 @@ pub enum Command {
         /// Durability of each commit: full (fsync per event) or normal (WAL, faster).
         #[arg(long, value_enum, default_value_t = SyncMode::Full)]
         synchronous: SyncMode,
+        /// Authenticate every head with HMAC-SHA256 under the key in this file.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
     },
-    /// Print a stored job's evidence, rebuilt from its events.
+    /// Print a stored job's evidence, rebuilt from its events (or from a bundle).
     Replay {
         /// The job id.
-        job_id: String,
+        #[arg(required_unless_present = "bundle", conflicts_with = "bundle")]
+        job_id: Option<String>,
         /// The event log database.
-        #[arg(long, default_value = DEFAULT_DB)]
-        db: PathBuf,
+        #[command(flatten)]
+        db: DbArg,
+        /// Replay an audit bundle instead of the database (after verifying it).
+        #[arg(long)]
+        bundle: Option<PathBuf>,
     },
     /// Print a stored job's events as JSON Lines, in seq order.
     Events {
         /// The job id.
         job_id: String,
         /// The event log database.
-        #[arg(long, default_value = DEFAULT_DB)]
-        db: PathBuf,
+        #[command(flatten)]
+        db: DbArg,
     },
     /// List stored jobs: id, status, steps succeeded/planned, start and end times.
     Jobs {
         /// The event log database.
-        #[arg(long, default_value = DEFAULT_DB)]
-        db: PathBuf,
+        #[command(flatten)]
+        db: DbArg,
     },
-    /// Check every stored job's log against EXEC-001..006. Exit 1 on any violation.
+    /// Check every stored job's hash chain and EXEC-001..006 (or one bundle).
+    /// Exit 1 on any violation.
     Verify {
         /// The event log database.
-        #[arg(long, default_value = DEFAULT_DB)]
-        db: PathBuf,
+        #[command(flatten)]
+        db: DbArg,
+        /// A head kept earlier, JOB_ID=sha256:HEX: the job's log must still
+        /// contain it (detects a cut-off tail). Repeatable.
+        #[arg(long, value_name = "JOB_ID=sha256:HEX")]
+        expect: Vec<String>,
+        /// Also check every head's HMAC under the key in this file.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// Verify an audit bundle offline instead of the database.
+        #[arg(long, conflicts_with = "expect")]
+        bundle: Option<PathBuf>,
+    },
+    /// Write a job's self-contained audit bundle (JSON).
+    Export {
+        /// The job id.
+        job_id: String,
+        /// The event log database.
+        #[command(flatten)]
+        db: DbArg,
+        /// Write the bundle here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Check the log's MACs under the key in this file before exporting.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
     },
 }
 
@@ -127,6 +173,20 @@ pub enum CliError {
         /// The parse error.
         source: uuid::Error,
     },
+    /// An `--expect` argument is not `JOB_ID=sha256:HEX`.
+    #[error("invalid --expect {0:?}: expected JOB_ID=sha256:<64 lowercase hex digits>")]
+    Expect(String),
+    /// A file cannot be read or written.
+    #[error("{}: {source}", path.display())]
+    File {
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// The key cannot be used.
+    #[error(transparent)]
+    Key(#[from] KeyError),
     /// The log failed or is not ours.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -136,6 +196,9 @@ pub enum CliError {
     /// A stored job cannot be replayed.
     #[error(transparent)]
     Replay(#[from] ReplayError),
+    /// A bundle cannot be made or read.
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
     /// Writing to stdout failed.
     #[error("cannot write output: {0}")]
     Output(#[from] io::Error),
@@ -161,17 +224,31 @@ fn dispatch(command: Command) -> Result<u8, CliError> {
             executed_by,
             deterministic,
             synchronous,
-        } => run(&plan, &db, &executed_by, deterministic, synchronous),
-        Command::Replay { job_id, db } => {
-            let job_id = parse_job_id(&job_id)?;
-            let store = open_existing(&db)?;
-            let result = replay(&store, job_id)?;
+            key_file,
+        } => run(&RunArgs {
+            plan_path: &plan,
+            db: &db.db,
+            executed_by: &executed_by,
+            deterministic,
+            synchronous,
+            key_file: key_file.as_deref(),
+        }),
+        Command::Replay { job_id, db, bundle } => {
+            let result = match (bundle, job_id) {
+                (Some(bundle), _) => verify_bundle(&read_file(&bundle)?, None)?,
+                (None, Some(job_id)) => {
+                    let job_id = parse_job_id(&job_id)?;
+                    replay(&open_existing(&db.db)?, job_id)?
+                }
+                // clap requires one of the two.
+                (None, None) => unreachable!("clap requires JOB_ID or --bundle"),
+            };
             print_evidence(&result)?;
             Ok(0)
         }
         Command::Events { job_id, db } => {
             let job_id = parse_job_id(&job_id)?;
-            let store = open_existing(&db)?;
+            let store = open_existing(&db.db)?;
             let records = store.load_job(job_id)?;
             if records.is_empty() {
                 return Err(ReplayError::UnknownJob { job_id }.into());
@@ -183,19 +260,61 @@ fn dispatch(command: Command) -> Result<u8, CliError> {
             out.flush()?;
             Ok(0)
         }
-        Command::Jobs { db } => jobs(&open_existing(&db)?),
-        Command::Verify { db } => verify(&open_existing(&db)?),
+        Command::Jobs { db } => jobs(&open_existing(&db.db)?),
+        Command::Verify {
+            db,
+            expect,
+            key_file,
+            bundle,
+        } => {
+            let key = read_key(key_file.as_deref())?;
+            match bundle {
+                Some(bundle) => verify_one_bundle(&bundle, key.as_ref()),
+                None => {
+                    let options = VerifyOptions {
+                        key,
+                        expect: parse_expectations(&expect)?,
+                    };
+                    verify(&open_existing(&db.db)?, &options)
+                }
+            }
+        }
+        Command::Export {
+            job_id,
+            db,
+            out,
+            key_file,
+        } => {
+            let job_id = parse_job_id(&job_id)?;
+            let key = read_key(key_file.as_deref())?;
+            let bundle = export(&open_existing(&db.db)?, job_id, key.as_ref())?;
+            let bytes = bundle.to_bytes();
+            match out {
+                Some(path) => std::fs::write(&path, &bytes)
+                    .map_err(|source| CliError::File { path, source })?,
+                None => {
+                    let mut stdout = io::stdout().lock();
+                    stdout.write_all(&bytes)?;
+                    stdout.flush()?;
+                }
+            }
+            Ok(0)
+        }
     }
 }
 
-fn run(
-    plan_path: &Path,
-    db: &Path,
-    executed_by: &str,
+struct RunArgs<'a> {
+    plan_path: &'a Path,
+    db: &'a Path,
+    executed_by: &'a str,
     deterministic: bool,
     synchronous: SyncMode,
-) -> Result<u8, CliError> {
+    key_file: Option<&'a Path>,
+}
+
+fn run(args: &RunArgs<'_>) -> Result<u8, CliError> {
     // Everything about the input is checked before the database is touched.
+    let plan_path = args.plan_path;
     let text = std::fs::read_to_string(plan_path).map_err(|source| CliError::ReadPlan {
         path: plan_path.to_path_buf(),
         source,
@@ -208,26 +327,36 @@ fn run(
         path: plan_path.to_path_buf(),
         source,
     })?;
+    let key = read_key(args.key_file)?;
     let job_id = match plan.job_id {
         Some(id) => id,
-        None if deterministic => derived_job_id(plan.contract_id, &plan.steps),
+        None if args.deterministic => derived_job_id(plan.contract_id, &plan.steps),
         None => Uuid::new_v4(),
     };
     let options = SqliteOptions {
-        synchronous: match synchronous {
+        synchronous: match args.synchronous {
             SyncMode::Full => Synchronous::Full,
             SyncMode::Normal => Synchronous::Normal,
         },
         ..SqliteOptions::default()
     };
-    let store = Arc::new(SqliteStore::open_with(db, &options)?);
+    let store = Arc::new(SqliteStore::open_with(args.db, &options)?);
     let mut builder = JobExecutor::builder().store(store);
-    if deterministic {
+    if args.deterministic {
         builder = builder.clock(Arc::new(LogicalClock::default()));
+    }
+    if let Some(key) = key {
+        builder = builder.head_key(key);
     }
     let mut executor = builder.build();
     register_defaults(&mut executor);
-    let result = executor.execute_job(job_id, plan.contract_id, &plan.steps, None, executed_by)?;
+    let result = executor.execute_job(
+        job_id,
+        plan.contract_id,
+        &plan.steps,
+        None,
+        args.executed_by,
+    )?;
     print_evidence(&result)?;
     Ok(match result.final_status {
         JobStatus::Completed => 0,
@@ -238,6 +367,30 @@ fn run(
 fn parse_job_id(text: &str) -> Result<Uuid, CliError> {
     Uuid::parse_str(text).map_err(|source| CliError::JobId {
         text: text.to_owned(),
+        source,
+    })
+}
+
+fn parse_expectations(args: &[String]) -> Result<HashMap<Uuid, Digest>, CliError> {
+    args.iter()
+        .map(|arg| {
+            let (job, head) = arg
+                .split_once('=')
+                .ok_or_else(|| CliError::Expect(arg.clone()))?;
+            let job = parse_job_id(job)?;
+            let head = Digest::parse(head).ok_or_else(|| CliError::Expect(arg.clone()))?;
+            Ok((job, head))
+        })
+        .collect()
+}
+
+fn read_key(path: Option<&Path>) -> Result<Option<HeadKey>, CliError> {
+    Ok(path.map(HeadKey::from_file).transpose()?)
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, CliError> {
+    std::fs::read(path).map_err(|source| CliError::File {
+        path: path.to_path_buf(),
         source,
     })
 }
@@ -254,7 +407,7 @@ fn open_existing(db: &Path) -> Result<SqliteStore, StoreError> {
     )
 }
 
-fn print_evidence(result: &crate::model::ExecutionResult) -> Result<(), CliError> {
+fn print_evidence(result: &ExecutionResult) -> Result<(), CliError> {
     let evidence = execution_result_to_evidence(result);
     let text = serde_json::to_string_pretty(&evidence).map_err(io::Error::from)?;
     let mut out = io::stdout().lock();
@@ -293,36 +446,103 @@ fn jobs(store: &dyn EventStore) -> Result<u8, CliError> {
     Ok(0)
 }
 
-fn verify(store: &dyn EventStore) -> Result<u8, CliError> {
+fn verify(store: &dyn EventStore, options: &VerifyOptions) -> Result<u8, CliError> {
     let mut out = io::BufWriter::new(io::stdout().lock());
-    let (mut jobs, mut events, mut bad_jobs) = (0u64, 0u64, 0u64);
+    let total = store.last_position()?;
+    let progress = (io::stderr().is_terminal() && total >= PROGRESS_EVENTS_MIN).then(|| {
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "verifying {bar:40} {human_pos}/{human_len} events ({per_sec}, {eta} left)",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
     let mut write_error = None;
-    verify_store(store, |report| {
-        jobs += 1;
-        events += report.events;
-        if !report.is_ok() {
-            bad_jobs += 1;
-        }
-        for violation in &report.violations {
-            if let Err(e) = writeln!(out, "{violation}") {
-                write_error.get_or_insert(e);
+    let summary = verify_store(
+        store,
+        options,
+        |report| {
+            let lines = report.violations.iter().map(ToString::to_string).chain(
+                (report.more_violations > 0).then(|| {
+                    format!(
+                        "job {}: … and {} more violations",
+                        report.job_id, report.more_violations
+                    )
+                }),
+            );
+            for line in lines {
+                if let Err(e) = writeln!(out, "{line}") {
+                    write_error.get_or_insert(e);
+                }
             }
-        }
-    })?;
+        },
+        |events| {
+            if let Some(bar) = &progress {
+                bar.set_position(events);
+            }
+        },
+    )?;
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
     if let Some(e) = write_error {
         return Err(e.into());
     }
-    if bad_jobs == 0 {
+    let authenticated = if options.key.is_some() {
+        ", heads authenticated"
+    } else {
+        ""
+    };
+    if summary.failed_jobs == 0 {
         writeln!(
             out,
-            "ok: {jobs} jobs, {events} events: every log satisfies EXEC-001..006"
+            "ok: {} jobs, {} events: hash chains intact{authenticated}, every log satisfies EXEC-001..006",
+            summary.jobs, summary.events
         )?;
     } else {
         writeln!(
             out,
-            "FAILED: {bad_jobs} of {jobs} jobs violate invariants ({events} events checked)"
+            "FAILED: {} of {} jobs do not verify ({} events checked)",
+            summary.failed_jobs, summary.jobs, summary.events
+        )?;
+    }
+    if summary.unsealed > 0 {
+        writeln!(
+            out,
+            "note: {} events were written before digests existed; their chain was computed, not compared (opening the database for writing seals them)",
+            summary.unsealed
         )?;
     }
     out.flush()?;
-    Ok(if bad_jobs == 0 { 0 } else { 1 })
+    Ok(if summary.failed_jobs == 0 { 0 } else { 1 })
+}
+
+fn verify_one_bundle(path: &Path, key: Option<&HeadKey>) -> Result<u8, CliError> {
+    let bytes = read_file(path)?;
+    let mut out = io::stdout().lock();
+    match verify_bundle(&bytes, key) {
+        Ok(result) => {
+            let authenticated = if key.is_some() {
+                ", head authenticated"
+            } else {
+                ""
+            };
+            writeln!(
+                out,
+                "ok: bundle of job {}: {} events, head {}{authenticated}, evidence matches",
+                result.job_id, result.events, result.head
+            )?;
+            Ok(0)
+        }
+        Err(BundleError::Broken { problems }) => {
+            for problem in &problems {
+                writeln!(out, "{}: {problem}", path.display())?;
+            }
+            writeln!(out, "FAILED: the bundle does not verify")?;
+            Ok(1)
+        }
+        Err(e) => Err(e.into()),
+    }
 }

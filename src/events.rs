@@ -11,8 +11,9 @@ use uuid::Uuid;
 
 use crate::model::JobStep;
 
-/// Version of the payload shapes this build writes.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Version of the payload shapes this build writes. Older versions are read
+/// through [`crate::upcast`].
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Why a step failed.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -28,6 +29,16 @@ pub enum FailureKind {
     Timeout,
     /// The executor stopped while the step ran; its outcome is unknown.
     Interrupted,
+}
+
+/// What went wrong with a step: the kind of failure and its message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Failure {
+    /// The kind of failure.
+    pub kind: FailureKind,
+    /// The message, as `StepResult::error` and evidence show it.
+    pub message: String,
 }
 
 /// Payload of `JobStarted`: everything the job is bound to, frozen.
@@ -73,9 +84,7 @@ pub struct StepFailed {
     /// The step that failed.
     pub step_index: u32,
     /// Why it failed.
-    pub failure: FailureKind,
-    /// The failure message.
-    pub error: String,
+    pub failure: Failure,
     /// The handler's output, when the handler returned one.
     pub output: Option<Value>,
     /// Health observed right after the step.
@@ -125,6 +134,16 @@ pub const EVENT_KINDS: [&str; 6] = [
 /// An event that cannot be decoded from its stored parts.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
+    /// An upcaster could not bring an old payload to the current shape.
+    #[error("cannot upcast {kind} from schema version {from}: {reason}")]
+    Upcast {
+        /// The stored kind.
+        kind: String,
+        /// The version the upcaster starts from.
+        from: u32,
+        /// What is missing or wrong.
+        reason: String,
+    },
     /// The stored kind is not one this build knows.
     #[error("unknown event kind {0:?}")]
     UnknownKind(String),
@@ -194,21 +213,42 @@ impl Event {
                 found: schema_version,
             });
         }
-        fn parse<T: serde::de::DeserializeOwned>(
-            kind: &'static str,
-            payload: &str,
-        ) -> Result<T, DecodeError> {
-            serde_json::from_str(payload).map_err(|source| DecodeError::Payload { kind, source })
-        }
+        // The current version decodes straight from the stored text; older
+        // ones go through the upcasters first.
+        let source = if schema_version == SCHEMA_VERSION {
+            Payload::Text(payload)
+        } else {
+            let value = serde_json::from_str(payload).map_err(|source| DecodeError::Payload {
+                kind: "stored",
+                source,
+            })?;
+            Payload::Value(crate::upcast::to_current(kind, schema_version, value)?)
+        };
         Ok(match kind {
-            "JobStarted" => Event::JobStarted(parse("JobStarted", payload)?),
-            "StepStarted" => Event::StepStarted(parse("StepStarted", payload)?),
-            "StepSucceeded" => Event::StepSucceeded(parse("StepSucceeded", payload)?),
-            "StepFailed" => Event::StepFailed(parse("StepFailed", payload)?),
-            "JobCompleted" => Event::JobCompleted(parse("JobCompleted", payload)?),
-            "JobHalted" => Event::JobHalted(parse("JobHalted", payload)?),
+            "JobStarted" => Event::JobStarted(source.parse("JobStarted")?),
+            "StepStarted" => Event::StepStarted(source.parse("StepStarted")?),
+            "StepSucceeded" => Event::StepSucceeded(source.parse("StepSucceeded")?),
+            "StepFailed" => Event::StepFailed(source.parse("StepFailed")?),
+            "JobCompleted" => Event::JobCompleted(source.parse("JobCompleted")?),
+            "JobHalted" => Event::JobHalted(source.parse("JobHalted")?),
             other => return Err(DecodeError::UnknownKind(other.to_owned())),
         })
+    }
+}
+
+/// A payload to decode: the stored text, or a value an upcaster produced.
+enum Payload<'a> {
+    Text(&'a str),
+    Value(Value),
+}
+
+impl Payload<'_> {
+    fn parse<T: serde::de::DeserializeOwned>(self, kind: &'static str) -> Result<T, DecodeError> {
+        match self {
+            Payload::Text(text) => serde_json::from_str(text),
+            Payload::Value(value) => serde_json::from_value(value),
+        }
+        .map_err(|source| DecodeError::Payload { kind, source })
     }
 }
 
@@ -231,6 +271,11 @@ pub struct EventRecord {
     pub recorded_at: String,
     /// The payload as compact JSON.
     pub payload: String,
+    /// The chain digest stored with the event (64 lowercase hex digits);
+    /// `None` for an event written before digests existed, or not yet sealed.
+    pub digest: Option<String>,
+    /// The HMAC of `digest` (64 lowercase hex digits), when written with a key.
+    pub mac: Option<String>,
 }
 
 /// A decoded event: the envelope plus the fact.
@@ -262,7 +307,15 @@ impl EventRecord {
             schema_version: SCHEMA_VERSION,
             recorded_at: format_timestamp(&truncate_to_micros(recorded_at)),
             payload: event.payload_json(),
+            digest: None,
+            mac: None,
         }
+    }
+
+    /// The recorded time, or the Unix epoch when the stored text is not a
+    /// timestamp (which `decode` reports).
+    pub fn recorded_at_time(&self) -> DateTime<Utc> {
+        parse_timestamp(&self.recorded_at).unwrap_or_default()
     }
 
     /// Decodes the stored form.
@@ -288,16 +341,25 @@ impl EventRecord {
     pub fn to_json_line(&self) -> String {
         // The payload is embedded verbatim: it is the stored JSON text.
         format!(
-            "{{\"position\":{},\"job_id\":\"{}\",\"seq\":{},\"kind\":{},\"schema_version\":{},\"recorded_at\":{},\"payload\":{}}}",
+            "{{\"position\":{},\"job_id\":\"{}\",\"seq\":{},\"kind\":{},\"schema_version\":{},\"recorded_at\":{},\"digest\":{},\"mac\":{},\"payload\":{}}}",
             self.position,
             self.job_id,
             self.seq,
             json_string(&self.kind),
             self.schema_version,
             json_string(&self.recorded_at),
+            prefixed(self.digest.as_deref(), "sha256:"),
+            prefixed(self.mac.as_deref(), "hmac-sha256:"),
             self.payload,
         )
     }
+}
+
+fn prefixed(hex: Option<&str>, prefix: &str) -> String {
+    hex.map_or_else(
+        || "null".to_owned(),
+        |hex| json_string(&format!("{prefix}{hex}")),
+    )
 }
 
 fn json_string(text: &str) -> String {

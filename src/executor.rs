@@ -13,10 +13,11 @@ use std::sync::Arc;
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::chain::HeadKey;
 use crate::clock::{Clock, SystemClock};
 use crate::events::{
-    Event, EventRecord, FailureKind, JobCompleted, JobHalted, JobStarted, StepFailed, StepStarted,
-    StepSucceeded, truncate_to_micros,
+    Event, EventRecord, Failure, FailureKind, JobCompleted, JobHalted, JobStarted, StepFailed,
+    StepStarted, StepSucceeded, truncate_to_micros,
 };
 use crate::handler::{DEFAULT_STEP_TYPES, HealthObserver, NoOpHandler, StepHandler};
 use crate::machine::{NextAction, TransitionError, next_action};
@@ -99,6 +100,7 @@ pub struct JobExecutor {
     handlers: HashMap<String, Arc<dyn StepHandler>>,
     store: Arc<dyn EventStore>,
     clock: Arc<dyn Clock>,
+    head_key: Option<HeadKey>,
     version: String,
 }
 
@@ -133,6 +135,7 @@ impl Default for JobExecutor {
 pub struct ExecutorBuilder {
     store: Option<Arc<dyn EventStore>>,
     clock: Option<Arc<dyn Clock>>,
+    head_key: Option<HeadKey>,
 }
 
 impl ExecutorBuilder {
@@ -148,12 +151,20 @@ impl ExecutorBuilder {
         self
     }
 
+    /// A key that authenticates every event's chain digest with HMAC-SHA256,
+    /// so that whoever lacks it cannot forge a log that verifies under it.
+    pub fn head_key(mut self, key: HeadKey) -> Self {
+        self.head_key = Some(key);
+        self
+    }
+
     /// The executor, with no handlers registered.
     pub fn build(self) -> JobExecutor {
         JobExecutor {
             handlers: HashMap::new(),
             store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
             clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
+            head_key: self.head_key,
             version: EXECUTOR_VERSION.to_owned(),
         }
     }
@@ -170,6 +181,7 @@ impl JobExecutor {
         ExecutorBuilder {
             store: None,
             clock: None,
+            head_key: None,
         }
     }
 
@@ -333,12 +345,16 @@ impl Run<'_> {
         // Judge first, append second: the log only ever receives events the
         // machine accepted. The state is `Copy`, so judging changes nothing.
         crate::machine::apply(self.projector.state(), &event).map_err(refused)?;
-        let record = EventRecord::encode(job_id, seq, recorded_at, &event);
+        let mut record = EventRecord::encode(job_id, seq, recorded_at, &event);
+        self.projector
+            .seal(&mut record, self.executor.head_key.as_ref());
         self.executor
             .store
             .append(std::slice::from_ref(&record))
             .map_err(|source| ExecutorError::Store { job_id, source })?;
-        self.projector.apply(recorded_at, &event).map_err(refused)?;
+        self.projector
+            .apply_sealed(&record, &event)
+            .map_err(refused)?;
         Ok(recorded_at)
     }
 }
@@ -367,8 +383,10 @@ impl Outcome {
                 output,
             } => Event::StepFailed(StepFailed {
                 step_index,
-                failure,
-                error,
+                failure: Failure {
+                    kind: failure,
+                    message: error,
+                },
                 output,
                 health_after,
             }),

@@ -31,6 +31,8 @@
 
 #![warn(missing_docs)]
 
+pub mod bundle;
+pub mod chain;
 pub mod cli;
 pub mod clock;
 pub mod events;
@@ -40,6 +42,7 @@ pub mod machine;
 pub mod model;
 pub mod projection;
 pub mod store;
+pub mod upcast;
 pub mod verify;
 
 pub use executor::{

@@ -299,4 +299,8 @@ pub struct ExecutionResult {
     pub completed_at: DateTime<Utc>,
     /// Number of events in the job's log.
     pub events: u64,
+    /// Chain digest of the job's last event: commits to the whole log.
+    pub head: crate::chain::Digest,
+    /// HMAC of `head`, when the last event was written with a key.
+    pub head_mac: Option<crate::chain::HeadMac>,
 }

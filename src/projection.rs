@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use crate::chain::{self, Digest, HeadKey, HeadMac};
 use crate::events::{DecodeError, Event, EventRecord, FailureKind, format_timestamp};
 use crate::machine::{self, JobState, Phase, TransitionError};
 use crate::model::{ExecutionResult, StepResult, StepStatus};
@@ -51,6 +52,18 @@ pub enum ReplayError {
         #[source]
         source: TransitionError,
     },
+    /// A stored digest does not match the event's bytes and the chain before it.
+    #[error(
+        "job {job_id} seq {seq}: hash chain broken: {detail}; run `job-executor verify` for details"
+    )]
+    Chain {
+        /// The job.
+        job_id: Uuid,
+        /// The event's seq.
+        seq: u64,
+        /// What does not match.
+        detail: String,
+    },
     /// The job's seq numbers are not 1, 2, 3, ….
     #[error("job {job_id}: expected seq {expected}, found seq {found}")]
     SeqGap {
@@ -80,6 +93,8 @@ pub struct Projector {
     steps: Vec<StepResult>,
     started_at: Option<DateTime<Utc>>,
     last_at: Option<DateTime<Utc>>,
+    head: Digest,
+    head_mac: Option<HeadMac>,
 }
 
 impl Projector {
@@ -97,6 +112,8 @@ impl Projector {
             steps: Vec::new(),
             started_at: None,
             last_at: None,
+            head: Digest::GENESIS,
+            head_mac: None,
         }
     }
 
@@ -110,15 +127,38 @@ impl Projector {
         self.events
     }
 
-    /// Passes `event` through the state machine and folds it in.
+    /// The chain digest of the last event folded ([`Digest::GENESIS`] before any).
+    pub fn head(&self) -> Digest {
+        self.head
+    }
+
+    /// Gives `record`, the job's next event, its chain digest, and its MAC
+    /// when a key is given. Does not fold it.
+    pub fn seal(&self, record: &mut EventRecord, key: Option<&HeadKey>) {
+        let digest = chain::chain(&self.head, record);
+        record.mac = key.map(|key| key.mac(&digest).to_hex());
+        record.digest = Some(digest.to_hex());
+    }
+
+    /// Folds `event`, whose record the caller sealed and appended, without
+    /// decoding the record again.
     ///
     /// # Errors
     /// The machine's refusal; the projector is unchanged then.
-    pub fn apply(
+    pub fn apply_sealed(
         &mut self,
-        recorded_at: DateTime<Utc>,
+        record: &EventRecord,
         event: &Event,
     ) -> Result<(), TransitionError> {
+        let digest = chain::chain(&self.head, record);
+        self.apply(record.recorded_at_time(), event)?;
+        self.head = digest;
+        self.head_mac = record.mac.as_deref().and_then(HeadMac::from_hex);
+        Ok(())
+    }
+
+    /// Passes `event` through the state machine and folds it in.
+    fn apply(&mut self, recorded_at: DateTime<Utc>, event: &Event) -> Result<(), TransitionError> {
         self.state = machine::apply(self.state, event)?;
         self.events += 1;
         self.started_at.get_or_insert(recorded_at);
@@ -154,9 +194,9 @@ impl Projector {
                     step.status = StepStatus::Failed;
                     step.completed_at = recorded_at;
                     step.output.clone_from(&f.output);
-                    step.error = Some(f.error.clone());
+                    step.error = Some(f.failure.message.clone());
                     step.health_after.clone_from(&f.health_after);
-                    step.failure_kind = Some(f.failure);
+                    step.failure_kind = Some(f.failure.kind);
                 }
             }
             Event::JobCompleted(_) | Event::JobHalted(_) => {}
@@ -179,6 +219,29 @@ impl Projector {
                 found: record.seq,
             });
         }
+        let digest = chain::chain(&self.head, record);
+        let chain_error = |detail: String| ReplayError::Chain {
+            job_id,
+            seq: record.seq,
+            detail,
+        };
+        // Events written before the chain existed carry no digest: their
+        // digest is the one computed here.
+        if let Some(stored) = &record.digest
+            && *stored != digest.to_hex()
+        {
+            return Err(chain_error(format!(
+                "stored digest {stored} is not {}",
+                digest.to_hex()
+            )));
+        }
+        let head_mac = match &record.mac {
+            None => None,
+            Some(text) => Some(
+                HeadMac::from_hex(text)
+                    .ok_or_else(|| chain_error(format!("malformed MAC {text:?}")))?,
+            ),
+        };
         let recorded = record.decode().map_err(|source| ReplayError::Decode {
             job_id,
             seq: record.seq,
@@ -189,7 +252,10 @@ impl Projector {
                 job_id,
                 seq: record.seq,
                 source,
-            })
+            })?;
+        self.head = digest;
+        self.head_mac = head_mac;
+        Ok(())
     }
 
     /// The result as of the events folded so far, or `None` before `JobStarted`.
@@ -229,6 +295,8 @@ impl Projector {
             started_at,
             completed_at: self.last_at.unwrap_or(started_at),
             events: self.events,
+            head: self.head,
+            head_mac: self.head_mac,
         })
     }
 }
@@ -303,6 +371,13 @@ pub fn execution_result_to_evidence(result: &ExecutionResult) -> Value {
             })
         })
         .collect();
+    let mut event_log = json!({
+        "events": result.events,
+        "head": result.head.to_string(),
+    });
+    if let Some(mac) = result.head_mac {
+        event_log["head_mac"] = json!(mac.to_string());
+    }
     let duration = result.completed_at - result.started_at;
     let duration_seconds = duration.num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6;
     json!({
@@ -323,6 +398,7 @@ pub fn execution_result_to_evidence(result: &ExecutionResult) -> Value {
             "before": result.health_before,
             "after": result.health_after,
         },
+        "event_log": event_log,
         "timing": {
             "started_at": format_timestamp(&result.started_at),
             "completed_at": format_timestamp(&result.completed_at),

@@ -1,28 +1,40 @@
-//! The invariant checker for stored logs.
+//! The checker for stored logs: hash chain, keyed heads, and invariants.
 //!
-//! It reads a job's stored events as they are, decodes each one, checks the
-//! seq numbers, and folds them through the same state machine the executor
-//! uses. Unlike replay it does not stop at the first problem: it reports every
-//! violation with the job id and seq number, skipping each refused event so
-//! the rest of the log is still judged.
+//! It reads a job's stored events as they are, one at a time: it checks the
+//! seq numbers, recomputes the hash chain and compares it with the stored
+//! digests (and MACs, given the key), decodes each event and folds it through
+//! the same state machine the executor uses. Unlike replay it does not stop
+//! at the first problem: it reports the first broken link of each job's chain,
+//! telling apart an edited, a deleted, an inserted event and a swapped pair,
+//! and every invariant violation, each with the job id and seq number.
+//!
+//! [`verify_store`] streams the whole log: memory stays bounded whatever the
+//! number of jobs or events.
+
+use std::collections::HashMap;
 
 use uuid::Uuid;
 
+use crate::chain::{self, Digest, HeadKey, HeadMac, leaf_hash_at, link};
 use crate::events::EventRecord;
 use crate::machine::{self, JobState};
 use crate::model::JobStatus;
 use crate::store::{EventStore, StoreError};
+
+/// Violations kept per job; past this, the report counts the rest.
+pub const VIOLATIONS_PER_JOB_MAX: usize = 100;
 
 /// One broken rule in a stored log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Violation {
     /// The job.
     pub job_id: Uuid,
-    /// The seq of the offending event.
+    /// The seq of the offending event (for a cut tail, the first one missing).
     pub seq: u64,
-    /// `"EXEC-001"` … `"EXEC-006"`, or `"LOG"` for the log's own structure
-    /// (seq numbers, decodable events, a log that begins with `JobStarted`).
-    pub invariant: &'static str,
+    /// `"EXEC-001"` … `"EXEC-006"`; `"CHAIN"` for the hash chain, `"MAC"` for
+    /// keyed heads, `"EXPECT"` for a head the auditor kept; `"LOG"` for the
+    /// log's own structure (seq numbers, decodable events).
+    pub check: &'static str,
     /// What is wrong.
     pub message: String,
 }
@@ -32,7 +44,7 @@ impl std::fmt::Display for Violation {
         write!(
             f,
             "job {} seq {}: {}: {}",
-            self.job_id, self.seq, self.invariant, self.message
+            self.job_id, self.seq, self.check, self.message
         )
     }
 }
@@ -46,74 +58,407 @@ pub struct JobReport {
     pub events: u64,
     /// Its status as the accepted events describe it.
     pub status: JobStatus,
-    /// Every violation found, in seq order; empty for a sound log.
+    /// The chain digest of its last event, as recomputed.
+    pub head: Digest,
+    /// Events with no stored digest (written before the chain existed and not
+    /// yet sealed): their digests were computed, not compared.
+    pub unsealed: u64,
+    /// The violations found, in the order found (at most
+    /// [`VIOLATIONS_PER_JOB_MAX`]); empty for a sound log.
     pub violations: Vec<Violation>,
+    /// Violations found beyond those kept.
+    pub more_violations: u64,
 }
 
 impl JobReport {
-    /// Whether the log satisfies every invariant.
+    /// Whether the log passed every check.
     pub fn is_ok(&self) -> bool {
         self.violations.is_empty()
     }
 }
 
-/// Checks one job's stored events (as `load_job` returns them).
-pub fn verify_job(job_id: Uuid, records: &[EventRecord]) -> JobReport {
-    let mut violations = Vec::new();
-    let mut state = JobState::new();
-    let mut expected_seq = 1;
-    for record in records {
-        let mut flag = |invariant, message| {
-            violations.push(Violation {
-                job_id,
-                seq: record.seq,
-                invariant,
-                message,
-            });
-        };
-        if record.job_id != job_id {
-            flag("LOG", format!("event belongs to job {}", record.job_id));
-            continue;
-        }
-        if record.seq != expected_seq {
-            flag(
-                "LOG",
-                format!("expected seq {expected_seq}, found seq {}", record.seq),
-            );
-        }
-        expected_seq = record.seq + 1;
-        let recorded = match record.decode() {
-            Ok(recorded) => recorded,
-            Err(e) => {
-                flag("LOG", format!("malformed {} event: {e}", record.kind));
-                continue;
-            }
-        };
-        match machine::apply(state, &recorded.event) {
-            Ok(next) => state = next,
-            Err(refusal) => flag(refusal.invariant(), refusal.to_string()),
+/// What to check beyond the chain and the invariants.
+#[derive(Clone, Debug, Default)]
+pub struct VerifyOptions {
+    /// Check every event's MAC under this key.
+    pub key: Option<HeadKey>,
+    /// Heads an auditor kept: each job's log must contain its head, which
+    /// detects a tail cut off after the head was taken.
+    pub expect: HashMap<Uuid, Digest>,
+}
+
+/// A link that did not hold, waiting for the next event to tell what happened.
+struct PendingBreak {
+    record: EventRecord,
+    /// Digest of the event before it.
+    previous: Digest,
+    /// Digest of the event before that one.
+    before_previous: Digest,
+}
+
+/// Checks one job's events, fed in seq order.
+struct JobVerifier<'a> {
+    options: &'a VerifyOptions,
+    job_id: Uuid,
+    state: JobState,
+    expected_seq: u64,
+    events: u64,
+    unsealed: u64,
+    /// Digest of the last event while the chain holds.
+    head: Digest,
+    /// Digest of the event before it.
+    previous_head: Digest,
+    chain_broken: bool,
+    pending: Option<PendingBreak>,
+    mac_reported: bool,
+    expected_found: bool,
+    violations: Vec<Violation>,
+    more_violations: u64,
+}
+
+impl<'a> JobVerifier<'a> {
+    fn new(job_id: Uuid, options: &'a VerifyOptions) -> Self {
+        JobVerifier {
+            options,
+            job_id,
+            state: JobState::new(),
+            expected_seq: 1,
+            events: 0,
+            unsealed: 0,
+            head: Digest::GENESIS,
+            previous_head: Digest::GENESIS,
+            chain_broken: false,
+            pending: None,
+            mac_reported: false,
+            expected_found: false,
+            violations: Vec::new(),
+            more_violations: 0,
         }
     }
-    JobReport {
-        job_id,
-        events: records.len() as u64,
-        status: state.status(),
-        violations,
+
+    fn flag(&mut self, seq: u64, check: &'static str, message: String) {
+        if self.violations.len() < VIOLATIONS_PER_JOB_MAX {
+            self.violations.push(Violation {
+                job_id: self.job_id,
+                seq,
+                check,
+                message,
+            });
+        } else {
+            self.more_violations += 1;
+        }
+    }
+
+    fn push(&mut self, record: &EventRecord) {
+        self.events += 1;
+        if let Some(pending) = self.pending.take() {
+            let (seq, message) = classify(&pending, Some(record));
+            self.flag(seq, "CHAIN", message);
+        }
+        let seq = record.seq;
+        if seq != self.expected_seq {
+            let message = if seq > self.expected_seq {
+                format!(
+                    "event deleted: seq {}..={} missing before seq {seq}",
+                    self.expected_seq,
+                    seq - 1
+                )
+            } else {
+                format!(
+                    "event inserted: seq {seq} appears again after seq {}",
+                    self.expected_seq - 1
+                )
+            };
+            let at = self.expected_seq.min(seq);
+            if !self.chain_broken {
+                self.chain_broken = true;
+                self.flag(at, "CHAIN", message);
+            } else {
+                self.flag(at, "LOG", message);
+            }
+        }
+        self.expected_seq = seq + 1;
+        self.check_chain(record);
+        self.check_decode_and_machine(record);
+    }
+
+    fn check_chain(&mut self, record: &EventRecord) {
+        if self.chain_broken {
+            return;
+        }
+        let computed = chain::chain(&self.head, record);
+        match &record.digest {
+            None => self.unsealed += 1,
+            Some(stored) if *stored == computed.to_hex() => {}
+            Some(_) => {
+                self.chain_broken = true;
+                self.pending = Some(PendingBreak {
+                    record: record.clone(),
+                    previous: self.head,
+                    before_previous: self.previous_head,
+                });
+                return;
+            }
+        }
+        self.previous_head = self.head;
+        self.head = computed;
+        if self.options.expect.get(&self.job_id) == Some(&computed) {
+            self.expected_found = true;
+        }
+        if let Some(key) = &self.options.key {
+            if self.mac_reported {
+                return;
+            }
+            let problem = match record.mac.as_deref().map(HeadMac::from_hex) {
+                None => Some("no MAC: the event was not written with the key".to_owned()),
+                Some(None) => Some("malformed MAC".to_owned()),
+                Some(Some(tag)) if !key.verify(&computed, &tag) => Some(
+                    "MAC does not authenticate the digest: written or re-chained without the key"
+                        .to_owned(),
+                ),
+                Some(Some(_)) => None,
+            };
+            if let Some(message) = problem {
+                self.mac_reported = true;
+                self.flag(record.seq, "MAC", message);
+            }
+        }
+    }
+
+    fn check_decode_and_machine(&mut self, record: &EventRecord) {
+        if record.job_id != self.job_id {
+            self.flag(
+                record.seq,
+                "LOG",
+                format!("event belongs to job {}", record.job_id),
+            );
+            return;
+        }
+        match record.decode() {
+            Ok(recorded) => match machine::apply(self.state, &recorded.event) {
+                Ok(next) => self.state = next,
+                Err(refusal) => self.flag(record.seq, refusal.invariant(), refusal.to_string()),
+            },
+            Err(e) => self.flag(
+                record.seq,
+                "LOG",
+                format!("malformed {} event: {e}", record.kind),
+            ),
+        }
+    }
+
+    fn finish(mut self) -> JobReport {
+        if let Some(pending) = self.pending.take() {
+            let (seq, message) = classify(&pending, None);
+            self.flag(seq, "CHAIN", message);
+        }
+        if let Some(expected) = self.options.expect.get(&self.job_id).copied()
+            && !self.expected_found
+            && !self.chain_broken
+        {
+            self.flag(
+                self.expected_seq,
+                "EXPECT",
+                format!(
+                    "the log does not contain the expected head {expected}: events after seq {} were cut off, or the log was rewritten",
+                    self.expected_seq - 1
+                ),
+            );
+        }
+        // Chain breaks are classified one event late; report in log order,
+        // the chain first at each seq since it says what happened there.
+        self.violations
+            .sort_by_key(|v| (v.seq, !matches!(v.check, "CHAIN" | "MAC")));
+        JobReport {
+            job_id: self.job_id,
+            events: self.events,
+            status: self.state.status(),
+            head: self.head,
+            unsealed: self.unsealed,
+            violations: self.violations,
+            more_violations: self.more_violations,
+        }
     }
 }
 
-/// Checks every job in `store`, one job in memory at a time, handing each
-/// report to `on_report` in the order the jobs started.
+fn stored_digest(record: &EventRecord) -> Option<Digest> {
+    record.digest.as_deref().and_then(Digest::from_hex)
+}
+
+/// Tells what happened at a broken link, looking at the event after it.
+fn classify(pending: &PendingBreak, next: Option<&EventRecord>) -> (u64, String) {
+    let record = &pending.record;
+    let seq = record.seq;
+    let previous = &pending.previous;
+    let generic = (
+        seq,
+        "chain broken: the event or its digest was changed".to_owned(),
+    );
+    let Some(stored) = stored_digest(record) else {
+        return (seq, "event edited: its digest is malformed".to_owned());
+    };
+    // This event belongs one place earlier: the one before it was inserted
+    // (with a well-formed digest) and the rest renumbered.
+    if seq > 1 && link(&pending.before_previous, &leaf_hash_at(record, seq - 1)) == stored {
+        return (
+            seq - 1,
+            format!(
+                "event inserted at seq {}: later events were renumbered",
+                seq - 1
+            ),
+        );
+    }
+    let Some(next) = next else {
+        return (
+            seq,
+            "event edited: the last event does not match its digest".to_owned(),
+        );
+    };
+    let Some(next_stored) = stored_digest(next) else {
+        return generic;
+    };
+    let follows = |prev: &Digest, record: &EventRecord, at: u64, digest: &Digest| {
+        link(prev, &leaf_hash_at(record, at)) == *digest
+    };
+    // The next event links to this one's stored digest: this event's bytes
+    // were changed after its digest was taken.
+    if follows(&stored, next, next.seq, &next_stored) {
+        return (
+            seq,
+            "event edited: its content does not match its digest".to_owned(),
+        );
+    }
+    // This event's bytes are intact and the next one links to them: only the
+    // stored digest was changed.
+    let intact = link(previous, &chain::leaf_hash(record));
+    if follows(&intact, next, next.seq, &next_stored) {
+        return (
+            seq,
+            "event edited: its stored digest was changed".to_owned(),
+        );
+    }
+    // The two events traded places (with or without their digests).
+    let next_belongs_here =
+        follows(previous, next, seq, &next_stored) || follows(previous, next, seq, &stored);
+    let this_belongs_next = follows(&next_stored, record, next.seq, &stored)
+        || follows(&stored, record, next.seq, &next_stored);
+    if next_belongs_here && this_belongs_next {
+        return (
+            seq,
+            format!("events reordered: seq {seq} and seq {} swapped", next.seq),
+        );
+    }
+    // The next event is the one that belongs here: this one was inserted
+    // and the ones after it renumbered.
+    if next_belongs_here {
+        return (
+            seq,
+            format!("event inserted at seq {seq}: later events were renumbered"),
+        );
+    }
+    // The events from here on are the original ones shifted down by one:
+    // the event at this seq was deleted and the rest renumbered.
+    if follows(&stored, next, next.seq + 1, &next_stored) {
+        return (
+            seq,
+            format!(
+                "event deleted: the original seq {seq} is gone and later events were renumbered"
+            ),
+        );
+    }
+    generic
+}
+
+/// Checks one job's stored events (as `load_job` returns them).
+pub fn verify_job(job_id: Uuid, records: &[EventRecord], options: &VerifyOptions) -> JobReport {
+    let mut verifier = JobVerifier::new(job_id, options);
+    for record in records {
+        verifier.push(record);
+    }
+    verifier.finish()
+}
+
+/// Totals of a whole-log verification.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Jobs checked.
+    pub jobs: u64,
+    /// Events checked.
+    pub events: u64,
+    /// Jobs with at least one violation.
+    pub failed_jobs: u64,
+    /// Events without a stored digest.
+    pub unsealed: u64,
+}
+
+/// Checks every job in `store`, streaming: each job's report goes to
+/// `on_report` as soon as its last event has been read, and `on_progress`
+/// gets the number of events read so far every 4096 events.
 ///
 /// # Errors
 /// [`StoreError`] when the log cannot be read.
 pub fn verify_store(
     store: &dyn EventStore,
+    options: &VerifyOptions,
     mut on_report: impl FnMut(JobReport),
-) -> Result<(), StoreError> {
-    for job_id in store.job_ids()? {
-        let records = store.load_job(job_id)?;
-        on_report(verify_job(job_id, &records));
+    mut on_progress: impl FnMut(u64),
+) -> Result<Summary, StoreError> {
+    let mut summary = Summary::default();
+    let mut current: Option<JobVerifier<'_>> = None;
+    let mut seen_expected = std::collections::HashSet::new();
+    let mut finish = |verifier: JobVerifier<'_>, summary: &mut Summary| {
+        let report = verifier.finish();
+        summary.jobs += 1;
+        summary.unsealed += report.unsealed;
+        if !report.is_ok() {
+            summary.failed_jobs += 1;
+        }
+        on_report(report);
+    };
+    let mut unreadable = Vec::new();
+    store.scan(&mut |row| {
+        summary.events += 1;
+        if summary.events % 4096 == 0 {
+            on_progress(summary.events);
+        }
+        let record = match row {
+            Ok(record) => record,
+            Err(e) => {
+                unreadable.push(e.to_string());
+                return;
+            }
+        };
+        if current.as_ref().is_none_or(|v| v.job_id != record.job_id) {
+            if let Some(done) = current.take() {
+                finish(done, &mut summary);
+            }
+            seen_expected.insert(record.job_id);
+            current = Some(JobVerifier::new(record.job_id, options));
+        }
+        if let Some(verifier) = current.as_mut() {
+            verifier.push(&record);
+        }
+    })?;
+    if let Some(done) = current.take() {
+        finish(done, &mut summary);
     }
-    Ok(())
+    // Rows whose job id itself is unreadable belong to no job; report them
+    // under the nil id so that they are not lost.
+    for detail in unreadable {
+        let mut verifier = JobVerifier::new(Uuid::nil(), options);
+        verifier.flag(0, "LOG", detail);
+        finish(verifier, &mut summary);
+    }
+    for (job_id, head) in &options.expect {
+        if !seen_expected.contains(job_id) {
+            let mut verifier = JobVerifier::new(*job_id, options);
+            verifier.flag(
+                1,
+                "EXPECT",
+                format!("the log has no events for this job, expected head {head}"),
+            );
+            finish(verifier, &mut summary);
+        }
+    }
+    Ok(summary)
 }

@@ -492,7 +492,8 @@ fn threads_share_one_executor() {
     assert_eq!(ids.len(), 80);
     assert_eq!(store.job_ids().unwrap().len(), 80);
     for id in ids {
-        let report = job_executor::verify::verify_job(id, &store.load_job(id).unwrap());
+        let report =
+            job_executor::verify::verify_job(id, &store.load_job(id).unwrap(), &Default::default());
         assert!(report.is_ok(), "{:?}", report.violations);
     }
 }

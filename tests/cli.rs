@@ -94,7 +94,8 @@ fn run_replay_events_jobs_verify() {
     for (i, line) in lines.iter().enumerate() {
         assert_eq!(line["seq"], i as u64 + 1);
         assert_eq!(line["job_id"], id.as_str());
-        assert_eq!(line["schema_version"], 1);
+        assert_eq!(line["schema_version"], job_executor::events::SCHEMA_VERSION);
+        assert!(line["digest"].as_str().unwrap().starts_with("sha256:"));
         assert!(line["position"].as_u64().unwrap() >= 1);
         assert!(line["recorded_at"].as_str().unwrap().ends_with('Z'));
         assert!(line["payload"].is_object());
@@ -131,7 +132,10 @@ fn run_replay_events_jobs_verify() {
     assert!(rows[1].contains("FAILED") && rows[1].contains("1/3"));
 
     let verdict = run_ok(d, &["verify", "--db", "x.db"], 0);
-    assert!(verdict.contains("ok: 2 jobs, 14 events"), "{verdict}");
+    assert!(
+        verdict.contains("ok: 2 jobs, 14 events: hash chains intact"),
+        "{verdict}"
+    );
 }
 
 #[test]
@@ -354,19 +358,15 @@ fn verify_names_each_broken_job_and_seq() {
     let out = cli(d, &["verify", "--db", "x.db"]);
     let report = stdout(&out);
     assert_eq!(out.status.code(), Some(1), "{report}");
-    assert!(
-        report.contains(&format!("job {bad_id} seq 4: EXEC-001")),
-        "{report}"
-    );
-    assert!(
-        report.contains(&format!("job {good_id} seq 6: LOG: expected seq 5")),
-        "{report}"
-    );
-    assert!(
-        report.contains(&format!("job {good_id} seq 6: EXEC-002")),
-        "{report}"
-    );
-    assert!(report.contains("FAILED: 2 of 2 jobs"), "{report}");
+    for want in [
+        format!("job {bad_id} seq 4: CHAIN: event edited"),
+        format!("job {bad_id} seq 4: EXEC-001"),
+        format!("job {good_id} seq 5: CHAIN: event deleted"),
+        format!("job {good_id} seq 6: EXEC-002"),
+        "FAILED: 2 of 2 jobs do not verify".to_owned(),
+    ] {
+        assert!(report.contains(&want), "{want:?} not in {report}");
+    }
     // Replay refuses a broken log rather than guess.
-    refused(d, &["replay", &bad_id, "--db", "x.db"], "EXEC-001");
+    refused(d, &["replay", &bad_id, "--db", "x.db"], "hash chain broken");
 }

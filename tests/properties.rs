@@ -229,7 +229,7 @@ fn check_run(
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
     let events: Vec<Event> = records.iter().map(|r| r.decode().unwrap().event).collect();
     prop_assert_eq!(records.len() as u64, result.events);
-    prop_assert!(verify_job(job_id, &records).is_ok());
+    prop_assert!(verify_job(job_id, &records, &Default::default()).is_ok());
     // EXEC-005: the logged plan and contract are the input ones.
     match &events[0] {
         Event::JobStarted(started) => {

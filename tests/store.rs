@@ -64,8 +64,8 @@ fn database_refuses_gaps_foreign_kinds_and_appends_after_the_end() {
     let raw = Connection::open(&path).unwrap();
     let insert_for = |job_id: Uuid, seq: i64, kind: &str| {
         raw.execute(
-            "INSERT INTO events (job_id, seq, kind, schema_version, recorded_at, payload)
-             VALUES (?1, ?2, ?3, 1, '2000-01-01T00:00:00.000000Z', '{}')",
+            "INSERT INTO events (job_id, seq, kind, schema_version, recorded_at, payload, digest)
+             VALUES (?1, ?2, ?3, 1, '2000-01-01T00:00:00.000000Z', '{}', printf('%064d', 0))",
             rusqlite::params![job_id.to_string(), seq, kind],
         )
         .map(|_| ())
@@ -87,8 +87,8 @@ fn database_refuses_gaps_foreign_kinds_and_appends_after_the_end() {
     insert_for(open_job, 2, "StepStarted").expect("a well-formed append is accepted");
     let other = Uuid::new_v4().to_string();
     let first_not_started = raw.execute(
-        "INSERT INTO events (job_id, seq, kind, schema_version, recorded_at, payload)
-         VALUES (?1, 1, 'StepStarted', 1, '2000-01-01T00:00:00.000000Z', '{}')",
+        "INSERT INTO events (job_id, seq, kind, schema_version, recorded_at, payload, digest)
+         VALUES (?1, 1, 'StepStarted', 1, '2000-01-01T00:00:00.000000Z', '{}', printf('%064d', 0))",
         [&other],
     );
     assert!(
@@ -421,6 +421,7 @@ fn threads_running_jobs_on_one_sqlite_file_lose_nothing() {
     let jobs = reopened.job_ids().unwrap();
     assert_eq!(jobs.len(), 40);
     let mut reports = Vec::new();
-    job_executor::verify::verify_store(&reopened, |r| reports.push(r)).unwrap();
+    job_executor::verify::verify_store(&reopened, &Default::default(), |r| reports.push(r), |_| {})
+        .unwrap();
     assert!(reports.iter().all(|r| r.is_ok() && r.events == 12));
 }

@@ -92,4 +92,23 @@ impl EventStore for MemoryStore {
     fn job_ids(&self) -> Result<Vec<Uuid>, StoreError> {
         Ok(self.lock().job_order.clone())
     }
+
+    fn scan(
+        &self,
+        visit: &mut dyn FnMut(Result<EventRecord, StoreError>),
+    ) -> Result<(), StoreError> {
+        let inner = self.lock();
+        let mut jobs: Vec<&Uuid> = inner.jobs.keys().collect();
+        jobs.sort_unstable();
+        for job in jobs {
+            for &index in &inner.jobs[job] {
+                visit(Ok(inner.events[index].clone()));
+            }
+        }
+        Ok(())
+    }
+
+    fn last_position(&self) -> Result<u64, StoreError> {
+        Ok(self.lock().events.len() as u64)
+    }
 }

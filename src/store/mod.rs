@@ -44,6 +44,24 @@ pub trait EventStore: Send + Sync {
     /// [`StoreError`] when the log cannot be read.
     fn load_job(&self, job_id: Uuid) -> Result<Vec<EventRecord>, StoreError>;
 
+    /// Every event of the log, ordered by job id and then seq, handed to
+    /// `visit` one at a time so that memory does not grow with the log. A
+    /// row that cannot be read as a record is handed over as its error.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the log cannot be read at all.
+    fn scan(
+        &self,
+        visit: &mut dyn FnMut(Result<EventRecord, StoreError>),
+    ) -> Result<(), StoreError>;
+
+    /// The position of the last event in the whole log (0 when empty): the
+    /// log's length, give or take rows removed behind the store's back.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the log cannot be read.
+    fn last_position(&self) -> Result<u64, StoreError>;
+
     /// The ids of every job in the log, in the order the jobs started.
     ///
     /// # Errors

@@ -16,13 +16,36 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior, params};
 use uuid::Uuid;
 
 use super::{EventStore, StoreError, check_batch};
+use crate::chain::{self, Digest};
 use crate::events::EventRecord;
 
 /// `PRAGMA application_id` of a job-executor database ("JEXE").
 pub const APPLICATION_ID: i32 = 0x4A45_5845;
 
+/// One schema step: its SQL, and what must follow it that SQL cannot do.
+struct Migration {
+    sql: &'static str,
+    then: Option<fn(&rusqlite::Transaction<'_>) -> rusqlite::Result<()>>,
+}
+
 /// The schema migrations, in order; migration `i` brings the schema to version `i + 1`.
-const MIGRATIONS: &[&str] = &[include_str!("../../schema/0001_events.sql")];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        sql: include_str!("../../schema/0001_events.sql"),
+        then: None,
+    },
+    Migration {
+        sql: include_str!("../../schema/0002_hash_chain.sql"),
+        then: Some(seal_unsealed_events),
+    },
+];
+
+/// Columns of an event row, in the order `read_row` expects.
+const COLUMNS: &str =
+    "position, job_id, seq, kind, schema_version, recorded_at, payload, digest, mac";
+/// The same for a version-1 database opened for reading (no chain columns yet).
+const COLUMNS_V1: &str =
+    "position, job_id, seq, kind, schema_version, recorded_at, payload, NULL, NULL";
 
 /// The schema version this build writes.
 pub const DB_SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -77,6 +100,7 @@ impl Default for SqliteOptions {
 pub struct SqliteStore {
     path: PathBuf,
     conn: Mutex<Connection>,
+    columns: &'static str,
 }
 
 impl SqliteStore {
@@ -128,6 +152,11 @@ impl SqliteStore {
         let mut store = SqliteStore {
             path,
             conn: Mutex::new(conn),
+            columns: if version == 1 && options.read_only {
+                COLUMNS_V1
+            } else {
+                COLUMNS
+            },
         };
         if !options.read_only {
             store.migrate(version)?;
@@ -147,6 +176,7 @@ impl SqliteStore {
         let mut store = SqliteStore {
             path,
             conn: Mutex::new(conn),
+            columns: COLUMNS,
         };
         store.migrate(0)?;
         Ok(store)
@@ -191,13 +221,16 @@ impl SqliteStore {
             .conn
             .get_mut()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        for (index, sql) in MIGRATIONS.iter().enumerate().skip(from_version as usize) {
+        for (index, migration) in MIGRATIONS.iter().enumerate().skip(from_version as usize) {
             let version = index as u32 + 1;
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(|e| classify(&path, "starting a schema migration", e))?;
-            tx.execute_batch(sql)
+            tx.execute_batch(migration.sql)
                 .map_err(|e| classify(&path, "applying a schema migration", e))?;
+            if let Some(then) = migration.then {
+                then(&tx).map_err(|e| classify(&path, "completing a schema migration", e))?;
+            }
             tx.pragma_update(None, "application_id", APPLICATION_ID)
                 .map_err(|e| classify(&path, "recording the application id", e))?;
             tx.pragma_update(None, "user_version", version)
@@ -207,6 +240,37 @@ impl SqliteStore {
         }
         Ok(())
     }
+}
+
+/// Seals events written before the hash chain existed: computes each job's
+/// chain over its stored bytes and records the digests. From then on, any
+/// change to those events is detected like a change to any other.
+fn seal_unsealed_events(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    let mut seals: Vec<(i64, String)> = Vec::new();
+    {
+        let sql = format!("SELECT {COLUMNS} FROM events ORDER BY job_id, seq");
+        let mut stmt = tx.prepare(&sql)?;
+        let mut rows = stmt.query([])?;
+        let mut current: Option<(Uuid, Digest)> = None;
+        while let Some(row) = rows.next()? {
+            // A row that cannot be read is left unsealed; `verify` reports it.
+            let Ok(record) = read_row(row)? else { continue };
+            let previous = match current {
+                Some((job, head)) if job == record.job_id => head,
+                _ => Digest::GENESIS,
+            };
+            let digest = chain::chain(&previous, &record);
+            if record.digest.is_none() {
+                seals.push((record.position as i64, digest.to_hex()));
+            }
+            current = Some((record.job_id, digest));
+        }
+    }
+    let mut seal = tx.prepare("UPDATE events SET digest = ?2 WHERE position = ?1")?;
+    for (position, digest) in seals {
+        seal.execute(params![position, digest])?;
+    }
+    Ok(())
 }
 
 /// Whether `path` exists; if it does, that it could be a SQLite database.
@@ -322,6 +386,8 @@ fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<EventRecord, Sto
     let schema_version: i64 = row.get(4)?;
     let recorded_at: String = row.get(5)?;
     let payload: String = row.get(6)?;
+    let digest: Option<String> = row.get(7)?;
+    let mac: Option<String> = row.get(8)?;
     let bad = |detail: String| StoreError::BadRow {
         job_id: job_id.clone(),
         seq,
@@ -337,6 +403,8 @@ fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<EventRecord, Sto
                 .map_err(|_| bad(format!("schema_version {schema_version}")))?,
             recorded_at,
             payload,
+            digest,
+            mac,
         })
     })();
     Ok(record)
@@ -369,8 +437,8 @@ impl EventStore for SqliteStore {
         {
             let mut insert = tx
                 .prepare_cached(
-                    "INSERT INTO events (job_id, seq, kind, schema_version, recorded_at, payload)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    "INSERT INTO events (job_id, seq, kind, schema_version, recorded_at, payload, digest, mac)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 )
                 .map_err(write)?;
             for record in records {
@@ -382,6 +450,8 @@ impl EventStore for SqliteStore {
                         record.schema_version,
                         record.recorded_at,
                         record.payload,
+                        record.digest,
+                        record.mac,
                     ])
                     .map_err(write)?;
                 positions.push(tx.last_insert_rowid() as u64);
@@ -403,12 +473,11 @@ impl EventStore for SqliteStore {
     fn load_job(&self, job_id: Uuid) -> Result<Vec<EventRecord>, StoreError> {
         let conn = self.lock();
         let read = |e| classify(&self.path, "reading a job's events", e);
-        let mut stmt = conn
-            .prepare_cached(
-                "SELECT position, job_id, seq, kind, schema_version, recorded_at, payload
-                 FROM events WHERE job_id = ?1 ORDER BY seq",
-            )
-            .map_err(read)?;
+        let sql = format!(
+            "SELECT {} FROM events WHERE job_id = ?1 ORDER BY seq",
+            self.columns
+        );
+        let mut stmt = conn.prepare_cached(&sql).map_err(read)?;
         let rows = stmt
             .query_map([job_id.to_string()], read_row)
             .map_err(read)?;
@@ -439,5 +508,30 @@ impl EventStore for SqliteStore {
             ids.push(id);
         }
         Ok(ids)
+    }
+
+    fn scan(
+        &self,
+        visit: &mut dyn FnMut(Result<EventRecord, StoreError>),
+    ) -> Result<(), StoreError> {
+        let conn = self.lock();
+        let read = |e| classify(&self.path, "scanning the log", e);
+        let sql = format!("SELECT {} FROM events ORDER BY job_id, seq", self.columns);
+        let mut stmt = conn.prepare(&sql).map_err(read)?;
+        let mut rows = stmt.query([]).map_err(read)?;
+        while let Some(row) = rows.next().map_err(read)? {
+            visit(read_row(row).map_err(read)?);
+        }
+        Ok(())
+    }
+
+    fn last_position(&self) -> Result<u64, StoreError> {
+        let conn = self.lock();
+        let last: i64 = conn
+            .query_row("SELECT coalesce(max(position), 0) FROM events", [], |row| {
+                row.get(0)
+            })
+            .map_err(|e| classify(&self.path, "reading the log's length", e))?;
+        Ok(last.max(0) as u64)
     }
 }

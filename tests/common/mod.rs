@@ -3,9 +3,10 @@
 
 use chrono::{DateTime, TimeDelta, Utc};
 use job_executor::JobStep;
+use job_executor::chain::{Digest, chain};
 use job_executor::events::{
-    Event, EventRecord, FailureKind, JobCompleted, JobHalted, JobStarted, StepFailed, StepStarted,
-    StepSucceeded,
+    Event, EventRecord, Failure, FailureKind, JobCompleted, JobHalted, JobStarted, StepFailed,
+    StepStarted, StepSucceeded,
 };
 use serde_json::json;
 use uuid::Uuid;
@@ -35,8 +36,10 @@ pub fn succeeded(step_index: u32) -> Event {
 pub fn failed(step_index: u32) -> Event {
     Event::StepFailed(StepFailed {
         step_index,
-        failure: FailureKind::HandlerFailed,
-        error: "boom".into(),
+        failure: Failure {
+            kind: FailureKind::HandlerFailed,
+            message: "boom".into(),
+        },
         output: None,
         health_after: None,
     })
@@ -55,12 +58,18 @@ pub fn at(n: u64) -> DateTime<Utc> {
     DateTime::from_timestamp(946_684_800, 0).unwrap() + TimeDelta::milliseconds(n as i64)
 }
 
-/// `events` encoded as job `job_id`'s records, seq 1, 2, ….
+/// `events` encoded and chained as job `job_id`'s records, seq 1, 2, ….
 pub fn records(job_id: Uuid, events: &[Event]) -> Vec<EventRecord> {
+    let mut head = Digest::GENESIS;
     events
         .iter()
         .enumerate()
-        .map(|(i, e)| EventRecord::encode(job_id, i as u64 + 1, at(i as u64), e))
+        .map(|(i, e)| {
+            let mut record = EventRecord::encode(job_id, i as u64 + 1, at(i as u64), e);
+            head = chain(&head, &record);
+            record.digest = Some(head.to_hex());
+            record
+        })
         .collect()
 }
 

@@ -1,0 +1,102 @@
+//! Reading events written by older schema versions.
+//!
+//! Stored events are never rewritten: an event keeps the bytes and the
+//! schema version it was written with (its digest commits to them). When an
+//! older event is read, its payload is brought to the current shape by one
+//! function per version step, applied in order. Each function states exactly
+//! what changed in its step.
+
+use serde_json::{Map, Value};
+
+use crate::events::{DecodeError, SCHEMA_VERSION};
+
+/// One version step: takes a payload of version `n` and returns version `n + 1`.
+type Upcaster = fn(kind: &str, payload: Map<String, Value>) -> Result<Map<String, Value>, String>;
+
+/// `UPCASTERS[n - 1]` brings version `n` to `n + 1`.
+const UPCASTERS: [Upcaster; SCHEMA_VERSION as usize - 1] = [v1_to_v2];
+
+/// Version 1 → 2: `StepFailed` carried the failure kind and its message as two
+/// flat fields, `"failure": "<kind>"` and `"error": "<message>"`. Version 2
+/// groups them as `"failure": {"kind": "<kind>", "message": "<message>"}`, so
+/// that kind-specific details have one place to go. Other kinds are unchanged.
+pub fn v1_to_v2(kind: &str, mut payload: Map<String, Value>) -> Result<Map<String, Value>, String> {
+    if kind != "StepFailed" {
+        return Ok(payload);
+    }
+    let failure_kind = payload.remove("failure").ok_or("missing field `failure`")?;
+    let message = payload.remove("error").ok_or("missing field `error`")?;
+    let mut failure = Map::new();
+    failure.insert("kind".into(), failure_kind);
+    failure.insert("message".into(), message);
+    payload.insert("failure".into(), Value::Object(failure));
+    Ok(payload)
+}
+
+/// Brings a payload stored at `schema_version` to [`SCHEMA_VERSION`].
+///
+/// # Errors
+/// [`DecodeError::Upcast`] when the payload is not an object or lacks what
+/// a step needs; [`DecodeError::UnsupportedSchemaVersion`] for a version
+/// outside 1..=[`SCHEMA_VERSION`].
+pub fn to_current(kind: &str, schema_version: u32, payload: Value) -> Result<Value, DecodeError> {
+    if schema_version == 0 || schema_version > SCHEMA_VERSION {
+        return Err(DecodeError::UnsupportedSchemaVersion {
+            found: schema_version,
+        });
+    }
+    let Value::Object(mut map) = payload else {
+        return Err(DecodeError::Upcast {
+            kind: kind.to_owned(),
+            from: schema_version,
+            reason: "payload is not a JSON object".into(),
+        });
+    };
+    for (step, upcaster) in UPCASTERS
+        .iter()
+        .enumerate()
+        .skip(schema_version as usize - 1)
+    {
+        map = upcaster(kind, map).map_err(|reason| DecodeError::Upcast {
+            kind: kind.to_owned(),
+            from: step as u32 + 1,
+            reason,
+        })?;
+    }
+    Ok(Value::Object(map))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn v1_step_failed_gains_a_failure_object() {
+        let v1 = json!({"step_index": 1, "failure": "no_handler", "error": "No handler", "output": null, "health_after": null});
+        let v2 = to_current("StepFailed", 1, v1).unwrap();
+        assert_eq!(
+            v2,
+            json!({"step_index": 1, "failure": {"kind": "no_handler", "message": "No handler"}, "output": null, "health_after": null})
+        );
+    }
+
+    #[test]
+    fn other_kinds_pass_unchanged() {
+        let v1 = json!({"step_index": 0});
+        assert_eq!(to_current("StepStarted", 1, v1.clone()).unwrap(), v1);
+        assert_eq!(
+            to_current("StepStarted", SCHEMA_VERSION, v1.clone()).unwrap(),
+            v1
+        );
+    }
+
+    #[test]
+    fn malformed_old_payloads_are_errors() {
+        let err = to_current("StepFailed", 1, json!({"step_index": 1})).unwrap_err();
+        assert!(err.to_string().contains("missing field `failure`"), "{err}");
+        assert!(to_current("StepFailed", 1, json!([1])).is_err());
+        assert!(to_current("StepFailed", 0, json!({})).is_err());
+        assert!(to_current("StepFailed", SCHEMA_VERSION + 1, json!({})).is_err());
+    }
+}
