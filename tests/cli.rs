@@ -370,3 +370,195 @@ fn verify_names_each_broken_job_and_seq() {
     // Replay refuses a broken log rather than guess.
     refused(d, &["replay", &bad_id, "--db", "x.db"], "hash chain broken");
 }
+
+#[test]
+fn export_verify_and_replay_a_bundle_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let key = write(d, "key", "a key of at least sixteen bytes\n");
+    let plan = example("halts-on-unknown-step.json");
+    let evidence = run_ok(
+        d,
+        &[
+            "run",
+            plan.to_str().unwrap(),
+            "--db",
+            "x.db",
+            "--key-file",
+            &key,
+        ],
+        1,
+    );
+    let id = job_id(&evidence);
+    let value: Value = serde_json::from_str(&evidence).unwrap();
+    assert_eq!(value["event_log"]["events"], 6);
+    assert!(
+        value["event_log"]["head"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:")
+    );
+    assert!(
+        value["event_log"]["head_mac"]
+            .as_str()
+            .unwrap()
+            .starts_with("hmac-sha256:")
+    );
+
+    let to_stdout = run_ok(d, &["export", &id, "--db", "x.db", "--key-file", &key], 0);
+    run_ok(
+        d,
+        &["export", &id, "--db", "x.db", "--out", "bundle.json"],
+        0,
+    );
+    assert_eq!(
+        std::fs::read_to_string(d.join("bundle.json")).unwrap(),
+        to_stdout
+    );
+    // Offline: the database is gone.
+    std::fs::remove_file(d.join("x.db")).unwrap();
+    let ok = run_ok(
+        d,
+        &["verify", "--bundle", "bundle.json", "--key-file", &key],
+        0,
+    );
+    assert!(
+        ok.starts_with(&format!("ok: bundle of job {id}: 6 events")),
+        "{ok}"
+    );
+    assert_eq!(
+        run_ok(d, &["replay", "--bundle", "bundle.json"], 0),
+        evidence
+    );
+
+    let edited = to_stdout.replacen("No handler registered", "No handler registred", 1);
+    write(d, "edited.json", &edited);
+    let out = cli(d, &["verify", "--bundle", "edited.json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let report = stdout(&out);
+    assert!(report.contains("CHAIN: event edited"), "{report}");
+    assert!(report.contains("FAILED"), "{report}");
+    let out = cli(d, &["replay", "--bundle", "edited.json"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(out.stdout.is_empty());
+
+    let other_key = write(d, "other", "another key, sixteen bytes or more");
+    let out = cli(
+        d,
+        &[
+            "verify",
+            "--bundle",
+            "bundle.json",
+            "--key-file",
+            &other_key,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(stdout(&out).contains("MAC"), "{}", stdout(&out));
+
+    refused(d, &["verify", "--bundle", "missing.json"], "missing.json");
+    write(d, "not-a-bundle.json", "{\"hello\": 1}");
+    refused(
+        d,
+        &["verify", "--bundle", "not-a-bundle.json"],
+        "not an audit bundle",
+    );
+}
+
+#[test]
+fn verify_with_kept_heads_and_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let key = write(d, "key", "0123456789abcdef0123456789abcdef");
+    let plan = example("enable-billing.json");
+    let evidence = run_ok(
+        d,
+        &[
+            "run",
+            plan.to_str().unwrap(),
+            "--db",
+            "x.db",
+            "--key-file",
+            &key,
+        ],
+        0,
+    );
+    let value: Value = serde_json::from_str(&evidence).unwrap();
+    let head = value["event_log"]["head"].as_str().unwrap();
+    let expect = format!("{}={head}", job_id(&evidence));
+    let ok = run_ok(
+        d,
+        &[
+            "verify",
+            "--db",
+            "x.db",
+            "--expect",
+            &expect,
+            "--key-file",
+            &key,
+        ],
+        0,
+    );
+    assert!(ok.contains("heads authenticated"), "{ok}");
+
+    let other = format!("{}=sha256:{}", job_id(&evidence), "0".repeat(64));
+    let out = cli(d, &["verify", "--db", "x.db", "--expect", &other]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("EXPECT"), "{}", stdout(&out));
+    let unknown = format!("00000000-0000-4000-8000-000000000000={head}");
+    let out = cli(d, &["verify", "--db", "x.db", "--expect", &unknown]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout(&out).contains("no events for this job"),
+        "{}",
+        stdout(&out)
+    );
+
+    refused(
+        d,
+        &["verify", "--db", "x.db", "--expect", "nonsense"],
+        "invalid --expect",
+    );
+    refused(
+        d,
+        &[
+            "verify",
+            "--db",
+            "x.db",
+            "--expect",
+            &format!("{}=sha256:ABC", job_id(&evidence)),
+        ],
+        "invalid --expect",
+    );
+    let short = write(d, "short", "tiny");
+    refused(
+        d,
+        &["verify", "--db", "x.db", "--key-file", &short],
+        "at least 16",
+    );
+    refused(
+        d,
+        &["verify", "--db", "x.db", "--key-file", "nope"],
+        "cannot read key file",
+    );
+    let before = std::fs::read(d.join("x.db")).unwrap();
+    refused(
+        d,
+        &[
+            "run",
+            plan.to_str().unwrap(),
+            "--db",
+            "x.db",
+            "--key-file",
+            &short,
+        ],
+        "at least 16",
+    );
+    assert_eq!(std::fs::read(d.join("x.db")).unwrap(), before);
+
+    // A job written without the key does not verify under it.
+    run_ok(d, &["run", plan.to_str().unwrap(), "--db", "x.db"], 0);
+    let out = cli(d, &["verify", "--db", "x.db", "--key-file", &key]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("MAC: no MAC"), "{}", stdout(&out));
+}
