@@ -1,0 +1,333 @@
+//! The reference workload: J jobs × S no-op steps through the real
+//! `JobExecutor` on a SQLite file, and in the same run a raw rusqlite
+//! baseline doing the same commits with no engine. Prints one JSON line per
+//! configuration (medians of `--runs` runs).
+//!
+//! ```text
+//! cargo run --release --example workload -- [--jobs 200] [--steps 20]
+//!     [--threads 1,8] [--sync full,normal] [--runs 3] [--dir DIR] [--keep]
+//! cargo run --release --example workload -- --replay-only FILE   # replay every job of a log
+//! cargo run --release --example workload -- --generate FILE       # write a log and keep it
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use job_executor::store::{EventStore, SqliteOptions, SqliteStore, Synchronous};
+use job_executor::verify::{VerifyOptions, verify_store};
+use job_executor::{JobExecutor, JobStep, NoOpHandler, replay};
+use rusqlite::{Connection, TransactionBehavior, params};
+use uuid::Uuid;
+
+struct Options {
+    jobs: usize,
+    steps: usize,
+    threads: Vec<usize>,
+    syncs: Vec<Synchronous>,
+    runs: usize,
+    dir: Option<PathBuf>,
+    keep: bool,
+    replay_only: Option<PathBuf>,
+    generate: Option<PathBuf>,
+}
+
+fn parse_args() -> Result<Options, String> {
+    let mut options = Options {
+        jobs: 200,
+        steps: 20,
+        threads: vec![1],
+        syncs: vec![Synchronous::Full, Synchronous::Normal],
+        runs: 3,
+        dir: None,
+        keep: false,
+        replay_only: None,
+        generate: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().ok_or(format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--jobs" => options.jobs = value()?.parse().map_err(|e| format!("--jobs: {e}"))?,
+            "--steps" => options.steps = value()?.parse().map_err(|e| format!("--steps: {e}"))?,
+            "--runs" => options.runs = value()?.parse().map_err(|e| format!("--runs: {e}"))?,
+            "--threads" => {
+                options.threads = value()?
+                    .split(',')
+                    .map(|t| t.parse().map_err(|e| format!("--threads: {e}")))
+                    .collect::<Result<_, _>>()?;
+            }
+            "--sync" => {
+                options.syncs = value()?
+                    .split(',')
+                    .map(|s| match s {
+                        "full" => Ok(Synchronous::Full),
+                        "normal" => Ok(Synchronous::Normal),
+                        other => Err(format!("--sync: unknown mode {other:?}")),
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
+            "--dir" => options.dir = Some(PathBuf::from(value()?)),
+            "--keep" => options.keep = true,
+            "--replay-only" => options.replay_only = Some(PathBuf::from(value()?)),
+            "--generate" => options.generate = Some(PathBuf::from(value()?)),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    if options.runs == 0 || options.jobs == 0 || options.threads.contains(&0) {
+        return Err("--runs, --jobs and --threads must be positive".into());
+    }
+    Ok(options)
+}
+
+fn sync_name(sync: Synchronous) -> &'static str {
+    match sync {
+        Synchronous::Full => "FULL",
+        Synchronous::Normal => "NORMAL",
+    }
+}
+
+fn plan(steps: usize) -> Vec<JobStep> {
+    (0..steps)
+        .map(|i| {
+            let mut step = JobStep::new(i as u32, "noop", format!("node-{i:04}"));
+            step.parameters = serde_json::json!({ "setting": "value", "index": i });
+            step
+        })
+        .collect()
+}
+
+/// Events a job of `steps` successful steps records.
+fn events_per_job(steps: usize) -> u64 {
+    2 + 2 * steps as u64
+}
+
+/// Runs the engine; returns events/s.
+fn engine(path: &Path, sync: Synchronous, jobs: usize, steps: usize, threads: usize) -> f64 {
+    let options = SqliteOptions {
+        synchronous: sync,
+        ..SqliteOptions::default()
+    };
+    let store = Arc::new(SqliteStore::open_with(path, &options).expect("open the log"));
+    let mut executor = JobExecutor::builder().store(store).build();
+    executor.register_handler("noop", NoOpHandler);
+    let executor = Arc::new(executor);
+    let plan = Arc::new(plan(steps));
+    let start = Instant::now();
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let (executor, plan) = (executor.clone(), plan.clone());
+            std::thread::spawn(move || {
+                for _ in (t..jobs).step_by(threads) {
+                    executor
+                        .execute_job(Uuid::new_v4(), Uuid::nil(), &plan, None, "bench")
+                        .expect("a job runs");
+                }
+            })
+        })
+        .collect();
+    for handle in handles {
+        handle.join().expect("a worker thread finishes");
+    }
+    (jobs as u64 * events_per_job(steps)) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// The physical limit: the same commits (one per event, same pragmas, rows of
+/// similar size, same unique index), with no engine. Returns events/s.
+fn baseline(path: &Path, sync: Synchronous, jobs: usize, steps: usize, threads: usize) -> f64 {
+    let setup = Connection::open(path).expect("open the baseline");
+    setup
+        .execute_batch(
+            "PRAGMA journal_mode = WAL;
+             CREATE TABLE events (position INTEGER PRIMARY KEY, job_id TEXT NOT NULL,
+                 seq INTEGER NOT NULL, kind TEXT NOT NULL, schema_version INTEGER NOT NULL,
+                 recorded_at TEXT NOT NULL, payload TEXT NOT NULL, digest TEXT, mac TEXT,
+                 UNIQUE (job_id, seq)) STRICT;",
+        )
+        .expect("create the baseline table");
+    // Payloads shaped like the engine's: the plan once, then small step events.
+    let plan_payload = serde_json::to_string(&plan(steps)).expect("plan serialises");
+    let step_payload = r#"{"step_index":0,"output":{},"health_after":null}"#;
+    let digest = "0".repeat(64);
+    let start = Instant::now();
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let (path, plan_payload, digest) = (path.to_path_buf(), plan_payload.clone(), digest.clone());
+            std::thread::spawn(move || {
+                let mut conn = Connection::open(&path).expect("open the baseline");
+                conn.busy_timeout(std::time::Duration::from_secs(30)).expect("busy timeout");
+                conn.pragma_update(None, "synchronous", sync_name(sync)).expect("synchronous");
+                for _ in (t..jobs).step_by(threads) {
+                    let job = Uuid::new_v4().to_string();
+                    for seq in 1..=events_per_job(steps) {
+                        let payload = if seq == 1 { plan_payload.as_str() } else { step_payload };
+                        let tx = conn
+                            .transaction_with_behavior(TransactionBehavior::Immediate)
+                            .expect("begin");
+                        tx.prepare_cached(
+                            "INSERT INTO events (job_id, seq, kind, schema_version, recorded_at, payload, digest)
+                             VALUES (?1, ?2, 'StepStarted', 2, '2000-01-01T00:00:00.000000Z', ?3, ?4)",
+                        )
+                        .and_then(|mut s| s.execute(params![job, seq as i64, payload, digest]))
+                        .expect("insert");
+                        tx.commit().expect("commit");
+                    }
+                }
+            })
+        })
+        .collect();
+    for handle in handles {
+        handle.join().expect("a worker thread finishes");
+    }
+    (jobs as u64 * events_per_job(steps)) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Replays every job of an engine log through the projection; events/s.
+fn engine_replay(path: &Path) -> (f64, u64) {
+    let store = open_read(path);
+    let start = Instant::now();
+    let mut events = 0;
+    for job in store.job_ids().expect("list jobs") {
+        events += replay(&store, job).expect("replay").events;
+    }
+    (events as f64 / start.elapsed().as_secs_f64(), events)
+}
+
+/// Reads every job's rows with the same query and no engine; events/s.
+fn raw_replay(path: &Path) -> f64 {
+    let conn = Connection::open(path).expect("open");
+    let start = Instant::now();
+    let jobs: Vec<String> = conn
+        .prepare("SELECT job_id FROM events WHERE seq = 1 ORDER BY position")
+        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+        .expect("list jobs");
+    let mut events = 0u64;
+    let mut bytes = 0usize;
+    let mut stmt = conn
+        .prepare(
+            "SELECT position, job_id, seq, kind, schema_version, recorded_at, payload, digest, mac
+             FROM events WHERE job_id = ?1 ORDER BY seq",
+        )
+        .expect("prepare");
+    for job in &jobs {
+        let mut rows = stmt.query([job]).expect("query");
+        while let Some(row) = rows.next().expect("row") {
+            let payload: String = row.get(6).expect("payload");
+            bytes += payload.len();
+            events += 1;
+        }
+    }
+    std::hint::black_box(bytes);
+    events as f64 / start.elapsed().as_secs_f64()
+}
+
+fn verify_rate(path: &Path) -> f64 {
+    let store = open_read(path);
+    let start = Instant::now();
+    let summary = verify_store(&store, &VerifyOptions::default(), |_| {}, |_| {}).expect("verify");
+    assert_eq!(summary.failed_jobs, 0, "the log verifies");
+    summary.events as f64 / start.elapsed().as_secs_f64()
+}
+
+fn open_read(path: &Path) -> SqliteStore {
+    let options = SqliteOptions {
+        read_only: true,
+        create: false,
+        ..SqliteOptions::default()
+    };
+    SqliteStore::open_with(path, &options).expect("open the log")
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn main() {
+    let options = match parse_args() {
+        Ok(options) => options,
+        Err(e) => {
+            eprintln!("workload: {e}");
+            std::process::exit(2);
+        }
+    };
+    if let Some(path) = &options.replay_only {
+        let (rate, events) = engine_replay(path);
+        println!("{{\"replay_events\":{events},\"replay_events_per_s\":{rate:.0}}}");
+        return;
+    }
+    if let Some(path) = &options.generate {
+        let rate = engine(
+            path,
+            Synchronous::Normal,
+            options.jobs,
+            options.steps,
+            options.threads[0],
+        );
+        let events = options.jobs as u64 * events_per_job(options.steps);
+        println!("{{\"generated_events\":{events},\"engine_events_per_s\":{rate:.0}}}");
+        return;
+    }
+    let scratch = tempfile_dir(options.dir.as_deref());
+    for &sync in &options.syncs {
+        for &threads in &options.threads {
+            let mut samples: [Vec<f64>; 5] = Default::default();
+            for run in 0..options.runs {
+                let engine_db =
+                    scratch.join(format!("engine-{}-{threads}-{run}.db", sync_name(sync)));
+                let raw_db = scratch.join(format!("raw-{}-{threads}-{run}.db", sync_name(sync)));
+                // Alternate which goes first so that neither always gets a warm disk.
+                let (e, b) = if run % 2 == 0 {
+                    let e = engine(&engine_db, sync, options.jobs, options.steps, threads);
+                    (
+                        e,
+                        baseline(&raw_db, sync, options.jobs, options.steps, threads),
+                    )
+                } else {
+                    let b = baseline(&raw_db, sync, options.jobs, options.steps, threads);
+                    (
+                        engine(&engine_db, sync, options.jobs, options.steps, threads),
+                        b,
+                    )
+                };
+                samples[0].push(e);
+                samples[1].push(b);
+                samples[2].push(engine_replay(&engine_db).0);
+                samples[3].push(raw_replay(&engine_db));
+                samples[4].push(verify_rate(&engine_db));
+                if !options.keep {
+                    for db in [&engine_db, &raw_db] {
+                        let _ = std::fs::remove_file(db);
+                    }
+                }
+            }
+            let [e, b, er, rr, v] = samples.map(median);
+            println!(
+                "{{\"sync\":\"{}\",\"threads\":{threads},\"jobs\":{},\"steps\":{},\"events\":{},\"runs\":{},\
+                 \"engine_events_per_s\":{e:.0},\"baseline_events_per_s\":{b:.0},\"ratio\":{:.3},\
+                 \"replay_events_per_s\":{er:.0},\"raw_replay_events_per_s\":{rr:.0},\"replay_ratio\":{:.3},\
+                 \"verify_events_per_s\":{v:.0},\"verify_ratio\":{:.3}}}",
+                sync_name(sync),
+                options.jobs,
+                options.steps,
+                options.jobs as u64 * events_per_job(options.steps),
+                options.runs,
+                e / b,
+                er / rr,
+                v / rr,
+            );
+        }
+    }
+    if !options.keep && options.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
+}
+
+fn tempfile_dir(dir: Option<&Path>) -> PathBuf {
+    let dir = dir.map_or_else(
+        || std::env::temp_dir().join(format!("job-executor-workload-{}", std::process::id())),
+        Path::to_path_buf,
+    );
+    std::fs::create_dir_all(&dir).expect("create the scratch directory");
+    dir
+}
