@@ -104,6 +104,37 @@ pub struct JobHalted {
     pub step_index: u32,
 }
 
+/// Payload of `JobCancelRequested`: someone asked for the job to stop. It
+/// changes nothing until the executor honours it before the next step.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobCancelRequested {
+    /// Why, as given by whoever asked.
+    pub reason: String,
+}
+
+/// Payload of `JobCancelled`: the executor honoured a cancel request between
+/// steps; no step starts after it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobCancelled {
+    /// The reason of the request that was honoured.
+    pub reason: String,
+}
+
+/// Payload of `JobResumed`: an executor took up a job that had stopped
+/// between steps, to continue it at its next step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobResumed {
+    /// Who resumed it.
+    pub executed_by: String,
+    /// Version of the executor that resumed it.
+    pub executor_version: String,
+    /// Health observed before the next step, when an observer was given.
+    pub health_before: Option<Value>,
+}
+
 /// One fact about a job.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
@@ -119,16 +150,25 @@ pub enum Event {
     JobCompleted(JobCompleted),
     /// The job stopped after a failed step.
     JobHalted(JobHalted),
+    /// Someone asked for the job to stop.
+    JobCancelRequested(JobCancelRequested),
+    /// The job stopped between steps, as requested.
+    JobCancelled(JobCancelled),
+    /// An executor took up a job that had stopped between steps.
+    JobResumed(JobResumed),
 }
 
 /// The event kinds this build reads and writes, in their stored spelling.
-pub const EVENT_KINDS: [&str; 6] = [
+pub const EVENT_KINDS: [&str; 9] = [
     "JobStarted",
     "StepStarted",
     "StepSucceeded",
     "StepFailed",
     "JobCompleted",
     "JobHalted",
+    "JobCancelRequested",
+    "JobCancelled",
+    "JobResumed",
 ];
 
 /// An event that cannot be decoded from its stored parts.
@@ -179,12 +219,18 @@ impl Event {
             Event::StepFailed(_) => "StepFailed",
             Event::JobCompleted(_) => "JobCompleted",
             Event::JobHalted(_) => "JobHalted",
+            Event::JobCancelRequested(_) => "JobCancelRequested",
+            Event::JobCancelled(_) => "JobCancelled",
+            Event::JobResumed(_) => "JobResumed",
         }
     }
 
     /// Whether this event ends its job.
     pub fn is_terminal(&self) -> bool {
-        matches!(self, Event::JobCompleted(_) | Event::JobHalted(_))
+        matches!(
+            self,
+            Event::JobCompleted(_) | Event::JobHalted(_) | Event::JobCancelled(_)
+        )
     }
 
     /// The payload as compact JSON, the stored form.
@@ -196,6 +242,9 @@ impl Event {
             Event::StepFailed(p) => serde_json::to_string(p),
             Event::JobCompleted(p) => serde_json::to_string(p),
             Event::JobHalted(p) => serde_json::to_string(p),
+            Event::JobCancelRequested(p) => serde_json::to_string(p),
+            Event::JobCancelled(p) => serde_json::to_string(p),
+            Event::JobResumed(p) => serde_json::to_string(p),
         };
         // Payloads are plain structs of strings, numbers and JSON values:
         // serialising them to a String cannot fail.
@@ -231,6 +280,9 @@ impl Event {
             "StepFailed" => Event::StepFailed(source.parse("StepFailed")?),
             "JobCompleted" => Event::JobCompleted(source.parse("JobCompleted")?),
             "JobHalted" => Event::JobHalted(source.parse("JobHalted")?),
+            "JobCancelRequested" => Event::JobCancelRequested(source.parse("JobCancelRequested")?),
+            "JobCancelled" => Event::JobCancelled(source.parse("JobCancelled")?),
+            "JobResumed" => Event::JobResumed(source.parse("JobResumed")?),
             other => return Err(DecodeError::UnknownKind(other.to_owned())),
         })
     }

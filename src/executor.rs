@@ -2,33 +2,46 @@
 //! appending each accepted event to the log.
 //!
 //! The loop is: ask the machine what comes next ([`next_action`]), build that
-//! event, pass it through the machine (via the [`Projector`]), append it, and
-//! only then act on it. So a `StepStarted` is durable before its handler is
-//! called, and nothing the machine refuses ever reaches the log.
+//! event, have the machine judge it, append it, and only then act on it. So a
+//! `StepStarted` is durable before its handler is called, and nothing the
+//! machine refuses ever reaches the log.
+//!
+//! Appends use optimistic concurrency. When another process appended to the
+//! job first, the executor reads what it appended: a cancel request is folded
+//! in and honoured before the next step; anything else means another
+//! executor is running the job, and this one stops.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 use uuid::Uuid;
 
 use crate::chain::HeadKey;
 use crate::clock::{Clock, SystemClock};
 use crate::events::{
-    Event, EventRecord, Failure, FailureKind, JobCompleted, JobHalted, JobStarted, StepFailed,
-    StepStarted, StepSucceeded, truncate_to_micros,
+    Event, EventRecord, Failure, FailureKind, JobCancelRequested, JobCancelled, JobCompleted,
+    JobHalted, JobResumed, JobStarted, StepFailed, StepStarted, StepSucceeded, truncate_to_micros,
 };
 use crate::handler::{DEFAULT_STEP_TYPES, HealthObserver, NoOpHandler, StepHandler};
-use crate::machine::{NextAction, TransitionError, next_action};
-use crate::model::{ExecutionContext, ExecutionResult, JobStep, PlanError, validate_plan};
+use crate::machine::{self, NextAction, Phase, TransitionError, next_action};
+use crate::model::{
+    CancelSignal, ExecutionContext, ExecutionResult, JobStep, PlanError, validate_plan,
+};
 use crate::projection::{self, Projector, ReplayError};
+use crate::runner::{HandlerPool, Outcome};
 use crate::store::{EventStore, MemoryStore, StoreError};
 
 /// Version of this executor, recorded in every `JobStarted`.
 pub const EXECUTOR_VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// Why `execute_job` did not run a job to its end.
+/// How often a conflicting append is retried after catching up with the log.
+const CONFLICT_RETRIES_MAX: usize = 16;
+
+/// Why the executor did not do what it was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecutorError {
     /// The job id already has events: a job is executed at most once (EXEC-006).
@@ -51,8 +64,45 @@ pub enum ExecutorError {
         #[source]
         source: PlanError,
     },
+    /// The log has no events for the job.
+    #[error("unknown job {job_id}: the log has no events for it")]
+    UnknownJob {
+        /// The job.
+        job_id: Uuid,
+    },
+    /// The job has ended; nothing more can happen to it.
+    #[error("job {job_id} has already ended ({status})")]
+    JobEnded {
+        /// The job.
+        job_id: Uuid,
+        /// How it ended.
+        status: crate::model::JobStatus,
+    },
+    /// A step's outcome is unknown: the executor stopped while it ran.
+    #[error(
+        "job {job_id}: step {step_index} is in doubt (the executor stopped while it ran); run `recover` first"
+    )]
+    StepInDoubt {
+        /// The job.
+        job_id: Uuid,
+        /// The step.
+        step_index: u32,
+    },
+    /// Another executor appended to the job: it is running elsewhere.
+    #[error(
+        "conflict on job {job_id}: another executor appended {kind} at seq {seq}; this one stopped"
+    )]
+    Conflict {
+        /// The job.
+        job_id: Uuid,
+        /// The seq of the other executor's event.
+        seq: u64,
+        /// Its kind.
+        kind: String,
+    },
     /// The event log failed; the events appended before the failure stay in
-    /// the log, and the job is left as they describe it.
+    /// the log, and the job is left as they describe it (a step may be in
+    /// doubt: `recover` closes it).
     #[error("event log failure for job {job_id}: {source}")]
     Store {
         /// The job.
@@ -78,6 +128,49 @@ pub enum ExecutorError {
     Replay(#[from] ReplayError),
 }
 
+/// What `recover` did to one job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Recovery {
+    /// The step was in doubt: recorded as failed (interrupted), and the job halted.
+    Interrupted {
+        /// The job.
+        job_id: Uuid,
+        /// The step.
+        step_index: u32,
+    },
+    /// A failed step's job had not halted yet: halted.
+    Halted {
+        /// The job.
+        job_id: Uuid,
+        /// The failed step.
+        step_index: u32,
+    },
+    /// A job stopped between steps had a cancel request: cancelled.
+    Cancelled {
+        /// The job.
+        job_id: Uuid,
+    },
+    /// A job stopped between steps: left as it is, to be resumed.
+    Resumable {
+        /// The job.
+        job_id: Uuid,
+        /// The step `resume` would start.
+        next_step: u32,
+    },
+}
+
+/// What `request_cancel` did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CancelRequest {
+    /// The request was recorded at this seq.
+    Recorded {
+        /// Its seq in the job's log.
+        seq: u64,
+    },
+    /// A request was already recorded; nothing was appended.
+    AlreadyRequested,
+}
+
 /// Runs job plans step by step, recording every fact in an event log.
 ///
 /// One executor can be shared by threads running different jobs: it is
@@ -101,6 +194,7 @@ pub struct JobExecutor {
     store: Arc<dyn EventStore>,
     clock: Arc<dyn Clock>,
     head_key: Option<HeadKey>,
+    pool: HandlerPool,
     version: String,
 }
 
@@ -165,6 +259,7 @@ impl ExecutorBuilder {
             store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
             clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
             head_key: self.head_key,
+            pool: HandlerPool::new(),
             version: EXECUTOR_VERSION.to_owned(),
         }
     }
@@ -218,12 +313,15 @@ impl JobExecutor {
     /// Health is observed once before the first step and once after every
     /// executed step. Every fact is appended to the log before the executor
     /// acts on it; the returned result is the projection of those events.
+    /// Each handler runs on a pooled thread against its step's deadline.
     ///
     /// # Errors
-    /// [`ExecutorError::JobAlreadyExists`] when the job id has events and
+    /// [`ExecutorError::JobAlreadyExists`] when the job id has events (also
+    /// when another process starts it at the same moment) and
     /// [`ExecutorError::InvalidPlan`] for a plan that is not executable (in
     /// both cases nothing is appended and no handler runs);
-    /// [`ExecutorError::Store`] when the log fails mid-way.
+    /// [`ExecutorError::Store`] when the log fails mid-way;
+    /// [`ExecutorError::Conflict`] when another executor appends to the job.
     pub fn execute_job(
         &self,
         job_id: Uuid,
@@ -247,96 +345,333 @@ impl JobExecutor {
             executor: self,
             job_id,
             projector: Projector::new(job_id),
+            plan: Cow::Borrowed(steps),
+            contract_id,
+            executed_by: executed_by.to_owned(),
+            observer: health_observer,
         };
-        let observe = || health_observer.map(HealthObserver::observe_health);
-        loop {
-            match next_action(&run.projector.state()) {
-                NextAction::StartJob => {
-                    let health_before = observe();
-                    run.record(Event::JobStarted(JobStarted {
-                        contract_id,
-                        plan: steps.to_vec(),
-                        executed_by: executed_by.to_owned(),
-                        executor_version: self.version.clone(),
-                        health_before,
-                    }))?;
-                }
-                NextAction::StartStep(step_index) => {
-                    let started_at = run.record(Event::StepStarted(StepStarted { step_index }))?;
-                    let step = &steps[step_index as usize];
-                    let context = ExecutionContext {
-                        job_id,
-                        contract_id,
-                        step_index,
-                        step_type: step.step_type.clone(),
-                        target: step.target.clone(),
-                        executed_by: executed_by.to_owned(),
-                        started_at,
-                    };
-                    let outcome = self.run_step(step, &context);
-                    let health_after = observe();
-                    run.record(outcome.into_event(step_index, health_after))?;
-                }
-                NextAction::RecordOutcome(step_index) => {
-                    // Outcomes are recorded in the same iteration as their
-                    // start; reaching here means the loop lost its place.
-                    unreachable!("step {step_index} started without an outcome being recorded");
-                }
-                NextAction::Complete => {
-                    run.record(Event::JobCompleted(JobCompleted {}))?;
-                }
-                NextAction::Halt(step_index) => {
-                    run.record(Event::JobHalted(JobHalted { step_index }))?;
-                }
-                NextAction::Done => break,
+        let started = run.record(Event::JobStarted(JobStarted {
+            contract_id,
+            plan: steps.to_vec(),
+            executed_by: executed_by.to_owned(),
+            executor_version: self.version.clone(),
+            health_before: run.observe(),
+        }));
+        match started {
+            Ok(_) => run.drive(),
+            // Another process started the same job id at the same moment.
+            Err(ExecutorError::Conflict { .. }) => Err(ExecutorError::JobAlreadyExists {
+                job_id,
+                events: self.store.last_seq(job_id).unwrap_or(1),
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Continues a job that stopped between steps (no step in doubt) at its
+    /// next step, with the plan recorded in its log. Appends `JobResumed`,
+    /// observes health before the next step, then runs as `execute_job` does.
+    ///
+    /// # Errors
+    /// [`ExecutorError::UnknownJob`]; [`ExecutorError::JobEnded`] for a
+    /// finished job; [`ExecutorError::StepInDoubt`] when a step's outcome is
+    /// unknown (run [`JobExecutor::recover`] first) or a failed step awaits
+    /// its halt; store failures and conflicts as for `execute_job`.
+    pub fn resume(
+        &self,
+        job_id: Uuid,
+        health_observer: Option<&dyn HealthObserver>,
+        executed_by: &str,
+    ) -> Result<ExecutionResult, ExecutorError> {
+        let (projector, started) = self.load(job_id)?;
+        match projector.state().phase {
+            Phase::Idle => {}
+            Phase::StepRunning { step_index } | Phase::StepFailed { step_index } => {
+                return Err(ExecutorError::StepInDoubt { job_id, step_index });
+            }
+            _ => {
+                return Err(ExecutorError::JobEnded {
+                    job_id,
+                    status: projector.state().status(),
+                });
             }
         }
-        Ok(run
+        let mut run = Run {
+            executor: self,
+            job_id,
+            projector,
+            plan: Cow::Owned(started.plan),
+            contract_id: started.contract_id,
+            executed_by: executed_by.to_owned(),
+            observer: health_observer,
+        };
+        let resumed = Event::JobResumed(JobResumed {
+            executed_by: executed_by.to_owned(),
+            executor_version: self.version.clone(),
+            health_before: run.observe(),
+        });
+        run.record(resumed)?;
+        run.drive()
+    }
+
+    /// Closes every job left in doubt by an executor that stopped (crashed,
+    /// was killed, lost its disk): a step whose outcome is unknown is recorded
+    /// as failed (kind `interrupted`) and its job halted — it is never run
+    /// again; a failed step's job is halted; a job stopped between steps with
+    /// a cancel request is cancelled. Jobs stopped between steps otherwise are
+    /// left to `resume`. Calls no handler.
+    ///
+    /// Run it when no executor is running jobs on this log: a step still
+    /// running elsewhere would be declared interrupted (that executor then
+    /// stops on a conflict instead of recording its outcome).
+    ///
+    /// # Errors
+    /// Store failures; [`ExecutorError::Replay`] for a job whose log does
+    /// not replay.
+    pub fn recover(&self) -> Result<Vec<Recovery>, ExecutorError> {
+        let unfinished = self
+            .store
+            .unfinished_jobs()
+            .map_err(|source| ExecutorError::Store {
+                job_id: Uuid::nil(),
+                source,
+            })?;
+        let mut recovered = Vec::new();
+        for job_id in unfinished {
+            let (projector, started) = self.load(job_id)?;
+            let mut run = Run {
+                executor: self,
+                job_id,
+                projector,
+                plan: Cow::Owned(started.plan),
+                contract_id: started.contract_id,
+                executed_by: started.executed_by,
+                observer: None,
+            };
+            let state = run.projector.state();
+            let action = match state.phase {
+                Phase::StepRunning { step_index } => {
+                    run.record(Event::StepFailed(StepFailed {
+                        step_index,
+                        failure: Failure {
+                            kind: FailureKind::Interrupted,
+                            message: format!(
+                                "outcome unknown: the executor stopped while step {step_index} ran; it is not run again"
+                            ),
+                        },
+                        output: None,
+                        health_after: None,
+                    }))?;
+                    run.record(Event::JobHalted(JobHalted { step_index }))?;
+                    Recovery::Interrupted { job_id, step_index }
+                }
+                Phase::StepFailed { step_index } => {
+                    run.record(Event::JobHalted(JobHalted { step_index }))?;
+                    Recovery::Halted { job_id, step_index }
+                }
+                Phase::Idle if next_action(&state) == NextAction::Cancel => {
+                    run.drive()?;
+                    Recovery::Cancelled { job_id }
+                }
+                _ => Recovery::Resumable {
+                    job_id,
+                    next_step: state.next_step,
+                },
+            };
+            recovered.push(action);
+        }
+        Ok(recovered)
+    }
+
+    /// Records a request to cancel `job_id`. An executor running the job
+    /// honours it before it would start the next step (the step in flight
+    /// finishes and is recorded) and ends the job `JobCancelled`. Safe to
+    /// call from any process at any time.
+    ///
+    /// # Errors
+    /// [`ExecutorError::UnknownJob`]; [`ExecutorError::JobEnded`] when the
+    /// job has already ended; store failures.
+    pub fn request_cancel(
+        &self,
+        job_id: Uuid,
+        reason: &str,
+    ) -> Result<CancelRequest, ExecutorError> {
+        for _ in 0..CONFLICT_RETRIES_MAX {
+            let (projector, _) = self.load(job_id)?;
+            let state = projector.state();
+            if state.is_terminal() {
+                return Err(ExecutorError::JobEnded {
+                    job_id,
+                    status: state.status(),
+                });
+            }
+            if state.cancel_requested {
+                return Ok(CancelRequest::AlreadyRequested);
+            }
+            let mut run = Run {
+                executor: self,
+                job_id,
+                projector,
+                plan: Cow::Owned(Vec::new()),
+                contract_id: Uuid::nil(),
+                executed_by: String::new(),
+                observer: None,
+            };
+            let event = Event::JobCancelRequested(JobCancelRequested {
+                reason: reason.to_owned(),
+            });
+            match run.append_once(&event) {
+                Ok(_) => {
+                    return Ok(CancelRequest::Recorded {
+                        seq: run.projector.events(),
+                    });
+                }
+                // The job moved on meanwhile: look again.
+                Err(ExecutorError::Store { source, .. }) if source.is_conflict() => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ExecutorError::Conflict {
+            job_id,
+            seq: 0,
+            kind: "events, too busy to record a cancel request".into(),
+        })
+    }
+
+    /// The job's projection and its `JobStarted`, from the log.
+    fn load(&self, job_id: Uuid) -> Result<(Projector, JobStarted), ExecutorError> {
+        let records = self
+            .store
+            .load_job(job_id)
+            .map_err(|source| ExecutorError::Store { job_id, source })?;
+        let mut projector = Projector::new(job_id);
+        for record in &records {
+            projector.apply_record(record)?;
+        }
+        match records.first().map(EventRecord::decode) {
+            Some(Ok(recorded)) => match recorded.event {
+                Event::JobStarted(started) => Ok((projector, started)),
+                // apply_record has checked that the log begins with JobStarted.
+                _ => unreachable!("a replayed log begins with JobStarted"),
+            },
+            _ => Err(ExecutorError::UnknownJob { job_id }),
+        }
+    }
+}
+
+/// One job's run: the events recorded so far, folded, and what it needs to
+/// go on.
+struct Run<'a> {
+    executor: &'a JobExecutor,
+    job_id: Uuid,
+    projector: Projector,
+    plan: Cow<'a, [JobStep]>,
+    contract_id: Uuid,
+    executed_by: String,
+    observer: Option<&'a dyn HealthObserver>,
+}
+
+impl Run<'_> {
+    fn observe(&self) -> Option<Value> {
+        self.observer.map(HealthObserver::observe_health)
+    }
+
+    /// Drives the job until the machine says it is done.
+    fn drive(&mut self) -> Result<ExecutionResult, ExecutorError> {
+        loop {
+            match next_action(&self.projector.state()) {
+                NextAction::StartStep(step_index) => self.run_step(step_index)?,
+                NextAction::Complete => {
+                    self.record(Event::JobCompleted(JobCompleted {}))?;
+                }
+                NextAction::Halt(step_index) => {
+                    self.record(Event::JobHalted(JobHalted { step_index }))?;
+                }
+                NextAction::Cancel => {
+                    let reason = self.projector.cancel_request_reason().unwrap_or_default();
+                    self.record(Event::JobCancelled(JobCancelled { reason }))?;
+                }
+                NextAction::RecordOutcome(step_index) => {
+                    return Err(ExecutorError::StepInDoubt {
+                        job_id: self.job_id,
+                        step_index,
+                    });
+                }
+                NextAction::StartJob | NextAction::Done => break,
+            }
+        }
+        Ok(self
             .projector
             .result()
             .expect("a job that ran has a JobStarted event"))
     }
 
-    /// Calls the step's handler, turning a missing handler or a panic into a failure.
-    fn run_step(&self, step: &JobStep, context: &ExecutionContext) -> Outcome {
-        let Some(handler) = self.handlers.get(&step.step_type) else {
-            return Outcome::Failed {
+    /// Starts a step, runs its handler off-thread against its deadline, and
+    /// records the outcome.
+    fn run_step(&mut self, step_index: u32) -> Result<(), ExecutorError> {
+        let Some(started_at) = self.record(Event::StepStarted(StepStarted { step_index }))? else {
+            // A cancel request arrived first: the machine decides again.
+            return Ok(());
+        };
+        let step = &self.plan[step_index as usize];
+        let deadline = Instant::now().checked_add(Duration::from_secs(step.timeout_seconds));
+        let context = ExecutionContext {
+            job_id: self.job_id,
+            contract_id: self.contract_id,
+            step_index,
+            step_type: step.step_type.clone(),
+            target: step.target.clone(),
+            executed_by: self.executed_by.clone(),
+            started_at,
+            deadline,
+            cancel: CancelSignal::new(),
+        };
+        let outcome = match self.executor.handlers.get(&step.step_type) {
+            Some(handler) => self.executor.pool.run(handler.clone(), step, &context),
+            None => Outcome::Failed {
                 failure: FailureKind::NoHandler,
                 error: format!("No handler registered for step type: {}", step.step_type),
                 output: None,
-            };
+            },
         };
-        // The handler only ever sees shared references, so a panic cannot
-        // leave executor state half-changed: asserting unwind safety is sound.
-        match catch_unwind(AssertUnwindSafe(|| handler.execute(step, context))) {
-            Ok(out) if out.success => Outcome::Succeeded(out.output),
-            Ok(out) => Outcome::Failed {
-                failure: FailureKind::HandlerFailed,
-                error: out.error.unwrap_or_else(|| "Step failed".to_owned()),
-                output: Some(out.output),
-            },
-            Err(payload) => Outcome::Failed {
-                failure: FailureKind::Panic,
-                error: format!("Execution error: {}", panic_message(payload.as_ref())),
-                output: None,
-            },
+        let health_after = self.observe();
+        let event = outcome_event(outcome, step_index, health_after);
+        match self.record(event)? {
+            Some(_) => Ok(()),
+            // Only a cancel request can arrive while a step runs, and it does
+            // not stop its outcome from being recorded.
+            None => unreachable!("a step's outcome is accepted after any cancel request"),
         }
     }
-}
 
-/// One job's run: the events recorded so far, folded.
-struct Run<'a> {
-    executor: &'a JobExecutor,
-    job_id: Uuid,
-    projector: Projector,
-}
+    /// Judges, appends and folds `event`. On a conflict, catches up with what
+    /// others appended (a cancel request) and tries again. Returns the time
+    /// recorded, or `None` when what was caught up makes the event moot.
+    fn record(&mut self, event: Event) -> Result<Option<DateTime<Utc>>, ExecutorError> {
+        let mut caught_up = false;
+        for _ in 0..CONFLICT_RETRIES_MAX {
+            if caught_up && machine::apply(self.projector.state(), &event).is_err() {
+                return Ok(None);
+            }
+            match self.append_once(&event) {
+                Ok(at) => return Ok(Some(at)),
+                Err(ExecutorError::Store { source, .. }) if source.is_conflict() => {
+                    self.catch_up()?;
+                    caught_up = true;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ExecutorError::Conflict {
+            job_id: self.job_id,
+            seq: self.projector.events() + 1,
+            kind: "events, faster than this executor could append".into(),
+        })
+    }
 
-impl Run<'_> {
-    /// Passes `event` through the machine, appends it, and returns its time.
-    fn record(&mut self, event: Event) -> Result<chrono::DateTime<chrono::Utc>, ExecutorError> {
+    /// Judges `event`, then appends it once and folds it.
+    fn append_once(&mut self, event: &Event) -> Result<DateTime<Utc>, ExecutorError> {
         let job_id = self.job_id;
-        let recorded_at = truncate_to_micros(self.executor.clock.now());
-        let seq = self.projector.events() + 1;
         let refused = |source| ExecutorError::Transition {
             job_id,
             kind: event.kind(),
@@ -344,8 +679,10 @@ impl Run<'_> {
         };
         // Judge first, append second: the log only ever receives events the
         // machine accepted. The state is `Copy`, so judging changes nothing.
-        crate::machine::apply(self.projector.state(), &event).map_err(refused)?;
-        let mut record = EventRecord::encode(job_id, seq, recorded_at, &event);
+        machine::apply(self.projector.state(), event).map_err(refused)?;
+        let recorded_at = truncate_to_micros(self.executor.clock.now());
+        let seq = self.projector.events() + 1;
+        let mut record = EventRecord::encode(job_id, seq, recorded_at, event);
         self.projector
             .seal(&mut record, self.executor.head_key.as_ref());
         self.executor
@@ -353,54 +690,54 @@ impl Run<'_> {
             .append(std::slice::from_ref(&record))
             .map_err(|source| ExecutorError::Store { job_id, source })?;
         self.projector
-            .apply_sealed(&record, &event)
+            .apply_sealed(&record, event)
             .map_err(refused)?;
         Ok(recorded_at)
     }
-}
 
-/// What running a step's handler came to.
-enum Outcome {
-    Succeeded(Value),
-    Failed {
-        failure: FailureKind,
-        error: String,
-        output: Option<Value>,
-    },
-}
-
-impl Outcome {
-    fn into_event(self, step_index: u32, health_after: Option<Value>) -> Event {
-        match self {
-            Outcome::Succeeded(output) => Event::StepSucceeded(StepSucceeded {
-                step_index,
-                output,
-                health_after,
-            }),
-            Outcome::Failed {
-                failure,
-                error,
-                output,
-            } => Event::StepFailed(StepFailed {
-                step_index,
-                failure: Failure {
-                    kind: failure,
-                    message: error,
-                },
-                output,
-                health_after,
-            }),
+    /// Folds in what others appended to the job since this run last looked.
+    /// Only a cancel request may come from elsewhere.
+    fn catch_up(&mut self) -> Result<(), ExecutorError> {
+        let job_id = self.job_id;
+        let records = self
+            .executor
+            .store
+            .load_job(job_id)
+            .map_err(|source| ExecutorError::Store { job_id, source })?;
+        for record in records.iter().skip(self.projector.events() as usize) {
+            if record.kind != "JobCancelRequested" {
+                return Err(ExecutorError::Conflict {
+                    job_id,
+                    seq: record.seq,
+                    kind: record.kind.clone(),
+                });
+            }
+            self.projector.apply_record(record)?;
         }
+        Ok(())
     }
 }
 
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(text) = payload.downcast_ref::<&str>() {
-        (*text).to_owned()
-    } else if let Some(text) = payload.downcast_ref::<String>() {
-        text.clone()
-    } else {
-        "handler panicked".to_owned()
+fn outcome_event(outcome: Outcome, step_index: u32, health_after: Option<Value>) -> Event {
+    match outcome {
+        Outcome::Succeeded(output) => Event::StepSucceeded(StepSucceeded {
+            step_index,
+            output,
+            health_after,
+        }),
+        Outcome::Failed {
+            failure,
+            error,
+            output,
+        } => Event::StepFailed(StepFailed {
+            step_index,
+            failure: Failure {
+                kind: failure,
+                message: error,
+            },
+            output,
+            health_after,
+        }),
     }
 }
 

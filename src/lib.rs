@@ -41,6 +41,7 @@ pub mod handler;
 pub mod machine;
 pub mod model;
 pub mod projection;
+mod runner;
 pub mod store;
 pub mod upcast;
 pub mod verify;
@@ -50,6 +51,7 @@ pub use executor::{
 };
 pub use handler::{FailingHandler, HealthObserver, NoOpHandler, StepHandler};
 pub use model::{
-    ExecutionContext, ExecutionResult, JobStatus, JobStep, StepOutput, StepResult, StepStatus,
+    CancelSignal, ExecutionContext, ExecutionResult, JobStatus, JobStep, StepOutput, StepResult,
+    StepStatus,
 };
 pub use projection::{execution_result_to_evidence, replay};

@@ -35,6 +35,8 @@ pub enum Phase {
         /// The failed step.
         step_index: u32,
     },
+    /// Terminal: stopped between steps, as requested.
+    Cancelled,
 }
 
 /// The state folded from a job's events: small, `Copy`, and all the machine
@@ -47,6 +49,8 @@ pub struct JobState {
     pub steps: u32,
     /// The next step that may start.
     pub next_step: u32,
+    /// Whether a cancel request has been recorded.
+    pub cancel_requested: bool,
 }
 
 impl Default for JobState {
@@ -62,12 +66,16 @@ impl JobState {
             phase: Phase::NotStarted,
             steps: 0,
             next_step: 0,
+            cancel_requested: false,
         }
     }
 
-    /// Whether the job has ended (`JobCompleted` or `JobHalted`).
+    /// Whether the job has ended (`JobCompleted`, `JobHalted` or `JobCancelled`).
     pub fn is_terminal(&self) -> bool {
-        matches!(self.phase, Phase::Completed | Phase::Halted { .. })
+        matches!(
+            self.phase,
+            Phase::Completed | Phase::Halted { .. } | Phase::Cancelled
+        )
     }
 
     /// The job's status as this state sees it.
@@ -79,6 +87,7 @@ impl JobState {
             }
             Phase::Completed => JobStatus::Completed,
             Phase::Halted { .. } => JobStatus::Failed,
+            Phase::Cancelled => JobStatus::Cancelled,
         }
     }
 }
@@ -96,6 +105,8 @@ pub enum NextAction {
     Complete,
     /// Append `JobHalted` for this failed step.
     Halt(u32),
+    /// Append `JobCancelled`: a cancel request is honoured before the next step.
+    Cancel,
     /// The job is terminal; nothing may be appended.
     Done,
 }
@@ -104,11 +115,12 @@ pub enum NextAction {
 pub fn next_action(state: &JobState) -> NextAction {
     match state.phase {
         Phase::NotStarted => NextAction::StartJob,
-        Phase::Idle if state.next_step < state.steps => NextAction::StartStep(state.next_step),
-        Phase::Idle => NextAction::Complete,
+        Phase::Idle if state.next_step == state.steps => NextAction::Complete,
+        Phase::Idle if state.cancel_requested => NextAction::Cancel,
+        Phase::Idle => NextAction::StartStep(state.next_step),
         Phase::StepRunning { step_index } => NextAction::RecordOutcome(step_index),
         Phase::StepFailed { step_index } => NextAction::Halt(step_index),
-        Phase::Completed | Phase::Halted { .. } => NextAction::Done,
+        Phase::Completed | Phase::Halted { .. } | Phase::Cancelled => NextAction::Done,
     }
 }
 
@@ -199,6 +211,20 @@ pub enum TransitionError {
         /// Steps in the plan.
         steps: u32,
     },
+    /// A step started after a cancel request was recorded.
+    #[error(
+        "StepStarted for step {step_index} after a cancel request: no step starts once cancellation is requested"
+    )]
+    StartAfterCancel {
+        /// The refused step.
+        step_index: u32,
+    },
+    /// A second cancel request.
+    #[error("JobCancelRequested again: cancellation is already requested")]
+    CancelAlreadyRequested,
+    /// `JobCancelled` with no request to honour.
+    #[error("JobCancelled without a JobCancelRequested before it")]
+    CancelWithoutRequest,
     /// Anything after the terminal event.
     #[error("{kind} after the job ended: the log of a finished job is closed")]
     AfterEnd {
@@ -209,7 +235,8 @@ pub enum TransitionError {
 
 impl TransitionError {
     /// The invariant this refusal protects (`"EXEC-001"` … `"EXEC-006"`), or
-    /// `"LOG"` for the structure every log shares.
+    /// `"CANCEL"` for the cancellation rules, `"LOG"` for the structure every
+    /// log shares.
     pub fn invariant(&self) -> &'static str {
         match self {
             TransitionError::NotStarted { .. } => "LOG",
@@ -224,6 +251,9 @@ impl TransitionError {
             | TransitionError::HaltWithoutFailure { .. }
             | TransitionError::Incomplete { .. }
             | TransitionError::AfterEnd { .. } => "EXEC-003",
+            TransitionError::StartAfterCancel { .. }
+            | TransitionError::CancelAlreadyRequested
+            | TransitionError::CancelWithoutRequest => "CANCEL",
         }
     }
 }
@@ -244,7 +274,9 @@ impl TransitionError {
 pub fn apply(state: JobState, event: &Event) -> Result<JobState, TransitionError> {
     let kind = event.kind();
     match (state.phase, event) {
-        (Phase::Completed | Phase::Halted { .. }, _) => Err(TransitionError::AfterEnd { kind }),
+        (Phase::Completed | Phase::Halted { .. } | Phase::Cancelled, _) => {
+            Err(TransitionError::AfterEnd { kind })
+        }
 
         (Phase::NotStarted, Event::JobStarted(started)) => {
             validate_plan(&started.plan)
@@ -254,14 +286,31 @@ pub fn apply(state: JobState, event: &Event) -> Result<JobState, TransitionError
                 // validate_plan bounds the plan far below u32::MAX.
                 steps: started.plan.len() as u32,
                 next_step: 0,
+                ..state
             })
         }
         (Phase::NotStarted, _) => Err(TransitionError::NotStarted { kind }),
         (_, Event::JobStarted(_)) => Err(TransitionError::AlreadyStarted),
 
+        // A request records an outside wish and changes nothing else, so it
+        // may arrive at any time, even while a step runs; it is honoured
+        // before the next step would start.
+        (_, Event::JobCancelRequested(_)) => {
+            if state.cancel_requested {
+                Err(TransitionError::CancelAlreadyRequested)
+            } else {
+                Ok(JobState {
+                    cancel_requested: true,
+                    ..state
+                })
+            }
+        }
+
         (Phase::Idle, Event::StepStarted(s)) => {
             let step_index = s.step_index;
-            if step_index < state.next_step {
+            if state.cancel_requested {
+                Err(TransitionError::StartAfterCancel { step_index })
+            } else if step_index < state.next_step {
                 Err(TransitionError::Restarted { step_index })
             } else if step_index >= state.steps {
                 Err(TransitionError::NoSuchStep {
@@ -304,6 +353,17 @@ pub fn apply(state: JobState, event: &Event) -> Result<JobState, TransitionError
         (Phase::Idle, Event::JobHalted(h)) => Err(TransitionError::HaltWithoutFailure {
             step_index: h.step_index,
         }),
+        (Phase::Idle, Event::JobCancelled(_)) => {
+            if state.cancel_requested {
+                Ok(JobState {
+                    phase: Phase::Cancelled,
+                    ..state
+                })
+            } else {
+                Err(TransitionError::CancelWithoutRequest)
+            }
+        }
+        (Phase::Idle, Event::JobResumed(_)) => Ok(state),
 
         (Phase::StepRunning { step_index }, Event::StepSucceeded(s)) => {
             if s.step_index == step_index {

@@ -99,6 +99,12 @@ pub enum PlanError {
         /// The index the step declared.
         step_index: u32,
     },
+    /// A step's `timeout_seconds` is zero.
+    #[error("step {step_index}: timeout_seconds must be at least 1")]
+    ZeroTimeout {
+        /// The offending step.
+        step_index: u32,
+    },
     /// A step's `parameters` is not a JSON object.
     #[error("step {step_index}: parameters must be a JSON object")]
     ParametersNotObject {
@@ -131,6 +137,11 @@ pub fn validate_plan(steps: &[JobStep]) -> Result<(), PlanError> {
         }
         if !step.parameters.is_object() {
             return Err(PlanError::ParametersNotObject {
+                step_index: step.step_index,
+            });
+        }
+        if step.timeout_seconds == 0 {
+            return Err(PlanError::ZeroTimeout {
                 step_index: step.step_index,
             });
         }
@@ -238,6 +249,34 @@ pub struct ExecutionContext {
     pub executed_by: String,
     /// When the step's `StepStarted` was recorded.
     pub started_at: DateTime<Utc>,
+    /// When the step's time is up (`timeout_seconds` after it started); `None`
+    /// when that lies beyond what the clock can represent. The executor
+    /// records a timeout then, whether or not the handler has returned.
+    pub deadline: Option<std::time::Instant>,
+    /// Raised when the step's deadline passes: a handler doing long work
+    /// should poll it and stop. Its result after that is never recorded.
+    pub cancel: CancelSignal,
+}
+
+/// A flag a handler can poll to learn that its step was given up on.
+#[derive(Clone, Debug, Default)]
+pub struct CancelSignal(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl CancelSignal {
+    /// A signal not yet raised.
+    pub fn new() -> Self {
+        CancelSignal::default()
+    }
+
+    /// Raises the signal, for every clone of it.
+    pub fn cancel(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether the signal was raised.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 /// The recorded outcome of one executed step.

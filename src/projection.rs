@@ -95,6 +95,8 @@ pub struct Projector {
     last_at: Option<DateTime<Utc>>,
     head: Digest,
     head_mac: Option<HeadMac>,
+    cancel_reason: Option<String>,
+    cancel_request_reason: Option<String>,
 }
 
 impl Projector {
@@ -114,6 +116,8 @@ impl Projector {
             last_at: None,
             head: Digest::GENESIS,
             head_mac: None,
+            cancel_reason: None,
+            cancel_request_reason: None,
         }
     }
 
@@ -130,6 +134,11 @@ impl Projector {
     /// The chain digest of the last event folded ([`Digest::GENESIS`] before any).
     pub fn head(&self) -> Digest {
         self.head
+    }
+
+    /// The reason of the cancel request folded so far, if any.
+    pub fn cancel_request_reason(&self) -> Option<String> {
+        self.cancel_request_reason.clone()
     }
 
     /// Gives `record`, the job's next event, its chain digest, and its MAC
@@ -199,7 +208,13 @@ impl Projector {
                     step.failure_kind = Some(f.failure.kind);
                 }
             }
-            Event::JobCompleted(_) | Event::JobHalted(_) => {}
+            Event::JobCancelled(cancelled) => {
+                self.cancel_reason = Some(cancelled.reason.clone());
+            }
+            Event::JobCancelRequested(request) => {
+                self.cancel_request_reason = Some(request.reason.clone());
+            }
+            Event::JobCompleted(_) | Event::JobHalted(_) | Event::JobResumed(_) => {}
         }
         Ok(())
     }
@@ -274,6 +289,11 @@ impl Projector {
                     .unwrap_or_default();
                 format!("Step {step_index} failed: {error}")
             }
+            Phase::Cancelled => format!(
+                "Cancelled before step {}: {}",
+                self.state.next_step,
+                self.cancel_reason.as_deref().unwrap_or_default()
+            ),
             Phase::NotStarted | Phase::Idle | Phase::StepRunning { .. } => {
                 REASON_UNFINISHED.to_owned()
             }

@@ -328,6 +328,8 @@ fn step_output_constructors() {
         target: "t".into(),
         executed_by: "me".into(),
         started_at: chrono::Utc::now(),
+        deadline: None,
+        cancel: job_executor::CancelSignal::new(),
     };
     let step = JobStep::new(0, "x", "t");
     assert_eq!(

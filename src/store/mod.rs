@@ -62,12 +62,34 @@ pub trait EventStore: Send + Sync {
     /// [`StoreError`] when the log cannot be read.
     fn last_position(&self) -> Result<u64, StoreError>;
 
+    /// The ids of jobs whose last event is not terminal (`JobCompleted`,
+    /// `JobHalted`, `JobCancelled`), in the order they started.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the log cannot be read.
+    fn unfinished_jobs(&self) -> Result<Vec<Uuid>, StoreError> {
+        let mut unfinished = Vec::new();
+        for job_id in self.job_ids()? {
+            let records = self.load_job(job_id)?;
+            if records
+                .last()
+                .is_some_and(|r| !TERMINAL_KINDS.contains(&r.kind.as_str()))
+            {
+                unfinished.push(job_id);
+            }
+        }
+        Ok(unfinished)
+    }
+
     /// The ids of every job in the log, in the order the jobs started.
     ///
     /// # Errors
     /// [`StoreError`] when the log cannot be read.
     fn job_ids(&self) -> Result<Vec<Uuid>, StoreError>;
 }
+
+/// The kinds that end a job.
+pub const TERMINAL_KINDS: [&str; 3] = ["JobCompleted", "JobHalted", "JobCancelled"];
 
 /// A failure of the event log itself.
 #[derive(Debug, thiserror::Error)]

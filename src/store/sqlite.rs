@@ -38,6 +38,10 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../schema/0002_hash_chain.sql"),
         then: Some(seal_unsealed_events),
     },
+    Migration {
+        sql: include_str!("../../schema/0003_cancel_and_resume.sql"),
+        then: None,
+    },
 ];
 
 /// Columns of an event row, in the order `read_row` expects.
@@ -523,6 +527,36 @@ impl EventStore for SqliteStore {
             visit(read_row(row).map_err(read)?);
         }
         Ok(())
+    }
+
+    fn unfinished_jobs(&self) -> Result<Vec<Uuid>, StoreError> {
+        let conn = self.lock();
+        let read = |e| classify(&self.path, "listing unfinished jobs", e);
+        // A job's last event is the one with no successor.
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT s.job_id FROM events s
+                 JOIN (SELECT job_id, max(seq) AS last FROM events GROUP BY job_id) j
+                   ON j.job_id = s.job_id
+                 JOIN events e ON e.job_id = j.job_id AND e.seq = j.last
+                 WHERE s.seq = 1
+                   AND e.kind NOT IN ('JobCompleted', 'JobHalted', 'JobCancelled')
+                 ORDER BY s.position",
+            )
+            .map_err(read)?;
+        let rows = stmt
+            .query_map([], |row| row.get::<_, String>(0))
+            .map_err(read)?;
+        let mut ids = Vec::new();
+        for row in rows {
+            let text = row.map_err(read)?;
+            ids.push(Uuid::parse_str(&text).map_err(|e| StoreError::BadRow {
+                job_id: text.clone(),
+                seq: 1,
+                detail: format!("job id: {e}"),
+            })?);
+        }
+        Ok(ids)
     }
 
     fn last_position(&self) -> Result<u64, StoreError> {
