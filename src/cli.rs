@@ -17,7 +17,9 @@ use uuid::Uuid;
 use crate::bundle::{BundleError, export, verify_bundle};
 use crate::chain::{Digest, HeadKey, KeyError};
 use crate::clock::{LogicalClock, derived_job_id};
-use crate::executor::{ExecutorError, JobExecutor, register_defaults};
+#[cfg(unix)]
+use crate::command::CommandHandler;
+use crate::executor::{CancelRequest, ExecutorError, JobExecutor, Recovery, register_defaults};
 use crate::model::{ExecutionResult, JobStatus, PlanError, PlanFile, validate_plan};
 use crate::projection::{Projector, ReplayError, execution_result_to_evidence, replay};
 use crate::store::{EventStore, SqliteOptions, SqliteStore, StoreError, Synchronous};
@@ -112,6 +114,45 @@ pub enum Command {
         /// Verify an audit bundle offline instead of the database.
         #[arg(long, conflicts_with = "expect")]
         bundle: Option<PathBuf>,
+    },
+    /// Close every step left in doubt by a stopped executor: record it failed
+    /// (interrupted) and halt its job. Jobs stopped between steps are listed
+    /// for `resume`. Run it when no executor is running on the database.
+    Recover {
+        /// The event log database.
+        #[command(flatten)]
+        db: DbArg,
+        /// Authenticate the events it records with the key in this file.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
+    /// Continue a job stopped between steps at its next step; print its evidence.
+    Resume {
+        /// The job id.
+        job_id: String,
+        /// The event log database.
+        #[command(flatten)]
+        db: DbArg,
+        /// Who resumes the job, recorded in JobResumed.
+        #[arg(long, default_value = "job-executor")]
+        executed_by: String,
+        /// Authenticate the events it records with the key in this file.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
+    /// Ask a job to stop: its executor finishes the step in flight and starts no other.
+    Cancel {
+        /// The job id.
+        job_id: String,
+        /// The event log database.
+        #[command(flatten)]
+        db: DbArg,
+        /// Why, recorded with the request.
+        #[arg(long, default_value = "cancelled on request")]
+        reason: String,
+        /// Authenticate the event it records with the key in this file.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
     },
     /// Write a job's self-contained audit bundle (JSON).
     Export {
@@ -279,6 +320,38 @@ fn dispatch(command: Command) -> Result<u8, CliError> {
                 }
             }
         }
+        Command::Recover { db, key_file } => recover(&db.db, key_file.as_deref()),
+        Command::Resume {
+            job_id,
+            db,
+            executed_by,
+            key_file,
+        } => {
+            let job_id = parse_job_id(&job_id)?;
+            let executor = existing_executor(&db.db, key_file.as_deref())?;
+            let result = executor.resume(job_id, None, &executed_by)?;
+            print_evidence(&result)?;
+            Ok(exit_code(&result))
+        }
+        Command::Cancel {
+            job_id,
+            db,
+            reason,
+            key_file,
+        } => {
+            let job_id = parse_job_id(&job_id)?;
+            let executor = existing_executor(&db.db, key_file.as_deref())?;
+            let mut out = io::stdout().lock();
+            match executor.request_cancel(job_id, &reason)? {
+                CancelRequest::Recorded { seq } => {
+                    writeln!(out, "cancel requested for job {job_id} (seq {seq})")?
+                }
+                CancelRequest::AlreadyRequested => {
+                    writeln!(out, "cancel already requested for job {job_id}")?
+                }
+            }
+            Ok(0)
+        }
         Command::Export {
             job_id,
             db,
@@ -349,7 +422,7 @@ fn run(args: &RunArgs<'_>) -> Result<u8, CliError> {
         builder = builder.head_key(key);
     }
     let mut executor = builder.build();
-    register_defaults(&mut executor);
+    register_cli_handlers(&mut executor);
     let result = executor.execute_job(
         job_id,
         plan.contract_id,
@@ -358,10 +431,65 @@ fn run(args: &RunArgs<'_>) -> Result<u8, CliError> {
         args.executed_by,
     )?;
     print_evidence(&result)?;
-    Ok(match result.final_status {
+    Ok(exit_code(&result))
+}
+
+/// 0 for a job that completed, 1 for one that failed or was cancelled.
+fn exit_code(result: &ExecutionResult) -> u8 {
+    match result.final_status {
         JobStatus::Completed => 0,
         _ => 1,
-    })
+    }
+}
+
+/// The CLI's handlers: the seed's no-op step types, and `command`.
+fn register_cli_handlers(executor: &mut JobExecutor) {
+    register_defaults(executor);
+    #[cfg(unix)]
+    executor.register_handler("command", CommandHandler);
+}
+
+/// An executor over an existing database (never created here), for the
+/// commands that append to jobs already in it.
+fn existing_executor(db: &Path, key_file: Option<&Path>) -> Result<JobExecutor, CliError> {
+    let key = read_key(key_file)?;
+    let options = SqliteOptions {
+        create: false,
+        ..SqliteOptions::default()
+    };
+    let mut builder = JobExecutor::builder().store(Arc::new(SqliteStore::open_with(db, &options)?));
+    if let Some(key) = key {
+        builder = builder.head_key(key);
+    }
+    let mut executor = builder.build();
+    register_cli_handlers(&mut executor);
+    Ok(executor)
+}
+
+fn recover(db: &Path, key_file: Option<&Path>) -> Result<u8, CliError> {
+    let executor = existing_executor(db, key_file)?;
+    let actions = executor.recover()?;
+    let mut out = io::stdout().lock();
+    for action in &actions {
+        match action {
+            Recovery::Interrupted { job_id, step_index } => writeln!(
+                out,
+                "{job_id}: step {step_index} was in doubt: recorded as failed (interrupted), job halted"
+            )?,
+            Recovery::Halted { job_id, step_index } => {
+                writeln!(out, "{job_id}: step {step_index} had failed: job halted")?
+            }
+            Recovery::Cancelled { job_id } => {
+                writeln!(out, "{job_id}: cancel request honoured: job cancelled")?
+            }
+            Recovery::Resumable { job_id, next_step } => writeln!(
+                out,
+                "{job_id}: stopped between steps; `job-executor resume {job_id}` continues at step {next_step}"
+            )?,
+        }
+    }
+    writeln!(out, "recover: {} unfinished jobs examined", actions.len())?;
+    Ok(0)
 }
 
 fn parse_job_id(text: &str) -> Result<Uuid, CliError> {

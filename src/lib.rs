@@ -35,6 +35,8 @@ pub mod bundle;
 pub mod chain;
 pub mod cli;
 pub mod clock;
+#[cfg(unix)]
+pub mod command;
 pub mod events;
 pub mod executor;
 pub mod handler;
@@ -47,7 +49,8 @@ pub mod upcast;
 pub mod verify;
 
 pub use executor::{
-    EXECUTOR_VERSION, ExecutorBuilder, ExecutorError, JobExecutor, create_default_executor,
+    CancelRequest, EXECUTOR_VERSION, ExecutorBuilder, ExecutorError, JobExecutor, Recovery,
+    create_default_executor,
 };
 pub use handler::{FailingHandler, HealthObserver, NoOpHandler, StepHandler};
 pub use model::{

@@ -78,9 +78,11 @@ impl HandlerPool {
             }
             None => outcome.recv().map_err(|_| RecvTimeoutError::Disconnected),
         };
+        let past_deadline = || context.deadline.is_some_and(|d| Instant::now() >= d);
         match received {
-            Ok(outcome) => outcome,
-            Err(RecvTimeoutError::Timeout) => {
+            // A result that comes in after the deadline is as late as none.
+            Ok(outcome) if !past_deadline() => outcome,
+            Ok(_) | Err(RecvTimeoutError::Timeout) => {
                 context.cancel.cancel();
                 Outcome::Failed {
                     failure: FailureKind::Timeout,

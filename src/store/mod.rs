@@ -133,6 +133,30 @@ pub enum StoreError {
         /// The newest version this build knows.
         supported: u32,
     },
+    /// The database (or its directory) cannot be written.
+    #[error("{}: the database is read-only (check the permissions of the file and its directory): {detail}", path.display())]
+    ReadOnly {
+        /// The path given.
+        path: PathBuf,
+        /// What SQLite reported.
+        detail: String,
+    },
+    /// The disk (or the database's page limit) is full.
+    #[error("{}: no space left for the database (disk full or page limit reached): {detail}", path.display())]
+    Full {
+        /// The path given.
+        path: PathBuf,
+        /// What SQLite reported.
+        detail: String,
+    },
+    /// Another connection held the database lock past the busy timeout.
+    #[error("{}: the database stayed locked by another process past the busy timeout: {detail}", path.display())]
+    Busy {
+        /// The path given.
+        path: PathBuf,
+        /// What SQLite reported.
+        detail: String,
+    },
     /// The database is damaged.
     #[error("{}: database is corrupt: {detail}", path.display())]
     Corrupt {

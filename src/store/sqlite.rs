@@ -79,6 +79,9 @@ pub struct SqliteOptions {
     /// Open for reading only: nothing is ever written, not even the schema,
     /// and a missing file is not created.
     pub read_only: bool,
+    /// Caps the database at this many pages (`PRAGMA max_page_count`);
+    /// appends past it fail with [`StoreError::Full`]. `None`: SQLite's limit.
+    pub max_pages: Option<u64>,
 }
 
 impl Default for SqliteOptions {
@@ -88,6 +91,7 @@ impl Default for SqliteOptions {
             busy_timeout: Duration::from_secs(5),
             create: true,
             read_only: false,
+            max_pages: None,
         }
     }
 }
@@ -152,6 +156,10 @@ impl SqliteStore {
         }
         if !options.read_only {
             configure(&path, &conn, options.synchronous)?;
+        }
+        if let Some(pages) = options.max_pages {
+            conn.pragma_update(None, "max_page_count", pages.min(i64::MAX as u64) as i64)
+                .map_err(|e| classify(&path, "setting the page limit", e))?;
         }
         let mut store = SqliteStore {
             path,
@@ -372,6 +380,18 @@ fn classify(path: &Path, context: &'static str, error: rusqlite::Error) -> Store
             reason: "SQLite does not recognise it as a database".into(),
         },
         Some(ErrorCode::DatabaseCorrupt) => StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: error.to_string(),
+        },
+        Some(ErrorCode::ReadOnly) => StoreError::ReadOnly {
+            path: path.to_path_buf(),
+            detail: error.to_string(),
+        },
+        Some(ErrorCode::DiskFull) => StoreError::Full {
+            path: path.to_path_buf(),
+            detail: error.to_string(),
+        },
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreError::Busy {
             path: path.to_path_buf(),
             detail: error.to_string(),
         },
