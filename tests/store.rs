@@ -80,7 +80,7 @@ fn database_refuses_gaps_foreign_kinds_and_appends_after_the_end() {
     assert!(
         insert(7, "StepStarted")
             .unwrap_err()
-            .contains("its log is closed")
+            .contains("nothing follows the end of a job")
     );
     let err = insert_for(open_job, 2, "Whatever").unwrap_err();
     assert!(err.contains("unknown event kind"), "{err}");

@@ -196,6 +196,77 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// An equal error, for each append of a group commit that failed as one.
+    pub(crate) fn duplicate(&self) -> StoreError {
+        match self {
+            StoreError::Sqlite { context, source } => StoreError::Sqlite {
+                context,
+                source: match source {
+                    rusqlite::Error::SqliteFailure(code, message) => {
+                        rusqlite::Error::SqliteFailure(*code, message.clone())
+                    }
+                    other => rusqlite::Error::SqliteFailure(
+                        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+                        Some(other.to_string()),
+                    ),
+                },
+            },
+            StoreError::Io { path, source } => StoreError::Io {
+                path: path.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            StoreError::Conflict {
+                job_id,
+                expected,
+                found,
+            } => StoreError::Conflict {
+                job_id: *job_id,
+                expected: *expected,
+                found: *found,
+            },
+            StoreError::InvalidAppend(m) => StoreError::InvalidAppend(m.clone()),
+            StoreError::NotFound { path } => StoreError::NotFound { path: path.clone() },
+            StoreError::NotOurs { path, reason } => StoreError::NotOurs {
+                path: path.clone(),
+                reason: reason.clone(),
+            },
+            StoreError::SchemaTooNew {
+                path,
+                found,
+                supported,
+            } => StoreError::SchemaTooNew {
+                path: path.clone(),
+                found: *found,
+                supported: *supported,
+            },
+            StoreError::ReadOnly { path, detail } => StoreError::ReadOnly {
+                path: path.clone(),
+                detail: detail.clone(),
+            },
+            StoreError::Full { path, detail } => StoreError::Full {
+                path: path.clone(),
+                detail: detail.clone(),
+            },
+            StoreError::Busy { path, detail } => StoreError::Busy {
+                path: path.clone(),
+                detail: detail.clone(),
+            },
+            StoreError::Corrupt { path, detail } => StoreError::Corrupt {
+                path: path.clone(),
+                detail: detail.clone(),
+            },
+            StoreError::BadRow {
+                job_id,
+                seq,
+                detail,
+            } => StoreError::BadRow {
+                job_id: job_id.clone(),
+                seq: *seq,
+                detail: detail.clone(),
+            },
+        }
+    }
+
     /// Whether this is an optimistic-concurrency conflict.
     pub fn is_conflict(&self) -> bool {
         matches!(self, StoreError::Conflict { .. })

@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, mpsc};
 use std::time::Duration;
 
 use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior, params};
@@ -40,6 +40,10 @@ const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         sql: include_str!("../../schema/0003_cancel_and_resume.sql"),
+        then: None,
+    },
+    Migration {
+        sql: include_str!("../../schema/0004_one_lookup_per_append.sql"),
         then: None,
     },
 ];
@@ -109,6 +113,29 @@ pub struct SqliteStore {
     path: PathBuf,
     conn: Mutex<Connection>,
     columns: &'static str,
+    group: Mutex<Group>,
+}
+
+/// The appends waiting for the current group commit.
+#[derive(Debug, Default)]
+struct Group {
+    /// Whether a thread is committing (it will serve or hand on the queue).
+    leading: bool,
+    queue: Vec<Pending>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    records: Vec<EventRecord>,
+    reply: mpsc::SyncSender<Reply>,
+}
+
+#[derive(Debug)]
+enum Reply {
+    /// Your append is committed (or failed).
+    Done(Result<Vec<u64>, StoreError>),
+    /// You lead the next group commit: take the queue.
+    Lead,
 }
 
 impl SqliteStore {
@@ -169,6 +196,7 @@ impl SqliteStore {
             } else {
                 COLUMNS
             },
+            group: Mutex::default(),
         };
         if !options.read_only {
             store.migrate(version)?;
@@ -189,6 +217,7 @@ impl SqliteStore {
             path,
             conn: Mutex::new(conn),
             columns: COLUMNS,
+            group: Mutex::default(),
         };
         store.migrate(0)?;
         Ok(store)
@@ -217,6 +246,105 @@ impl SqliteStore {
                 detail: format!("unexpected synchronous level {other}"),
             }),
         }
+    }
+
+    fn lock_group(&self) -> MutexGuard<'_, Group> {
+        // The group state is a flag and a queue, each updated in one step.
+        self.group
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Ends a lead: the first waiting append, if any, leads the next commit.
+    fn hand_off(&self) {
+        let mut group = self.lock_group();
+        match group.queue.first() {
+            Some(next) => {
+                // Its receiver waits until it gets a reply: sending cannot fail.
+                let _ = next.reply.send(Reply::Lead);
+            }
+            None => group.leading = false,
+        }
+    }
+
+    /// Writes each append of `batch` in one transaction, each in a savepoint
+    /// of its own, so that one append's conflict fails it alone. Returns one
+    /// result per append; a failed commit fails them all.
+    fn commit_batch(&self, batch: &[&[EventRecord]]) -> Vec<Result<Vec<u64>, StoreError>> {
+        let mut conn = self.lock();
+        let write = |e| classify(&self.path, "appending events", e);
+        let run = |conn: &Connection, sql: &str| {
+            conn.prepare_cached(sql)
+                .and_then(|mut stmt| stmt.execute([]))
+                .map(|_| ())
+        };
+        // IMMEDIATE takes the write lock up front: no other process can slip
+        // an event in between our checks and our inserts.
+        if let Err(e) = run(&conn, "BEGIN IMMEDIATE") {
+            let error = write(e);
+            return batch.iter().map(|_| Err(error.duplicate())).collect();
+        }
+        let isolate = batch.len() > 1;
+        let mut results: Vec<Result<Vec<u64>, StoreError>> = Vec::with_capacity(batch.len());
+        for records in batch {
+            if isolate {
+                if let Err(e) = run(&conn, "SAVEPOINT append") {
+                    results.push(Err(write(e)));
+                    continue;
+                }
+            }
+            match insert_records(&mut conn, records) {
+                Ok(positions) => {
+                    if isolate {
+                        let _ = run(&conn, "RELEASE append");
+                    }
+                    results.push(Ok(positions));
+                }
+                Err(e) => {
+                    if isolate {
+                        let _ = run(&conn, "ROLLBACK TO append");
+                        let _ = run(&conn, "RELEASE append");
+                    }
+                    results.push(Err(self.insert_error(&conn, records, e)));
+                }
+            }
+        }
+        if results.iter().all(Result::is_err) {
+            let _ = run(&conn, "ROLLBACK");
+            return results;
+        }
+        if let Err(e) = run(&conn, "COMMIT") {
+            let error = write(e);
+            let _ = run(&conn, "ROLLBACK");
+            return batch.iter().map(|_| Err(error.duplicate())).collect();
+        }
+        results
+    }
+
+    /// Tells an optimistic-concurrency conflict from any other failed insert.
+    fn insert_error(
+        &self,
+        conn: &Connection,
+        records: &[EventRecord],
+        error: rusqlite::Error,
+    ) -> StoreError {
+        let first = &records[0];
+        if error.sqlite_error_code() == Some(ErrorCode::ConstraintViolation) {
+            let last: rusqlite::Result<i64> = conn
+                .prepare_cached("SELECT coalesce(max(seq), 0) FROM events WHERE job_id = ?1")
+                .and_then(|mut stmt| stmt.query_row([first.job_id.to_string()], |row| row.get(0)));
+            if let Ok(last) = last {
+                let last = last.max(0) as u64;
+                if last + 1 != first.seq {
+                    return StoreError::Conflict {
+                        job_id: first.job_id,
+                        expected: first.seq,
+                        found: last,
+                    };
+                }
+            }
+        }
+        classify(&self.path, "appending events", error)
     }
 
     fn lock(&self) -> MutexGuard<'_, Connection> {
@@ -402,6 +530,31 @@ fn classify(path: &Path, context: &'static str, error: rusqlite::Error) -> Store
     }
 }
 
+/// Inserts one job's consecutive records; the schema's triggers refuse a
+/// seq that does not follow the job's last event.
+fn insert_records(conn: &mut Connection, records: &[EventRecord]) -> rusqlite::Result<Vec<u64>> {
+    let job_text = records[0].job_id.to_string();
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO events (job_id, seq, kind, schema_version, recorded_at, payload, digest, mac)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?;
+    let mut positions = Vec::with_capacity(records.len());
+    for record in records {
+        insert.execute(params![
+            job_text,
+            record.seq as i64,
+            record.kind,
+            record.schema_version,
+            record.recorded_at,
+            record.payload,
+            record.digest,
+            record.mac,
+        ])?;
+        positions.push(conn.last_insert_rowid() as u64);
+    }
+    Ok(positions)
+}
+
 fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<EventRecord, StoreError>> {
     let position: i64 = row.get(0)?;
     let job_id: String = row.get(1)?;
@@ -436,53 +589,45 @@ fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<EventRecord, Sto
 
 impl EventStore for SqliteStore {
     fn append(&self, records: &[EventRecord]) -> Result<Vec<u64>, StoreError> {
-        let (job_id, first_seq) = check_batch(records)?;
-        let job_text = job_id.to_string();
-        let mut conn = self.lock();
-        let write = |e| classify(&self.path, "appending events", e);
-        // IMMEDIATE takes the write lock up front, so the seq check and the
-        // inserts see the same log.
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(write)?;
-        let last: i64 = tx
-            .prepare_cached("SELECT coalesce(max(seq), 0) FROM events WHERE job_id = ?1")
-            .and_then(|mut stmt| stmt.query_row([&job_text], |row| row.get(0)))
-            .map_err(write)?;
-        let last = last.max(0) as u64;
-        if last + 1 != first_seq {
-            return Err(StoreError::Conflict {
-                job_id,
-                expected: first_seq,
-                found: last,
+        check_batch(records)?;
+        // Group commit: one thread at a time leads, writing every append
+        // queued meanwhile in one transaction, so that one commit (one fsync
+        // at FULL) serves many jobs. Each append still gets its own result,
+        // and none returns before its events are committed.
+        let mut group = self.lock_group();
+        if !group.leading {
+            group.leading = true;
+            drop(group);
+            let result = self.commit_batch(&[records]).pop().unwrap_or_else(|| {
+                Err(StoreError::InvalidAppend("no result for the append".into()))
             });
+            self.hand_off();
+            return result;
         }
-        let mut positions = Vec::with_capacity(records.len());
-        {
-            let mut insert = tx
-                .prepare_cached(
-                    "INSERT INTO events (job_id, seq, kind, schema_version, recorded_at, payload, digest, mac)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                )
-                .map_err(write)?;
-            for record in records {
-                insert
-                    .execute(params![
-                        job_text,
-                        record.seq as i64,
-                        record.kind,
-                        record.schema_version,
-                        record.recorded_at,
-                        record.payload,
-                        record.digest,
-                        record.mac,
-                    ])
-                    .map_err(write)?;
-                positions.push(tx.last_insert_rowid() as u64);
+        let (reply, replies) = mpsc::sync_channel(1);
+        group.queue.push(Pending {
+            records: records.to_vec(),
+            reply,
+        });
+        drop(group);
+        let mut waiting = replies.recv();
+        if let Ok(Reply::Lead) = waiting {
+            let batch = std::mem::take(&mut self.lock_group().queue);
+            let slices: Vec<&[EventRecord]> = batch.iter().map(|p| p.records.as_slice()).collect();
+            let results = self.commit_batch(&slices);
+            for (pending, result) in batch.iter().zip(results) {
+                // Our own reply goes to our own channel, read just below.
+                let _ = pending.reply.send(Reply::Done(result));
             }
+            self.hand_off();
+            waiting = replies.recv();
         }
-        tx.commit().map_err(write)?;
-        Ok(positions)
+        match waiting {
+            Ok(Reply::Done(result)) => result,
+            _ => Err(StoreError::InvalidAppend(
+                "the append was lost by its group commit".into(),
+            )),
+        }
     }
 
     fn last_seq(&self, job_id: Uuid) -> Result<u64, StoreError> {
