@@ -7,11 +7,12 @@
 //! keeps its worker, not the job: the pool starts another worker whenever
 //! none is free, so a stuck handler never delays another step.
 
+use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -37,21 +38,52 @@ struct Task {
     reply: mpsc::SyncSender<Outcome>,
 }
 
+/// How long an idle worker polls for its next task before it sleeps: the
+/// executor usually hands over the next step within two commits, and a
+/// polling worker saves the wake-up (tens of microseconds) on each step.
+const WORKER_SPIN: Duration = Duration::from_micros(250);
+/// How long the executor polls for a quick handler's outcome before it sleeps.
+const RESULT_SPIN: Duration = Duration::from_micros(50);
+
+struct Shared {
+    queue: Mutex<VecDeque<Task>>,
+    ready: Condvar,
+    queued: AtomicUsize,
+    /// Workers available for a task and not yet promised to a submitter.
+    idle: AtomicUsize,
+    /// Workers polling right now; at most one core's worth.
+    spinning: AtomicUsize,
+    spinners_max: usize,
+    closed: AtomicBool,
+}
+
 /// A pool of handler threads that grows when every worker is busy.
 pub(crate) struct HandlerPool {
-    tasks: Mutex<mpsc::Sender<Task>>,
-    queue: Arc<Mutex<mpsc::Receiver<Task>>>,
-    /// Workers waiting for a task and not yet promised to a submitter.
-    idle: Arc<AtomicUsize>,
+    shared: Arc<Shared>,
+}
+
+impl Drop for HandlerPool {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::SeqCst);
+        self.shared.ready.notify_all();
+    }
 }
 
 impl HandlerPool {
     pub(crate) fn new() -> Self {
-        let (tasks, queue) = mpsc::channel();
+        // Leave a core to the executor threads: pollers beyond that only
+        // steal time from the work they wait for.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         HandlerPool {
-            tasks: Mutex::new(tasks),
-            queue: Arc::new(Mutex::new(queue)),
-            idle: Arc::new(AtomicUsize::new(0)),
+            shared: Arc::new(Shared {
+                queue: Mutex::new(VecDeque::new()),
+                ready: Condvar::new(),
+                queued: AtomicUsize::new(0),
+                idle: AtomicUsize::new(0),
+                spinning: AtomicUsize::new(0),
+                spinners_max: cores.saturating_sub(1).max(1),
+                closed: AtomicBool::new(false),
+            }),
         }
     }
 
@@ -72,13 +104,8 @@ impl HandlerPool {
             reply,
         };
         self.submit(task);
-        let received = match context.deadline {
-            Some(deadline) => {
-                outcome.recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            }
-            None => outcome.recv().map_err(|_| RecvTimeoutError::Disconnected),
-        };
         let past_deadline = || context.deadline.is_some_and(|d| Instant::now() >= d);
+        let received = receive(&self.shared, &outcome, context.deadline);
         match received {
             // A result that comes in after the deadline is as late as none.
             Ok(outcome) if !past_deadline() => outcome,
@@ -101,24 +128,21 @@ impl HandlerPool {
     fn submit(&self, task: Task) {
         // Promise the task to an idle worker, or start a new one for it, so
         // that no task ever queues behind a busy (or stuck) handler.
-        let promised = self
+        let shared = &self.shared;
+        let promised = shared
             .idle
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok();
         if promised {
-            let sent = self
-                .tasks
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .send(task);
-            // The receiver lives as long as the pool: sending cannot fail.
-            debug_assert!(sent.is_ok());
+            lock(&shared.queue).push_back(task);
+            shared.queued.fetch_add(1, Ordering::SeqCst);
+            shared.ready.notify_one();
             return;
         }
-        let (queue, idle) = (self.queue.clone(), self.idle.clone());
+        let shared = self.shared.clone();
         let spawned = std::thread::Builder::new()
             .name("job-executor-handler".into())
-            .spawn(move || worker(task, &queue, &idle));
+            .spawn(move || worker(task, &shared));
         if let Err(e) = spawned {
             // Without a thread the step cannot run; its reply channel is
             // dropped with the closure and the step fails as disconnected.
@@ -127,19 +151,90 @@ impl HandlerPool {
     }
 }
 
-fn worker(first: Task, queue: &Mutex<mpsc::Receiver<Task>>, idle: &AtomicUsize) {
+/// Waits for a handler's outcome: polls briefly (most handlers are quick),
+/// then sleeps until the outcome or the deadline.
+fn receive(
+    shared: &Shared,
+    outcome: &mpsc::Receiver<Outcome>,
+    deadline: Option<Instant>,
+) -> Result<Outcome, RecvTimeoutError> {
+    // Polling shares the cap with the workers: on a busy machine a poller
+    // would only take the core the handler needs.
+    if shared.spinning.fetch_add(1, Ordering::SeqCst) < shared.spinners_max {
+        let polling_until = Instant::now() + RESULT_SPIN;
+        while Instant::now() < polling_until {
+            match outcome.try_recv() {
+                Ok(outcome) => {
+                    shared.spinning.fetch_sub(1, Ordering::SeqCst);
+                    return Ok(outcome);
+                }
+                Err(mpsc::TryRecvError::Disconnected) => break,
+                Err(mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
+            }
+        }
+    }
+    shared.spinning.fetch_sub(1, Ordering::SeqCst);
+    match deadline {
+        Some(deadline) => outcome.recv_timeout(deadline.saturating_duration_since(Instant::now())),
+        None => outcome.recv().map_err(|_| RecvTimeoutError::Disconnected),
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Tasks are pushed and popped whole: a poisoned queue is still consistent.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn worker(first: Task, shared: &Shared) {
     run_task(first);
     loop {
-        idle.fetch_add(1, Ordering::SeqCst);
-        let next = queue
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .recv();
-        match next {
-            Ok(task) => run_task(task),
+        shared.idle.fetch_add(1, Ordering::SeqCst);
+        match next_task(shared) {
+            Some(task) => run_task(task),
             // The pool is gone.
-            Err(_) => return,
+            None => return,
         }
+    }
+}
+
+fn try_pop(shared: &Shared) -> Option<Task> {
+    if shared.queued.load(Ordering::SeqCst) == 0 {
+        return None;
+    }
+    let task = lock(&shared.queue).pop_front();
+    if task.is_some() {
+        shared.queued.fetch_sub(1, Ordering::SeqCst);
+    }
+    task
+}
+
+fn next_task(shared: &Shared) -> Option<Task> {
+    if shared.spinning.fetch_add(1, Ordering::SeqCst) < shared.spinners_max {
+        let polling_until = Instant::now() + WORKER_SPIN;
+        while Instant::now() < polling_until && !shared.closed.load(Ordering::SeqCst) {
+            if let Some(task) = try_pop(shared) {
+                shared.spinning.fetch_sub(1, Ordering::SeqCst);
+                return Some(task);
+            }
+            std::hint::spin_loop();
+        }
+    }
+    shared.spinning.fetch_sub(1, Ordering::SeqCst);
+    let mut queue = lock(&shared.queue);
+    loop {
+        if let Some(task) = queue.pop_front() {
+            shared.queued.fetch_sub(1, Ordering::SeqCst);
+            return Some(task);
+        }
+        if shared.closed.load(Ordering::SeqCst) {
+            return None;
+        }
+        queue = shared
+            .ready
+            .wait(queue)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
     }
 }
 

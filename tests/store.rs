@@ -425,3 +425,70 @@ fn threads_running_jobs_on_one_sqlite_file_lose_nothing() {
         .unwrap();
     assert!(reports.iter().all(|r| r.is_ok() && r.events == 12));
 }
+
+#[test]
+fn a_conflict_in_a_group_commit_fails_that_append_alone() {
+    let (_dir, path) = fresh();
+    let store = Arc::new(SqliteStore::open(&path).unwrap());
+    let contested = Uuid::new_v4();
+    let barrier = Arc::new(std::sync::Barrier::new(16));
+    let handles: Vec<_> = (0..16)
+        .map(|n| {
+            let (store, barrier) = (store.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                // Half the threads race for one job; the others each write
+                // a job of their own, in the same commits.
+                let job = if n % 2 == 0 {
+                    contested
+                } else {
+                    Uuid::new_v4()
+                };
+                let mut outcomes = Vec::new();
+                for round in 0..20 {
+                    let log = records(job, &completed_log(3));
+                    let seq = store.last_seq(job).unwrap();
+                    if seq as usize >= log.len() {
+                        break;
+                    }
+                    outcomes.push((round, store.append(&log[seq as usize..=seq as usize])));
+                }
+                (job, outcomes)
+            })
+        })
+        .collect();
+    let mut own_jobs = Vec::new();
+    let mut contested_ok = 0;
+    for handle in handles {
+        let (job, outcomes) = handle.join().unwrap();
+        for (_, outcome) in &outcomes {
+            match outcome {
+                Ok(_) if job == contested => contested_ok += 1,
+                Ok(_) => {}
+                Err(e) => assert!(job == contested && e.is_conflict(), "{e}"),
+            }
+        }
+        if job != contested {
+            own_jobs.push(job);
+        }
+    }
+    // Every event of the contested job was written exactly once.
+    assert_eq!(contested_ok, 8);
+    assert_eq!(store.load_job(contested).unwrap().len(), 8);
+    for job in own_jobs {
+        assert_eq!(
+            store.load_job(job).unwrap().len(),
+            8,
+            "an uncontested job lost events"
+        );
+    }
+    let mut reports = Vec::new();
+    job_executor::verify::verify_store(
+        store.as_ref(),
+        &Default::default(),
+        |r| reports.push(r),
+        |_| {},
+    )
+    .unwrap();
+    assert!(reports.iter().all(|r| r.is_ok()), "{reports:?}");
+}

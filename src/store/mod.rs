@@ -6,6 +6,7 @@
 //! guarantees that an append is atomic, never overwrites, and never leaves a
 //! gap in a job's sequence numbers.
 
+mod group;
 mod memory;
 mod sqlite;
 

@@ -9,12 +9,13 @@
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, mpsc};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior, params};
 use uuid::Uuid;
 
+use super::group::GroupCommit;
 use super::{EventStore, StoreError, check_batch};
 use crate::chain::{self, Digest};
 use crate::events::EventRecord;
@@ -113,29 +114,7 @@ pub struct SqliteStore {
     path: PathBuf,
     conn: Mutex<Connection>,
     columns: &'static str,
-    group: Mutex<Group>,
-}
-
-/// The appends waiting for the current group commit.
-#[derive(Debug, Default)]
-struct Group {
-    /// Whether a thread is committing (it will serve or hand on the queue).
-    leading: bool,
-    queue: Vec<Pending>,
-}
-
-#[derive(Debug)]
-struct Pending {
-    records: Vec<EventRecord>,
-    reply: mpsc::SyncSender<Reply>,
-}
-
-#[derive(Debug)]
-enum Reply {
-    /// Your append is committed (or failed).
-    Done(Result<Vec<u64>, StoreError>),
-    /// You lead the next group commit: take the queue.
-    Lead,
+    group: GroupCommit,
 }
 
 impl SqliteStore {
@@ -196,7 +175,7 @@ impl SqliteStore {
             } else {
                 COLUMNS
             },
-            group: Mutex::default(),
+            group: GroupCommit::default(),
         };
         if !options.read_only {
             store.migrate(version)?;
@@ -217,7 +196,7 @@ impl SqliteStore {
             path,
             conn: Mutex::new(conn),
             columns: COLUMNS,
-            group: Mutex::default(),
+            group: GroupCommit::default(),
         };
         store.migrate(0)?;
         Ok(store)
@@ -248,28 +227,11 @@ impl SqliteStore {
         }
     }
 
-    fn lock_group(&self) -> MutexGuard<'_, Group> {
-        // The group state is a flag and a queue, each updated in one step.
-        self.group
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Ends a lead: the first waiting append, if any, leads the next commit.
-    fn hand_off(&self) {
-        let mut group = self.lock_group();
-        match group.queue.first() {
-            Some(next) => {
-                // Its receiver waits until it gets a reply: sending cannot fail.
-                let _ = next.reply.send(Reply::Lead);
-            }
-            None => group.leading = false,
-        }
-    }
-
-    /// Writes each append of `batch` in one transaction, each in a savepoint
-    /// of its own, so that one append's conflict fails it alone. Returns one
-    /// result per append; a failed commit fails them all.
+    /// Writes every append of `batch` in one transaction and returns one
+    /// result per append. An append that fails (a conflict) fails alone:
+    /// the transaction is rolled back and written again without it, which
+    /// keeps the common case — nothing fails — free of per-append savepoints.
+    /// A failed commit fails them all.
     fn commit_batch(&self, batch: &[&[EventRecord]]) -> Vec<Result<Vec<u64>, StoreError>> {
         let mut conn = self.lock();
         let write = |e| classify(&self.path, "appending events", e);
@@ -278,47 +240,48 @@ impl SqliteStore {
                 .and_then(|mut stmt| stmt.execute([]))
                 .map(|_| ())
         };
-        // IMMEDIATE takes the write lock up front: no other process can slip
-        // an event in between our checks and our inserts.
-        if let Err(e) = run(&conn, "BEGIN IMMEDIATE") {
-            let error = write(e);
-            return batch.iter().map(|_| Err(error.duplicate())).collect();
-        }
-        let isolate = batch.len() > 1;
-        let mut results: Vec<Result<Vec<u64>, StoreError>> = Vec::with_capacity(batch.len());
-        for records in batch {
-            if isolate {
-                if let Err(e) = run(&conn, "SAVEPOINT append") {
-                    results.push(Err(write(e)));
+        let mut results: Vec<Option<Result<Vec<u64>, StoreError>>> =
+            batch.iter().map(|_| None).collect();
+        'attempt: loop {
+            // IMMEDIATE takes the write lock up front: no other process can
+            // slip an event in between.
+            if let Err(e) = run(&conn, "BEGIN IMMEDIATE") {
+                let error = write(e);
+                return fill(results, &error);
+            }
+            let mut written = Vec::with_capacity(batch.len());
+            for (index, records) in batch.iter().enumerate() {
+                if results[index].is_some() {
                     continue;
                 }
-            }
-            match insert_records(&mut conn, records) {
-                Ok(positions) => {
-                    if isolate {
-                        let _ = run(&conn, "RELEASE append");
+                match insert_records(&mut conn, records) {
+                    Ok(positions) => written.push((index, positions)),
+                    Err(e) => {
+                        let error = self.insert_error(&conn, records, e);
+                        let _ = run(&conn, "ROLLBACK");
+                        results[index] = Some(Err(error));
+                        continue 'attempt;
                     }
-                    results.push(Ok(positions));
-                }
-                Err(e) => {
-                    if isolate {
-                        let _ = run(&conn, "ROLLBACK TO append");
-                        let _ = run(&conn, "RELEASE append");
-                    }
-                    results.push(Err(self.insert_error(&conn, records, e)));
                 }
             }
-        }
-        if results.iter().all(Result::is_err) {
-            let _ = run(&conn, "ROLLBACK");
-            return results;
-        }
-        if let Err(e) = run(&conn, "COMMIT") {
-            let error = write(e);
-            let _ = run(&conn, "ROLLBACK");
-            return batch.iter().map(|_| Err(error.duplicate())).collect();
+            if written.is_empty() {
+                let _ = run(&conn, "ROLLBACK");
+                break;
+            }
+            if let Err(e) = run(&conn, "COMMIT") {
+                let error = write(e);
+                let _ = run(&conn, "ROLLBACK");
+                return fill(results, &error);
+            }
+            for (index, positions) in written {
+                results[index] = Some(Ok(positions));
+            }
+            break;
         }
         results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(StoreError::InvalidAppend("not written".into()))))
+            .collect()
     }
 
     /// Tells an optimistic-concurrency conflict from any other failed insert.
@@ -530,6 +493,17 @@ fn classify(path: &Path, context: &'static str, error: rusqlite::Error) -> Store
     }
 }
 
+/// Every append not yet decided fails with `error`.
+fn fill(
+    results: Vec<Option<Result<Vec<u64>, StoreError>>>,
+    error: &StoreError,
+) -> Vec<Result<Vec<u64>, StoreError>> {
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(error.duplicate())))
+        .collect()
+}
+
 /// Inserts one job's consecutive records; the schema's triggers refuse a
 /// seq that does not follow the job's last event.
 fn insert_records(conn: &mut Connection, records: &[EventRecord]) -> rusqlite::Result<Vec<u64>> {
@@ -590,44 +564,7 @@ fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<EventRecord, Sto
 impl EventStore for SqliteStore {
     fn append(&self, records: &[EventRecord]) -> Result<Vec<u64>, StoreError> {
         check_batch(records)?;
-        // Group commit: one thread at a time leads, writing every append
-        // queued meanwhile in one transaction, so that one commit (one fsync
-        // at FULL) serves many jobs. Each append still gets its own result,
-        // and none returns before its events are committed.
-        let mut group = self.lock_group();
-        if !group.leading {
-            group.leading = true;
-            drop(group);
-            let result = self.commit_batch(&[records]).pop().unwrap_or_else(|| {
-                Err(StoreError::InvalidAppend("no result for the append".into()))
-            });
-            self.hand_off();
-            return result;
-        }
-        let (reply, replies) = mpsc::sync_channel(1);
-        group.queue.push(Pending {
-            records: records.to_vec(),
-            reply,
-        });
-        drop(group);
-        let mut waiting = replies.recv();
-        if let Ok(Reply::Lead) = waiting {
-            let batch = std::mem::take(&mut self.lock_group().queue);
-            let slices: Vec<&[EventRecord]> = batch.iter().map(|p| p.records.as_slice()).collect();
-            let results = self.commit_batch(&slices);
-            for (pending, result) in batch.iter().zip(results) {
-                // Our own reply goes to our own channel, read just below.
-                let _ = pending.reply.send(Reply::Done(result));
-            }
-            self.hand_off();
-            waiting = replies.recv();
-        }
-        match waiting {
-            Ok(Reply::Done(result)) => result,
-            _ => Err(StoreError::InvalidAppend(
-                "the append was lost by its group commit".into(),
-            )),
-        }
+        self.group.append(records, |batch| self.commit_batch(batch))
     }
 
     fn last_seq(&self, job_id: Uuid) -> Result<u64, StoreError> {

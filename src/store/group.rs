@@ -1,0 +1,190 @@
+//! Group commit: many threads' appends share one commit.
+//!
+//! One thread at a time leads: it writes its own append and every append
+//! queued meanwhile in one transaction, so one commit (one fsync at FULL)
+//! serves many jobs. Each append still gets its own result, and none returns
+//! before its events are committed — a job's `StepStarted` is durable before
+//! its handler runs, as with a commit of its own. When the leader is done it
+//! hands the lead to the first append that queued during its commit.
+//!
+//! With several jobs running, a leader that commits the instant it leads
+//! would only catch the jobs that happened to be waiting; the others arrive
+//! a moment later and form the next, equally small batch. So a leader waits
+//! for the jobs seen in the last two batches to queue, at most a quarter
+//! of a commit's time. A single job never waits.
+
+use std::sync::mpsc;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use super::{StoreError, TERMINAL_KINDS};
+use crate::events::EventRecord;
+
+/// The longest a leader waits for more appends, whatever a commit costs.
+const GATHER_WAIT_MAX: Duration = Duration::from_millis(2);
+
+type AppendResult = Result<Vec<u64>, StoreError>;
+
+#[derive(Debug, Default)]
+pub(crate) struct GroupCommit {
+    state: Mutex<State>,
+    arrived: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// A thread is leading: it will serve the queue or hand it on.
+    leading: bool,
+    /// The leader waits on `arrived` for more appends.
+    leader_waiting: bool,
+    queue: Vec<Pending>,
+    /// Distinct jobs of the last two batches: how many appends to expect.
+    recent_jobs: Vec<Uuid>,
+    last_batch_jobs: Vec<Uuid>,
+    /// How long the last commit took.
+    last_commit: Duration,
+}
+
+#[derive(Debug)]
+struct Pending {
+    records: Vec<EventRecord>,
+    reply: mpsc::SyncSender<Reply>,
+}
+
+#[derive(Debug)]
+enum Reply {
+    /// Your append is committed (or failed).
+    Done(AppendResult),
+    /// You lead the next group commit.
+    Lead,
+}
+
+impl GroupCommit {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every update of the state is a single step: a poisoned lock still
+        // guards consistent data.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Commits `records` with whatever else is queued, through `commit`,
+    /// which writes a batch of appends and returns one result per append.
+    pub(crate) fn append(
+        &self,
+        records: &[EventRecord],
+        commit: impl Fn(&[&[EventRecord]]) -> Vec<AppendResult>,
+    ) -> AppendResult {
+        let mut state = self.lock();
+        if !state.leading {
+            // Lead at once, with our own records (not copied into the queue).
+            state.leading = true;
+            let job = records.first().map(|r| r.job_id);
+            let queued = self.gather(state, job);
+            let mut slices = vec![records];
+            slices.extend(queued.iter().map(|p| p.records.as_slice()));
+            let mut results = self.commit_timed(&slices, &commit).into_iter();
+            let own = results.next().unwrap_or_else(lost);
+            for (pending, result) in queued.iter().zip(results) {
+                // Each follower waits for its reply: sending cannot fail.
+                let _ = pending.reply.send(Reply::Done(result));
+            }
+            self.hand_off();
+            return own;
+        }
+        let (reply, replies) = mpsc::sync_channel(1);
+        state.queue.push(Pending {
+            records: records.to_vec(),
+            reply,
+        });
+        if state.leader_waiting {
+            self.arrived.notify_one();
+        }
+        drop(state);
+        let mut waiting = replies.recv();
+        if let Ok(Reply::Lead) = waiting {
+            // Our own append is in the queue we now take.
+            let batch = self.gather(self.lock(), None);
+            let slices: Vec<&[EventRecord]> = batch.iter().map(|p| p.records.as_slice()).collect();
+            let results = self.commit_timed(&slices, &commit);
+            for (pending, result) in batch.iter().zip(results) {
+                let _ = pending.reply.send(Reply::Done(result));
+            }
+            self.hand_off();
+            waiting = replies.recv();
+        }
+        match waiting {
+            Ok(Reply::Done(result)) => result,
+            _ => lost(),
+        }
+    }
+
+    /// Takes the queue as the next batch, after waiting (briefly) for the
+    /// jobs of the recent batches to queue too. `own` is the leader's job
+    /// when its records are not in the queue.
+    fn gather(&self, mut state: MutexGuard<'_, State>, own: Option<Uuid>) -> Vec<Pending> {
+        let expected = state.recent_jobs.len();
+        let have = |state: &State| state.queue.len() + usize::from(own.is_some());
+        if expected > have(&state) {
+            let deadline = Instant::now() + (state.last_commit / 4).min(GATHER_WAIT_MAX);
+            state.leader_waiting = true;
+            while have(&state) < expected {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                state = self
+                    .arrived
+                    .wait_timeout(state, deadline - now)
+                    .map_or_else(|poisoned| poisoned.into_inner().0, |(state, _)| state);
+            }
+            state.leader_waiting = false;
+        }
+        let batch = std::mem::take(&mut state.queue);
+        // A job whose append ends it will not come back: do not wait for it.
+        let mut jobs: Vec<Uuid> = own.into_iter().collect();
+        jobs.extend(
+            batch
+                .iter()
+                .filter_map(|p| p.records.last())
+                .filter(|r| !TERMINAL_KINDS.contains(&r.kind.as_str()))
+                .map(|r| r.job_id),
+        );
+        let mut recent = std::mem::replace(&mut state.last_batch_jobs, jobs.clone());
+        recent.extend(jobs);
+        recent.sort_unstable();
+        recent.dedup();
+        state.recent_jobs = recent;
+        batch
+    }
+
+    fn commit_timed(
+        &self,
+        batch: &[&[EventRecord]],
+        commit: &impl Fn(&[&[EventRecord]]) -> Vec<AppendResult>,
+    ) -> Vec<AppendResult> {
+        let started = Instant::now();
+        let results = commit(batch);
+        self.lock().last_commit = started.elapsed();
+        results
+    }
+
+    /// Ends a lead: the first waiting append, if any, leads the next commit.
+    fn hand_off(&self) {
+        let mut state = self.lock();
+        match state.queue.first() {
+            Some(next) => {
+                let _ = next.reply.send(Reply::Lead);
+            }
+            None => state.leading = false,
+        }
+    }
+}
+
+fn lost() -> AppendResult {
+    Err(StoreError::InvalidAppend(
+        "the append was lost by its group commit".into(),
+    ))
+}
