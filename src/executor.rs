@@ -350,24 +350,23 @@ impl JobExecutor {
             executed_by: executed_by.to_owned(),
             observer: health_observer,
         };
-        let started = run.record(Event::JobStarted(JobStarted {
+        let started = Event::JobStarted(JobStarted {
             contract_id,
             plan: steps.to_vec(),
             executed_by: executed_by.to_owned(),
             executor_version: self.version.clone(),
             health_before: run.observe(),
-        }));
-        match started {
-            Ok(_) => run.drive(),
+        });
+        match run.drive(vec![started]) {
+            Ok(result) => Ok(result),
             // Another process started the same job id at the same moment.
-            Err(ExecutorError::Conflict { .. }) => Err(ExecutorError::JobAlreadyExists {
+            Err(ExecutorError::Conflict { seq: 1, .. }) => Err(ExecutorError::JobAlreadyExists {
                 job_id,
                 events: self.store.last_seq(job_id).unwrap_or(1),
             }),
             Err(e) => Err(e),
         }
     }
-
     /// Continues a job that stopped between steps (no step in doubt) at its
     /// next step, with the plan recorded in its log. Appends `JobResumed`,
     /// observes health before the next step, then runs as `execute_job` does.
@@ -410,8 +409,7 @@ impl JobExecutor {
             executor_version: self.version.clone(),
             health_before: run.observe(),
         });
-        run.record(resumed)?;
-        run.drive()
+        run.drive(vec![resumed])
     }
 
     /// Closes every job left in doubt by an executor that stopped (crashed,
@@ -451,7 +449,7 @@ impl JobExecutor {
             let state = run.projector.state();
             let action = match state.phase {
                 Phase::StepRunning { step_index } => {
-                    run.record(Event::StepFailed(StepFailed {
+                    run.drive(vec![Event::StepFailed(StepFailed {
                         step_index,
                         failure: Failure {
                             kind: FailureKind::Interrupted,
@@ -461,16 +459,15 @@ impl JobExecutor {
                         },
                         output: None,
                         health_after: None,
-                    }))?;
-                    run.record(Event::JobHalted(JobHalted { step_index }))?;
+                    })])?;
                     Recovery::Interrupted { job_id, step_index }
                 }
                 Phase::StepFailed { step_index } => {
-                    run.record(Event::JobHalted(JobHalted { step_index }))?;
+                    run.drive(Vec::new())?;
                     Recovery::Halted { job_id, step_index }
                 }
                 Phase::Idle if next_action(&state) == NextAction::Cancel => {
-                    run.drive()?;
+                    run.drive(Vec::new())?;
                     Recovery::Cancelled { job_id }
                 }
                 _ => Recovery::Resumable {
@@ -520,7 +517,7 @@ impl JobExecutor {
             let event = Event::JobCancelRequested(JobCancelRequested {
                 reason: reason.to_owned(),
             });
-            match run.append_once(&event) {
+            match run.append_now(std::slice::from_ref(&event)) {
                 Ok(_) => {
                     return Ok(CancelRequest::Recorded {
                         seq: run.projector.events(),
@@ -576,28 +573,29 @@ impl Run<'_> {
         self.observer.map(HealthObserver::observe_health)
     }
 
-    /// Drives the job until the machine says it is done.
-    fn drive(&mut self) -> Result<ExecutionResult, ExecutorError> {
+    /// Drives the job until the machine says it is done, starting with
+    /// `first` (events the caller has decided, such as `JobStarted`).
+    ///
+    /// Each append carries what the machine decides up to the next point
+    /// where something outside must happen: a step's outcome goes in one
+    /// commit with the next step's start (or the job's end), and a handler
+    /// runs only once its `StepStarted` is committed. So every step costs
+    /// one commit, and nothing about at-most-once changes.
+    fn drive(&mut self, first: Vec<Event>) -> Result<ExecutionResult, ExecutorError> {
+        let mut batch = first;
         loop {
-            match next_action(&self.projector.state()) {
-                NextAction::StartStep(step_index) => self.run_step(step_index)?,
-                NextAction::Complete => {
-                    self.record(Event::JobCompleted(JobCompleted {}))?;
-                }
-                NextAction::Halt(step_index) => {
-                    self.record(Event::JobHalted(JobHalted { step_index }))?;
-                }
-                NextAction::Cancel => {
-                    let reason = self.projector.cancel_request_reason().unwrap_or_default();
-                    self.record(Event::JobCancelled(JobCancelled { reason }))?;
-                }
-                NextAction::RecordOutcome(step_index) => {
-                    return Err(ExecutorError::StepInDoubt {
-                        job_id: self.job_id,
-                        step_index,
-                    });
-                }
-                NextAction::StartJob | NextAction::Done => break,
+            self.decide_more(&mut batch);
+            if batch.is_empty() {
+                break;
+            }
+            let recorded = self.record(&batch)?;
+            let started = match recorded.last() {
+                Some((Event::StepStarted(s), at)) => Some((s.step_index, *at)),
+                _ => None,
+            };
+            batch.clear();
+            if let Some((step_index, started_at)) = started {
+                batch.push(self.run_step(step_index, started_at));
             }
         }
         Ok(self
@@ -606,13 +604,32 @@ impl Run<'_> {
             .expect("a job that ran has a JobStarted event"))
     }
 
-    /// Starts a step, runs its handler off-thread against its deadline, and
-    /// records the outcome.
-    fn run_step(&mut self, step_index: u32) -> Result<(), ExecutorError> {
-        let Some(started_at) = self.record(Event::StepStarted(StepStarted { step_index }))? else {
-            // A cancel request arrived first: the machine decides again.
-            return Ok(());
+    /// Appends to `batch` what the machine decides after it, up to the next
+    /// step's start or the job's end.
+    fn decide_more(&self, batch: &mut Vec<Event>) {
+        let mut state = self.projector.state();
+        for event in batch.iter() {
+            match machine::apply(state, event) {
+                Ok(next) => state = next,
+                // `record` reports the refusal.
+                Err(_) => return,
+            }
+        }
+        let next = match next_action(&state) {
+            NextAction::StartStep(step_index) => Event::StepStarted(StepStarted { step_index }),
+            NextAction::Complete => Event::JobCompleted(JobCompleted {}),
+            NextAction::Halt(step_index) => Event::JobHalted(JobHalted { step_index }),
+            NextAction::Cancel => Event::JobCancelled(JobCancelled {
+                reason: self.projector.cancel_request_reason().unwrap_or_default(),
+            }),
+            NextAction::StartJob | NextAction::RecordOutcome(_) | NextAction::Done => return,
         };
+        batch.push(next);
+    }
+
+    /// Runs a started step's handler off-thread against its deadline and
+    /// returns its outcome event.
+    fn run_step(&self, step_index: u32, started_at: DateTime<Utc>) -> Event {
         let step = &self.plan[step_index as usize];
         let deadline = Instant::now().checked_add(Duration::from_secs(step.timeout_seconds));
         let context = ExecutionContext {
@@ -634,27 +651,42 @@ impl Run<'_> {
                 output: None,
             },
         };
-        let health_after = self.observe();
-        let event = outcome_event(outcome, step_index, health_after);
-        match self.record(event)? {
-            Some(_) => Ok(()),
-            // Only a cancel request can arrive while a step runs, and it does
-            // not stop its outcome from being recorded.
-            None => unreachable!("a step's outcome is accepted after any cancel request"),
-        }
+        outcome_event(outcome, step_index, self.observe())
     }
 
-    /// Judges, appends and folds `event`. On a conflict, catches up with what
-    /// others appended (a cancel request) and tries again. Returns the time
-    /// recorded, or `None` when what was caught up makes the event moot.
-    fn record(&mut self, event: Event) -> Result<Option<DateTime<Utc>>, ExecutorError> {
+    /// Judges, appends (in one commit) and folds `events`. On a conflict,
+    /// catches up with what others appended (a cancel request) and tries
+    /// again with what the machine still accepts. Returns the events
+    /// recorded, with their times: all of them, or the prefix that a
+    /// caught-up cancel request left valid.
+    fn record(
+        &mut self,
+        events: &[Event],
+    ) -> Result<Vec<(Event, DateTime<Utc>)>, ExecutorError> {
         let mut caught_up = false;
         for _ in 0..CONFLICT_RETRIES_MAX {
-            if caught_up && machine::apply(self.projector.state(), &event).is_err() {
-                return Ok(None);
+            let mut state = self.projector.state();
+            let mut accepted = 0;
+            for event in events {
+                match machine::apply(state, event) {
+                    Ok(next) => {
+                        state = next;
+                        accepted += 1;
+                    }
+                    Err(_) if caught_up => break,
+                    Err(source) => {
+                        return Err(ExecutorError::Transition {
+                            job_id: self.job_id,
+                            kind: event.kind(),
+                            source,
+                        });
+                    }
+                }
             }
-            match self.append_once(&event) {
-                Ok(at) => return Ok(Some(at)),
+            match self.append_now(&events[..accepted]) {
+                Ok(times) => {
+                    return Ok(events[..accepted].iter().cloned().zip(times).collect());
+                }
                 Err(ExecutorError::Store { source, .. }) if source.is_conflict() => {
                     self.catch_up()?;
                     caught_up = true;
@@ -669,30 +701,42 @@ impl Run<'_> {
         })
     }
 
-    /// Judges `event`, then appends it once and folds it.
-    fn append_once(&mut self, event: &Event) -> Result<DateTime<Utc>, ExecutorError> {
+    /// Appends `events` (which the machine has accepted) in one commit and
+    /// folds them. Returns the time recorded for each.
+    fn append_now(&mut self, events: &[Event]) -> Result<Vec<DateTime<Utc>>, ExecutorError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
         let job_id = self.job_id;
-        let refused = |source| ExecutorError::Transition {
-            job_id,
-            kind: event.kind(),
-            source,
-        };
-        // Judge first, append second: the log only ever receives events the
-        // machine accepted. The state is `Copy`, so judging changes nothing.
-        machine::apply(self.projector.state(), event).map_err(refused)?;
-        let recorded_at = truncate_to_micros(self.executor.clock.now());
-        let seq = self.projector.events() + 1;
-        let mut record = EventRecord::encode(job_id, seq, recorded_at, event);
+        let first_seq = self.projector.events() + 1;
+        let mut times = Vec::with_capacity(events.len());
+        let mut records = Vec::with_capacity(events.len());
+        for (offset, event) in events.iter().enumerate() {
+            let recorded_at = truncate_to_micros(self.executor.clock.now());
+            times.push(recorded_at);
+            records.push(EventRecord::encode(
+                job_id,
+                first_seq + offset as u64,
+                recorded_at,
+                event,
+            ));
+        }
         self.projector
-            .seal(&mut record, self.executor.head_key.as_ref());
+            .seal(&mut records, self.executor.head_key.as_ref());
         self.executor
             .store
-            .append(std::slice::from_ref(&record))
+            .append(&records)
             .map_err(|source| ExecutorError::Store { job_id, source })?;
-        self.projector
-            .apply_sealed(&record, event)
-            .map_err(refused)?;
-        Ok(recorded_at)
+        for (record, event) in records.iter().zip(events) {
+            self.projector
+                .apply_sealed(record, event)
+                .map_err(|source| ExecutorError::Transition {
+                    job_id,
+                    kind: event.kind(),
+                    source,
+                })?;
+        }
+        Ok(times)
     }
 
     /// Folds in what others appended to the job since this run last looked.

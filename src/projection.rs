@@ -141,12 +141,15 @@ impl Projector {
         self.cancel_request_reason.clone()
     }
 
-    /// Gives `record`, the job's next event, its chain digest, and its MAC
-    /// when a key is given. Does not fold it.
-    pub fn seal(&self, record: &mut EventRecord, key: Option<&HeadKey>) {
-        let digest = chain::chain(&self.head, record);
-        record.mac = key.map(|key| key.mac(&digest).to_hex());
-        record.digest = Some(digest.to_hex());
+    /// Gives `records`, the job's next events in order, their chain digests,
+    /// and their MACs when a key is given. Does not fold them.
+    pub fn seal(&self, records: &mut [EventRecord], key: Option<&HeadKey>) {
+        let mut head = self.head;
+        for record in records {
+            head = chain::chain(&head, record);
+            record.mac = key.map(|key| key.mac(&head).to_hex());
+            record.digest = Some(head.to_hex());
+        }
     }
 
     /// Folds `event`, whose record the caller sealed and appended, without

@@ -2,6 +2,8 @@
 //! processes, cancel and resume from another process, read-only, locked and
 //! full databases.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
@@ -358,7 +360,7 @@ impl EventStore for LosesDisk {
     }
 }
 
-/// Writes a job into `db` that stopped after `appends` events.
+/// Writes a job into `db` whose store failed after `appends` appends.
 fn stopped_job(db: &Path, appends: usize) -> Uuid {
     let store = Arc::new(LosesDisk {
         inner: SqliteStore::open(db).unwrap(),
@@ -384,8 +386,15 @@ fn resume_continues_between_steps_and_refuses_otherwise() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let db = d.join("x.db");
-    let between = stopped_job(&db, 3);
-    let in_doubt = stopped_job(&db, 2);
+    let between = Uuid::new_v4();
+    SqliteStore::open(&db)
+        .unwrap()
+        .append(&common::records(
+            between,
+            &common::stopped_between_steps(3, "configuration_change"),
+        ))
+        .unwrap();
+    let in_doubt = stopped_job(&db, 1);
 
     let refused = cli(d, &["resume", &in_doubt.to_string(), "--db", "x.db"]);
     expect_code(&refused, 2, "resume of a step in doubt");

@@ -12,13 +12,25 @@ use serde_json::json;
 use uuid::Uuid;
 
 pub fn started(steps: u32) -> Event {
+    started_of(steps, "noop")
+}
+
+/// `JobStarted` of a plan of `steps` steps of type `step_type`.
+pub fn started_of(steps: u32, step_type: &str) -> Event {
     Event::JobStarted(JobStarted {
         contract_id: Uuid::nil(),
-        plan: (0..steps).map(|i| JobStep::new(i, "noop", "t")).collect(),
+        plan: (0..steps).map(|i| JobStep::new(i, step_type, "t")).collect(),
         executed_by: "tester".into(),
         executor_version: "0.0.0".into(),
         health_before: None,
     })
+}
+
+/// A job of `steps` steps of `step_type` whose first step succeeded and
+/// whose executor then stopped, between steps (as a log written by an
+/// executor that committed each event on its own can end).
+pub fn stopped_between_steps(steps: u32, step_type: &str) -> Vec<Event> {
+    vec![started_of(steps, step_type), step_started(0), succeeded(0)]
 }
 
 pub fn step_started(step_index: u32) -> Event {
