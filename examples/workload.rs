@@ -132,9 +132,27 @@ fn engine(path: &Path, sync: Synchronous, jobs: usize, steps: usize, threads: us
     (jobs as u64 * events_per_job(steps)) as f64 / start.elapsed().as_secs_f64()
 }
 
-/// The physical limit: the same commits (one per event, same pragmas, rows of
-/// similar size, same unique index), with no engine. Returns events/s.
-fn baseline(path: &Path, sync: Synchronous, jobs: usize, steps: usize, threads: usize) -> f64 {
+/// How the baseline groups a job's events into commits.
+#[derive(Clone, Copy)]
+enum Commits {
+    /// One commit per event: the physical limit for that durability.
+    PerEvent,
+    /// The engine's commits: the job's start with its first step's start,
+    /// then each step's outcome with the next step's start (or the end).
+    PerStep,
+}
+
+/// The physical limit: the same rows (same pragmas, rows of similar size,
+/// same unique index) committed as `commits` says, with no engine. Returns
+/// events/s.
+fn baseline(
+    path: &Path,
+    sync: Synchronous,
+    jobs: usize,
+    steps: usize,
+    threads: usize,
+    commits: Commits,
+) -> f64 {
     let setup = Connection::open(path).expect("open the baseline");
     setup
         .execute_batch(
@@ -157,19 +175,28 @@ fn baseline(path: &Path, sync: Synchronous, jobs: usize, steps: usize, threads: 
                 let mut conn = Connection::open(&path).expect("open the baseline");
                 conn.busy_timeout(std::time::Duration::from_secs(30)).expect("busy timeout");
                 conn.pragma_update(None, "synchronous", sync_name(sync)).expect("synchronous");
+                let rows_per_commit = match commits {
+                    Commits::PerEvent => 1,
+                    Commits::PerStep => 2,
+                };
                 for _ in (t..jobs).step_by(threads) {
                     let job = Uuid::new_v4().to_string();
-                    for seq in 1..=events_per_job(steps) {
-                        let payload = if seq == 1 { plan_payload.as_str() } else { step_payload };
+                    let events = events_per_job(steps);
+                    let mut seq = 1;
+                    while seq <= events {
                         let tx = conn
                             .transaction_with_behavior(TransactionBehavior::Immediate)
                             .expect("begin");
-                        tx.prepare_cached(
-                            "INSERT INTO events (job_id, seq, kind, schema_version, recorded_at, payload, digest)
-                             VALUES (?1, ?2, 'StepStarted', 2, '2000-01-01T00:00:00.000000Z', ?3, ?4)",
-                        )
-                        .and_then(|mut s| s.execute(params![job, seq as i64, payload, digest]))
-                        .expect("insert");
+                        for _ in 0..rows_per_commit {
+                            let payload = if seq == 1 { plan_payload.as_str() } else { step_payload };
+                            tx.prepare_cached(
+                                "INSERT INTO events (job_id, seq, kind, schema_version, recorded_at, payload, digest)
+                                 VALUES (?1, ?2, 'StepStarted', 2, '2000-01-01T00:00:00.000000Z', ?3, ?4)",
+                            )
+                            .and_then(|mut s| s.execute(params![job, seq as i64, payload, digest]))
+                            .expect("insert");
+                            seq += 1;
+                        }
                         tx.commit().expect("commit");
                     }
                 }
@@ -193,7 +220,8 @@ fn engine_replay(path: &Path) -> (f64, u64) {
     (events as f64 / start.elapsed().as_secs_f64(), events)
 }
 
-/// Reads every job's rows with the same query and no engine; events/s.
+/// Reads every job's rows with the same query and decodes each payload into
+/// a JSON value, with no engine: the least any replay must do. Events/s.
 fn raw_replay(path: &Path) -> f64 {
     let conn = Connection::open(path).expect("open");
     let start = Instant::now();
@@ -213,7 +241,8 @@ fn raw_replay(path: &Path) -> f64 {
         let mut rows = stmt.query([job]).expect("query");
         while let Some(row) = rows.next().expect("row") {
             let payload: String = row.get(6).expect("payload");
-            bytes += payload.len();
+            let value: serde_json::Value = serde_json::from_str(&payload).expect("JSON payload");
+            bytes += payload.len() + usize::from(value.is_object());
             events += 1;
         }
     }
@@ -269,50 +298,74 @@ fn main() {
         return;
     }
     let scratch = tempfile_dir(options.dir.as_deref());
+    let (jobs, steps) = (options.jobs, options.steps);
+    let events = jobs as u64 * events_per_job(steps);
     for &sync in &options.syncs {
+        // The single-stream, one-commit-per-event baseline of this sync mode,
+        // measured in this run: what every configuration is compared with.
+        let single: Vec<f64> = (0..options.runs)
+            .map(|run| {
+                let db = scratch.join(format!("single-{}-{run}.db", sync_name(sync)));
+                let rate = baseline(&db, sync, jobs, steps, 1, Commits::PerEvent);
+                remove_db(&db);
+                rate
+            })
+            .collect();
+        let single = median(single);
         for &threads in &options.threads {
-            let mut samples: [Vec<f64>; 5] = Default::default();
+            let mut samples: [Vec<f64>; 6] = Default::default();
             for run in 0..options.runs {
-                let engine_db =
-                    scratch.join(format!("engine-{}-{threads}-{run}.db", sync_name(sync)));
-                let raw_db = scratch.join(format!("raw-{}-{threads}-{run}.db", sync_name(sync)));
-                // Alternate which goes first so that neither always gets a warm disk.
-                let (e, b) = if run % 2 == 0 {
-                    let e = engine(&engine_db, sync, options.jobs, options.steps, threads);
-                    (
-                        e,
-                        baseline(&raw_db, sync, options.jobs, options.steps, threads),
-                    )
-                } else {
-                    let b = baseline(&raw_db, sync, options.jobs, options.steps, threads);
-                    (
-                        engine(&engine_db, sync, options.jobs, options.steps, threads),
-                        b,
-                    )
+                let name = |what: &str| {
+                    scratch.join(format!("{what}-{}-{threads}-{run}.db", sync_name(sync)))
                 };
-                samples[0].push(e);
-                samples[1].push(b);
-                samples[2].push(engine_replay(&engine_db).0);
-                samples[3].push(raw_replay(&engine_db));
-                samples[4].push(verify_rate(&engine_db));
+                let (engine_db, per_event_db, per_step_db) =
+                    (name("engine"), name("per-event"), name("per-step"));
+                // Rotate which goes first so that none always gets a warm disk.
+                let mut order = [0, 1, 2];
+                order.rotate_left(run % 3);
+                for which in order {
+                    match which {
+                        0 => samples[0].push(engine(&engine_db, sync, jobs, steps, threads)),
+                        1 => samples[1].push(baseline(
+                            &per_event_db,
+                            sync,
+                            jobs,
+                            steps,
+                            threads,
+                            Commits::PerEvent,
+                        )),
+                        _ => samples[2].push(baseline(
+                            &per_step_db,
+                            sync,
+                            jobs,
+                            steps,
+                            threads,
+                            Commits::PerStep,
+                        )),
+                    }
+                }
+                samples[3].push(engine_replay(&engine_db).0);
+                samples[4].push(raw_replay(&engine_db));
+                samples[5].push(verify_rate(&engine_db));
                 if !options.keep {
-                    for db in [&engine_db, &raw_db] {
-                        let _ = std::fs::remove_file(db);
+                    for db in [&engine_db, &per_event_db, &per_step_db] {
+                        remove_db(db);
                     }
                 }
             }
-            let [e, b, er, rr, v] = samples.map(median);
+            let [e, per_event, per_step, er, rr, v] = samples.map(median);
             println!(
-                "{{\"sync\":\"{}\",\"threads\":{threads},\"jobs\":{},\"steps\":{},\"events\":{},\"runs\":{},\
-                 \"engine_events_per_s\":{e:.0},\"baseline_events_per_s\":{b:.0},\"ratio\":{:.3},\
+                "{{\"sync\":\"{}\",\"threads\":{threads},\"jobs\":{jobs},\"steps\":{steps},\"events\":{events},\"runs\":{},\
+                 \"engine_events_per_s\":{e:.0},\"baseline_events_per_s\":{per_event:.0},\"ratio\":{:.3},\
+                 \"baseline_per_step_events_per_s\":{per_step:.0},\"ratio_per_step\":{:.3},\
+                 \"single_stream_baseline_events_per_s\":{single:.0},\"ratio_to_single_stream\":{:.3},\
                  \"replay_events_per_s\":{er:.0},\"raw_replay_events_per_s\":{rr:.0},\"replay_ratio\":{:.3},\
                  \"verify_events_per_s\":{v:.0},\"verify_ratio\":{:.3}}}",
                 sync_name(sync),
-                options.jobs,
-                options.steps,
-                options.jobs as u64 * events_per_job(options.steps),
                 options.runs,
-                e / b,
+                e / per_event,
+                e / per_step,
+                e / single,
                 er / rr,
                 v / rr,
             );
@@ -320,6 +373,14 @@ fn main() {
     }
     if !options.keep && options.dir.is_none() {
         let _ = std::fs::remove_dir_all(&scratch);
+    }
+}
+
+fn remove_db(db: &Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = db.as_os_str().to_owned();
+        name.push(suffix);
+        let _ = std::fs::remove_file(PathBuf::from(name));
     }
 }
 

@@ -659,10 +659,7 @@ impl Run<'_> {
     /// again with what the machine still accepts. Returns the events
     /// recorded, with their times: all of them, or the prefix that a
     /// caught-up cancel request left valid.
-    fn record(
-        &mut self,
-        events: &[Event],
-    ) -> Result<Vec<(Event, DateTime<Utc>)>, ExecutorError> {
+    fn record(&mut self, events: &[Event]) -> Result<Vec<(Event, DateTime<Utc>)>, ExecutorError> {
         let mut caught_up = false;
         for _ in 0..CONFLICT_RETRIES_MAX {
             let mut state = self.projector.state();

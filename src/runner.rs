@@ -51,8 +51,10 @@ struct Shared {
     queued: AtomicUsize,
     /// Workers available for a task and not yet promised to a submitter.
     idle: AtomicUsize,
-    /// Workers polling right now; at most one core's worth.
+    /// Workers polling for a task right now; at most `spinners_max`.
     spinning: AtomicUsize,
+    /// Executor threads polling for an outcome right now; at most `spinners_max`.
+    waiting: AtomicUsize,
     spinners_max: usize,
     closed: AtomicBool,
 }
@@ -81,6 +83,7 @@ impl HandlerPool {
                 queued: AtomicUsize::new(0),
                 idle: AtomicUsize::new(0),
                 spinning: AtomicUsize::new(0),
+                waiting: AtomicUsize::new(0),
                 spinners_max: cores.saturating_sub(1).max(1),
                 closed: AtomicBool::new(false),
             }),
@@ -158,14 +161,14 @@ fn receive(
     outcome: &mpsc::Receiver<Outcome>,
     deadline: Option<Instant>,
 ) -> Result<Outcome, RecvTimeoutError> {
-    // Polling shares the cap with the workers: on a busy machine a poller
-    // would only take the core the handler needs.
-    if shared.spinning.fetch_add(1, Ordering::SeqCst) < shared.spinners_max {
+    // Executors poll under a cap of their own: with many jobs on few cores,
+    // pollers would only take the cores the handlers need.
+    if shared.waiting.fetch_add(1, Ordering::SeqCst) < shared.spinners_max {
         let polling_until = Instant::now() + RESULT_SPIN;
         while Instant::now() < polling_until {
             match outcome.try_recv() {
                 Ok(outcome) => {
-                    shared.spinning.fetch_sub(1, Ordering::SeqCst);
+                    shared.waiting.fetch_sub(1, Ordering::SeqCst);
                     return Ok(outcome);
                 }
                 Err(mpsc::TryRecvError::Disconnected) => break,
@@ -173,7 +176,7 @@ fn receive(
             }
         }
     }
-    shared.spinning.fetch_sub(1, Ordering::SeqCst);
+    shared.waiting.fetch_sub(1, Ordering::SeqCst);
     match deadline {
         Some(deadline) => outcome.recv_timeout(deadline.saturating_duration_since(Instant::now())),
         None => outcome.recv().map_err(|_| RecvTimeoutError::Disconnected),

@@ -434,7 +434,10 @@ fn stopped_between_steps() -> (Arc<dyn EventStore>, Uuid, Arc<AtomicUsize>) {
     let store: Arc<dyn EventStore> = Arc::new(SqliteStore::open_in_memory().unwrap());
     let job = Uuid::new_v4();
     store
-        .append(&common::records(job, &common::stopped_between_steps(3, "ok")))
+        .append(&common::records(
+            job,
+            &common::stopped_between_steps(3, "ok"),
+        ))
         .unwrap();
     (store, job, Arc::new(AtomicUsize::new(0)))
 }
@@ -487,7 +490,11 @@ fn a_job_stopped_between_steps_resumes_at_its_next_step() {
     );
     let result = executor.resume(job, None, "night shift").unwrap();
     assert_eq!(result.final_status, JobStatus::Completed);
-    assert_eq!(calls.load(Ordering::SeqCst), 2, "steps 1 and 2 ran, once each");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "steps 1 and 2 ran, once each"
+    );
     assert_eq!(kinds(store.as_ref(), job)[3], "JobResumed");
     assert_verifies(store.as_ref(), job);
     let err = executor.resume(job, None, "again").unwrap_err();

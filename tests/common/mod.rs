@@ -19,7 +19,9 @@ pub fn started(steps: u32) -> Event {
 pub fn started_of(steps: u32, step_type: &str) -> Event {
     Event::JobStarted(JobStarted {
         contract_id: Uuid::nil(),
-        plan: (0..steps).map(|i| JobStep::new(i, step_type, "t")).collect(),
+        plan: (0..steps)
+            .map(|i| JobStep::new(i, step_type, "t"))
+            .collect(),
         executed_by: "tester".into(),
         executor_version: "0.0.0".into(),
         health_before: None,
