@@ -55,6 +55,9 @@ struct Shared {
     spinning: AtomicUsize,
     /// Executor threads polling for an outcome right now; at most `spinners_max`.
     waiting: AtomicUsize,
+    /// Steps being run right now. Polling only pays while a single job
+    /// runs: with several, the cores are better left to the work itself.
+    running: AtomicUsize,
     spinners_max: usize,
     closed: AtomicBool,
 }
@@ -84,6 +87,7 @@ impl HandlerPool {
                 idle: AtomicUsize::new(0),
                 spinning: AtomicUsize::new(0),
                 waiting: AtomicUsize::new(0),
+                running: AtomicUsize::new(0),
                 spinners_max: cores.saturating_sub(1).max(1),
                 closed: AtomicBool::new(false),
             }),
@@ -106,9 +110,11 @@ impl HandlerPool {
             context: context.clone(),
             reply,
         };
+        self.shared.running.fetch_add(1, Ordering::SeqCst);
         self.submit(task);
         let past_deadline = || context.deadline.is_some_and(|d| Instant::now() >= d);
         let received = receive(&self.shared, &outcome, context.deadline);
+        self.shared.running.fetch_sub(1, Ordering::SeqCst);
         match received {
             // A result that comes in after the deadline is as late as none.
             Ok(outcome) if !past_deadline() => outcome,
@@ -163,7 +169,9 @@ fn receive(
 ) -> Result<Outcome, RecvTimeoutError> {
     // Executors poll under a cap of their own: with many jobs on few cores,
     // pollers would only take the cores the handlers need.
-    if shared.waiting.fetch_add(1, Ordering::SeqCst) < shared.spinners_max {
+    if shared.running.load(Ordering::SeqCst) <= 1
+        && shared.waiting.fetch_add(1, Ordering::SeqCst) < shared.spinners_max
+    {
         let polling_until = Instant::now() + RESULT_SPIN;
         while Instant::now() < polling_until {
             match outcome.try_recv() {
@@ -175,8 +183,8 @@ fn receive(
                 Err(mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
             }
         }
+        shared.waiting.fetch_sub(1, Ordering::SeqCst);
     }
-    shared.waiting.fetch_sub(1, Ordering::SeqCst);
     match deadline {
         Some(deadline) => outcome.recv_timeout(deadline.saturating_duration_since(Instant::now())),
         None => outcome.recv().map_err(|_| RecvTimeoutError::Disconnected),
@@ -214,7 +222,10 @@ fn try_pop(shared: &Shared) -> Option<Task> {
 }
 
 fn next_task(shared: &Shared) -> Option<Task> {
-    if shared.spinning.fetch_add(1, Ordering::SeqCst) < shared.spinners_max {
+    // The step just finished may still count as running: one is one job.
+    if shared.running.load(Ordering::SeqCst) <= 1
+        && shared.spinning.fetch_add(1, Ordering::SeqCst) < shared.spinners_max
+    {
         let polling_until = Instant::now() + WORKER_SPIN;
         while Instant::now() < polling_until && !shared.closed.load(Ordering::SeqCst) {
             if let Some(task) = try_pop(shared) {
@@ -223,8 +234,8 @@ fn next_task(shared: &Shared) -> Option<Task> {
             }
             std::hint::spin_loop();
         }
+        shared.spinning.fetch_sub(1, Ordering::SeqCst);
     }
-    shared.spinning.fetch_sub(1, Ordering::SeqCst);
     let mut queue = lock(&shared.queue);
     loop {
         if let Some(task) = queue.pop_front() {
