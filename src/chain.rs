@@ -48,6 +48,13 @@ impl Digest {
         parse_hex32(text).map(Digest)
     }
 
+    /// Whether `text` is this digest's stored form, without allocating.
+    pub fn matches_hex(&self, text: &str) -> bool {
+        let mut buffer = [0u8; 64];
+        // 32 bytes always fit 64 hex digits.
+        hex::encode_to_slice(self.0, &mut buffer).is_ok() && buffer == text.as_bytes()
+    }
+
     /// Parses `sha256:<64 lowercase hex>` (the displayed form).
     pub fn parse(text: &str) -> Option<Digest> {
         text.strip_prefix("sha256:").and_then(Digest::from_hex)

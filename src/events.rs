@@ -307,7 +307,7 @@ impl Payload<'_> {
 /// An event in its stored form: the envelope plus the payload as JSON text,
 /// exactly as the log holds it. Both stores keep events in this form, so what
 /// one store returns the other would too.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EventRecord {
     /// Position in the whole log, starting at 1; 0 until the store assigns it.
     pub position: u64,
@@ -429,10 +429,44 @@ pub fn format_timestamp(at: &DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
-/// Parses a timestamp written by [`format_timestamp`].
+/// Parses a timestamp written by [`format_timestamp`] (any RFC 3339 text is
+/// accepted; the stored form takes a fast path).
 ///
 /// # Errors
 /// The parse error when `text` is not RFC 3339.
 pub fn parse_timestamp(text: &str) -> Result<DateTime<Utc>, chrono::ParseError> {
+    if let Some(at) = parse_stored_timestamp(text) {
+        return Ok(at);
+    }
     DateTime::parse_from_rfc3339(text).map(|at| at.with_timezone(&Utc))
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.ffffffZ`, the fixed form the log stores.
+fn parse_stored_timestamp(text: &str) -> Option<DateTime<Utc>> {
+    let b = text.as_bytes();
+    if b.len() != 27
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+        || b[19] != b'.'
+        || b[26] != b'Z'
+    {
+        return None;
+    }
+    let number = |range: std::ops::Range<usize>| -> Option<u32> {
+        b[range].iter().try_fold(0u32, |n, &d| {
+            d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
+        })
+    };
+    let date =
+        chrono::NaiveDate::from_ymd_opt(number(0..4)? as i32, number(5..7)?, number(8..10)?)?;
+    let time = chrono::NaiveTime::from_hms_micro_opt(
+        number(11..13)?,
+        number(14..16)?,
+        number(17..19)?,
+        number(20..26)?,
+    )?;
+    Some(date.and_time(time).and_utc())
 }

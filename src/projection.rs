@@ -163,24 +163,25 @@ impl Projector {
         event: &Event,
     ) -> Result<(), TransitionError> {
         let digest = chain::chain(&self.head, record);
-        self.apply(record.recorded_at_time(), event)?;
+        self.apply(record.recorded_at_time(), event.clone())?;
         self.head = digest;
         self.head_mac = record.mac.as_deref().and_then(HeadMac::from_hex);
         Ok(())
     }
 
     /// Passes `event` through the state machine and folds it in.
-    fn apply(&mut self, recorded_at: DateTime<Utc>, event: &Event) -> Result<(), TransitionError> {
-        self.state = machine::apply(self.state, event)?;
+    fn apply(&mut self, recorded_at: DateTime<Utc>, event: Event) -> Result<(), TransitionError> {
+        self.state = machine::apply(self.state, &event)?;
         self.events += 1;
         self.started_at.get_or_insert(recorded_at);
         self.last_at = Some(recorded_at);
+        // The event is ours: its parts move into the result, uncopied.
         match event {
             Event::JobStarted(started) => {
                 self.contract_id = started.contract_id;
-                self.executed_by.clone_from(&started.executed_by);
-                self.executor_version.clone_from(&started.executor_version);
-                self.health_before.clone_from(&started.health_before);
+                self.executed_by = started.executed_by;
+                self.executor_version = started.executor_version;
+                self.health_before = started.health_before;
             }
             Event::StepStarted(s) => self.steps.push(StepResult {
                 step_index: s.step_index,
@@ -193,29 +194,27 @@ impl Projector {
                 failure_kind: None,
             }),
             Event::StepSucceeded(s) => {
-                self.health_after.clone_from(&s.health_after);
                 if let Some(step) = self.steps.last_mut() {
                     step.status = StepStatus::Completed;
                     step.completed_at = recorded_at;
-                    step.output = Some(s.output.clone());
+                    step.output = Some(s.output);
                     step.health_after.clone_from(&s.health_after);
                 }
+                self.health_after = s.health_after;
             }
             Event::StepFailed(f) => {
                 if let Some(step) = self.steps.last_mut() {
                     step.status = StepStatus::Failed;
                     step.completed_at = recorded_at;
-                    step.output.clone_from(&f.output);
-                    step.error = Some(f.failure.message.clone());
-                    step.health_after.clone_from(&f.health_after);
+                    step.output = f.output;
+                    step.error = Some(f.failure.message);
+                    step.health_after = f.health_after;
                     step.failure_kind = Some(f.failure.kind);
                 }
             }
-            Event::JobCancelled(cancelled) => {
-                self.cancel_reason = Some(cancelled.reason.clone());
-            }
+            Event::JobCancelled(cancelled) => self.cancel_reason = Some(cancelled.reason),
             Event::JobCancelRequested(request) => {
-                self.cancel_request_reason = Some(request.reason.clone());
+                self.cancel_request_reason = Some(request.reason);
             }
             Event::JobCompleted(_) | Event::JobHalted(_) | Event::JobResumed(_) => {}
         }
@@ -246,7 +245,7 @@ impl Projector {
         // Events written before the chain existed carry no digest: their
         // digest is the one computed here.
         if let Some(stored) = &record.digest
-            && *stored != digest.to_hex()
+            && !digest.matches_hex(stored)
         {
             return Err(chain_error(format!(
                 "stored digest {stored} is not {}",
@@ -265,7 +264,7 @@ impl Projector {
             seq: record.seq,
             source,
         })?;
-        self.apply(recorded.recorded_at, &recorded.event)
+        self.apply(recorded.recorded_at, recorded.event)
             .map_err(|source| ReplayError::Rejected {
                 job_id,
                 seq: record.seq,
@@ -334,10 +333,17 @@ fn count(steps: &[StepResult], status: StepStatus) -> usize {
 /// [`ReplayError::UnknownJob`] when the log has no events for `job_id`; any
 /// other [`ReplayError`] when the log cannot be read or breaks an invariant.
 pub fn replay(store: &dyn EventStore, job_id: Uuid) -> Result<ExecutionResult, ReplayError> {
-    let records = store.load_job(job_id)?;
     let mut projector = Projector::new(job_id);
-    for record in &records {
-        projector.apply_record(record)?;
+    let mut failure = None;
+    store.visit_job(job_id, &mut |record| match projector.apply_record(record) {
+        Ok(()) => true,
+        Err(e) => {
+            failure = Some(e);
+            false
+        }
+    })?;
+    if let Some(e) = failure {
+        return Err(e);
     }
     projector.result().ok_or(ReplayError::UnknownJob { job_id })
 }

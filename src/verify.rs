@@ -189,7 +189,7 @@ impl<'a> JobVerifier<'a> {
         let computed = chain::chain(&self.head, record);
         match &record.digest {
             None => self.unsealed += 1,
-            Some(stored) if *stored == computed.to_hex() => {}
+            Some(stored) if computed.matches_hex(stored) => {}
             Some(_) => {
                 self.chain_broken = true;
                 self.pending = Some(PendingBreak {

@@ -33,6 +33,24 @@ pub trait EventStore: Send + Sync {
     /// [`StoreError`] when the log cannot be written. Nothing is appended then.
     fn append(&self, records: &[EventRecord]) -> Result<Vec<u64>, StoreError>;
 
+    /// Hands the job's events to `visit` one at a time, in seq order,
+    /// without collecting them; `visit` returns `false` to stop early.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the log cannot be read.
+    fn visit_job(
+        &self,
+        job_id: Uuid,
+        visit: &mut dyn FnMut(&EventRecord) -> bool,
+    ) -> Result<(), StoreError> {
+        for record in self.load_job(job_id)? {
+            if !visit(&record) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// The job's last stored seq, 0 when it has no events.
     ///
     /// # Errors

@@ -529,6 +529,66 @@ fn insert_records(conn: &mut Connection, records: &[EventRecord]) -> rusqlite::R
     Ok(positions)
 }
 
+/// Refills `record` from a row, reusing its buffers.
+fn read_row_into(
+    row: &rusqlite::Row<'_>,
+    record: &mut EventRecord,
+) -> rusqlite::Result<Result<(), StoreError>> {
+    fn text<'a>(row: &'a rusqlite::Row<'_>, i: usize) -> rusqlite::Result<&'a str> {
+        row.get_ref(i)?.as_str().map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+        })
+    }
+    fn refill(buffer: &mut String, text: &str) {
+        buffer.clear();
+        buffer.push_str(text);
+    }
+    fn refill_optional(buffer: &mut Option<String>, text: Option<&str>) {
+        match (buffer.as_mut(), text) {
+            (Some(b), Some(t)) => refill(b, t),
+            (_, t) => *buffer = t.map(str::to_owned),
+        }
+    }
+    let position: i64 = row.get(0)?;
+    let job_id = text(row, 1)?;
+    let seq: i64 = row.get(2)?;
+    let schema_version: i64 = row.get(4)?;
+    let bad = |detail: String| StoreError::BadRow {
+        job_id: job_id.to_owned(),
+        seq,
+        detail,
+    };
+    let parsed = (|| {
+        Ok((
+            u64::try_from(position).map_err(|_| bad(format!("position {position}")))?,
+            Uuid::parse_str(job_id).map_err(|e| bad(format!("job id: {e}")))?,
+            u64::try_from(seq).map_err(|_| bad(format!("seq {seq}")))?,
+            u32::try_from(schema_version)
+                .map_err(|_| bad(format!("schema_version {schema_version}")))?,
+        ))
+    })();
+    let (position, job_id, seq, schema_version) = match parsed {
+        Ok(parsed) => parsed,
+        Err(e) => return Ok(Err(e)),
+    };
+    record.position = position;
+    record.job_id = job_id;
+    record.seq = seq;
+    record.schema_version = schema_version;
+    refill(&mut record.kind, text(row, 3)?);
+    refill(&mut record.recorded_at, text(row, 5)?);
+    refill(&mut record.payload, text(row, 6)?);
+    let digest = row.get_ref(7)?.as_str_or_null().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(7, rusqlite::types::Type::Text, Box::new(e))
+    })?;
+    refill_optional(&mut record.digest, digest);
+    let mac = row.get_ref(8)?.as_str_or_null().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(8, rusqlite::types::Type::Text, Box::new(e))
+    })?;
+    refill_optional(&mut record.mac, mac);
+    Ok(Ok(()))
+}
+
 fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<EventRecord, StoreError>> {
     let position: i64 = row.get(0)?;
     let job_id: String = row.get(1)?;
@@ -574,6 +634,30 @@ impl EventStore for SqliteStore {
             .and_then(|mut stmt| stmt.query_row([job_id.to_string()], |row| row.get(0)))
             .map_err(|e| classify(&self.path, "reading a job's last seq", e))?;
         Ok(last.max(0) as u64)
+    }
+
+    fn visit_job(
+        &self,
+        job_id: Uuid,
+        visit: &mut dyn FnMut(&EventRecord) -> bool,
+    ) -> Result<(), StoreError> {
+        let conn = self.lock();
+        let read = |e| classify(&self.path, "reading a job's events", e);
+        let sql = format!(
+            "SELECT {} FROM events WHERE job_id = ?1 ORDER BY seq",
+            self.columns
+        );
+        let mut stmt = conn.prepare_cached(&sql).map_err(read)?;
+        let mut rows = stmt.query([job_id.to_string()]).map_err(read)?;
+        // One record, refilled row after row: no allocation per event.
+        let mut record = EventRecord::default();
+        while let Some(row) = rows.next().map_err(read)? {
+            read_row_into(row, &mut record).map_err(read)??;
+            if !visit(&record) {
+                break;
+            }
+        }
+        Ok(())
     }
 
     fn load_job(&self, job_id: Uuid) -> Result<Vec<EventRecord>, StoreError> {
