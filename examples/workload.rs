@@ -6,7 +6,8 @@
 //! ```text
 //! cargo run --release --example workload -- [--jobs 200] [--steps 20]
 //!     [--threads 1,8] [--sync full,normal] [--runs 3] [--dir DIR] [--keep]
-//! cargo run --release --example workload -- --replay-only FILE   # replay every job of a log
+//! cargo run --release --example workload -- --replay-only FILE   # replay a whole log, streaming
+//! cargo run --release --example workload -- --scale FILE         # one job's replay as the log grows
 //! cargo run --release --example workload -- --generate FILE       # write a log and keep it
 //! ```
 
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use job_executor::projection::replay_all;
 use job_executor::store::{EventStore, SqliteOptions, SqliteStore, Synchronous};
 use job_executor::verify::{VerifyOptions, verify_store};
 use job_executor::{JobExecutor, JobStep, NoOpHandler, replay};
@@ -30,6 +32,7 @@ struct Options {
     keep: bool,
     replay_only: Option<PathBuf>,
     generate: Option<PathBuf>,
+    scale: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -43,6 +46,7 @@ fn parse_args() -> Result<Options, String> {
         keep: false,
         replay_only: None,
         generate: None,
+        scale: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -71,6 +75,7 @@ fn parse_args() -> Result<Options, String> {
             "--keep" => options.keep = true,
             "--replay-only" => options.replay_only = Some(PathBuf::from(value()?)),
             "--generate" => options.generate = Some(PathBuf::from(value()?)),
+            "--scale" => options.scale = Some(PathBuf::from(value()?)),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -209,7 +214,8 @@ fn baseline(
     (jobs as u64 * events_per_job(steps)) as f64 / start.elapsed().as_secs_f64()
 }
 
-/// Replays every job of an engine log through the projection; events/s.
+/// Replays every job of an engine log through the projection, one job at a
+/// time as `replay` does; events/s.
 fn engine_replay(path: &Path) -> (f64, u64) {
     let store = open_read(path);
     let start = Instant::now();
@@ -217,6 +223,15 @@ fn engine_replay(path: &Path) -> (f64, u64) {
     for job in store.job_ids().expect("list jobs") {
         events += replay(&store, job).expect("replay").events;
     }
+    (events as f64 / start.elapsed().as_secs_f64(), events)
+}
+
+/// Replays the whole log in one streaming pass; events/s.
+fn whole_log_replay(path: &Path) -> (f64, u64) {
+    let store = open_read(path);
+    let start = Instant::now();
+    let mut events = 0;
+    replay_all(&store, |_, result| events += result.expect("replay").events).expect("scan");
     (events as f64 / start.elapsed().as_secs_f64(), events)
 }
 
@@ -281,8 +296,12 @@ fn main() {
         }
     };
     if let Some(path) = &options.replay_only {
-        let (rate, events) = engine_replay(path);
+        let (rate, events) = whole_log_replay(path);
         println!("{{\"replay_events\":{events},\"replay_events_per_s\":{rate:.0}}}");
+        return;
+    }
+    if let Some(path) = &options.scale {
+        scale(path, options.steps, options.threads[0]);
         return;
     }
     if let Some(path) = &options.generate {
@@ -373,6 +392,38 @@ fn main() {
     }
     if !options.keep && options.dir.is_none() {
         let _ = std::fs::remove_dir_all(&scratch);
+    }
+}
+
+/// Grows one log from 10k to 1M events and times the replay of one job at
+/// each size: replay reads a job through its index, so the time stays flat.
+fn scale(path: &Path, steps: usize, threads: usize) {
+    remove_db(path);
+    let per_job = events_per_job(steps);
+    let mut written = 0u64;
+    let mut first_job = None;
+    for target in [10_000u64, 100_000, 1_000_000] {
+        let jobs = ((target - written) / per_job) as usize;
+        engine(path, Synchronous::Normal, jobs, steps, threads);
+        written += jobs as u64 * per_job;
+        let store = open_read(path);
+        let ids = store.job_ids().expect("list jobs");
+        let first = *first_job.get_or_insert(ids[0]);
+        let last = ids[ids.len() - 1];
+        for (which, job) in [("first", first), ("last", last)] {
+            let mut times: Vec<f64> = (0..200)
+                .map(|_| {
+                    let start = Instant::now();
+                    replay(&store, job).expect("replay");
+                    start.elapsed().as_secs_f64() * 1e6
+                })
+                .collect();
+            times.sort_by(f64::total_cmp);
+            println!(
+                "{{\"log_events\":{written},\"job\":\"{which}\",\"job_events\":{per_job},\"replay_us_median\":{:.1}}}",
+                times[times.len() / 2]
+            );
+        }
     }
 }
 

@@ -348,6 +348,46 @@ pub fn replay(store: &dyn EventStore, job_id: Uuid) -> Result<ExecutionResult, R
     projector.result().ok_or(ReplayError::UnknownJob { job_id })
 }
 
+/// Replays every job of the log, streaming: each job's result (or why it
+/// cannot be replayed) goes to `on_job` as soon as its last event is read, so
+/// memory holds one job at a time, whatever the number of jobs.
+///
+/// # Errors
+/// [`StoreError`] when the log cannot be read.
+pub fn replay_all(
+    store: &dyn EventStore,
+    mut on_job: impl FnMut(Uuid, Result<ExecutionResult, ReplayError>),
+) -> Result<(), StoreError> {
+    let mut current: Option<(Projector, Option<ReplayError>)> = None;
+    let mut finish = |job: Option<(Projector, Option<ReplayError>)>| {
+        if let Some((projector, failure)) = job {
+            let job_id = projector.job_id;
+            let result = match failure {
+                Some(e) => Err(e),
+                None => projector.result().ok_or(ReplayError::UnknownJob { job_id }),
+            };
+            on_job(job_id, result);
+        }
+    };
+    store.scan(&mut |row| {
+        let Ok(record) = row else { return };
+        if current
+            .as_ref()
+            .is_none_or(|(p, _)| p.job_id != record.job_id)
+        {
+            finish(current.take());
+            current = Some((Projector::new(record.job_id), None));
+        }
+        if let Some((projector, failure @ None)) = current.as_mut()
+            && let Err(e) = projector.apply_record(record)
+        {
+            *failure = Some(e);
+        }
+    })?;
+    finish(current.take());
+    Ok(())
+}
+
 fn status_name(status: StepStatus) -> &'static str {
     match status {
         StepStatus::Pending => "PENDING",

@@ -57,7 +57,7 @@ impl EventStore for CrashingStore {
     }
     fn scan(
         &self,
-        visit: &mut dyn FnMut(Result<EventRecord, StoreError>),
+        visit: &mut dyn FnMut(Result<&EventRecord, StoreError>),
     ) -> Result<(), StoreError> {
         self.inner.scan(visit)
     }

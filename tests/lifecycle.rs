@@ -417,7 +417,7 @@ impl EventStore for FailingAfter {
     }
     fn scan(
         &self,
-        visit: &mut dyn FnMut(Result<job_executor::events::EventRecord, StoreError>),
+        visit: &mut dyn FnMut(Result<&job_executor::events::EventRecord, StoreError>),
     ) -> Result<(), StoreError> {
         self.inner.scan(visit)
     }

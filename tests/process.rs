@@ -348,7 +348,7 @@ impl EventStore for LosesDisk {
     }
     fn scan(
         &self,
-        visit: &mut dyn FnMut(Result<EventRecord, StoreError>),
+        visit: &mut dyn FnMut(Result<&EventRecord, StoreError>),
     ) -> Result<(), StoreError> {
         self.inner.scan(visit)
     }

@@ -95,14 +95,14 @@ impl EventStore for MemoryStore {
 
     fn scan(
         &self,
-        visit: &mut dyn FnMut(Result<EventRecord, StoreError>),
+        visit: &mut dyn FnMut(Result<&EventRecord, StoreError>),
     ) -> Result<(), StoreError> {
         let inner = self.lock();
         let mut jobs: Vec<&Uuid> = inner.jobs.keys().collect();
         jobs.sort_unstable();
         for job in jobs {
             for &index in &inner.jobs[job] {
-                visit(Ok(inner.events[index].clone()));
+                visit(Ok(&inner.events[index]));
             }
         }
         Ok(())

@@ -71,7 +71,7 @@ pub trait EventStore: Send + Sync {
     /// [`StoreError`] when the log cannot be read at all.
     fn scan(
         &self,
-        visit: &mut dyn FnMut(Result<EventRecord, StoreError>),
+        visit: &mut dyn FnMut(Result<&EventRecord, StoreError>),
     ) -> Result<(), StoreError>;
 
     /// The position of the last event in the whole log (0 when empty): the

@@ -702,15 +702,20 @@ impl EventStore for SqliteStore {
 
     fn scan(
         &self,
-        visit: &mut dyn FnMut(Result<EventRecord, StoreError>),
+        visit: &mut dyn FnMut(Result<&EventRecord, StoreError>),
     ) -> Result<(), StoreError> {
         let conn = self.lock();
         let read = |e| classify(&self.path, "scanning the log", e);
         let sql = format!("SELECT {} FROM events ORDER BY job_id, seq", self.columns);
         let mut stmt = conn.prepare(&sql).map_err(read)?;
         let mut rows = stmt.query([]).map_err(read)?;
+        // One record, refilled row after row: memory stays flat.
+        let mut record = EventRecord::default();
         while let Some(row) = rows.next().map_err(read)? {
-            visit(read_row(row).map_err(read)?);
+            match read_row_into(row, &mut record).map_err(read)? {
+                Ok(()) => visit(Ok(&record)),
+                Err(e) => visit(Err(e)),
+            }
         }
         Ok(())
     }
