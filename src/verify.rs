@@ -440,7 +440,7 @@ pub fn verify_store(
             current = Some(JobVerifier::new(record.job_id, options));
         }
         if let Some(verifier) = current.as_mut() {
-            verifier.push(&record);
+            verifier.push(record);
         }
     })?;
     if let Some(done) = current.take() {
