@@ -117,7 +117,9 @@ fn project(job_id: Uuid, records: &[EventRecord]) -> Result<ExecutionResult, Rep
     for record in records {
         projector.apply_record(record)?;
     }
-    projector.result().ok_or(ReplayError::UnknownJob { job_id })
+    projector
+        .into_result()
+        .ok_or(ReplayError::UnknownJob { job_id })
 }
 
 /// Makes the bundle of a stored job, after checking its log.

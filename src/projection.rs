@@ -277,6 +277,12 @@ impl Projector {
 
     /// The result as of the events folded so far, or `None` before `JobStarted`.
     pub fn result(&self) -> Option<ExecutionResult> {
+        self.clone().into_result()
+    }
+
+    /// The result as of the events folded so far, moving it out of the
+    /// projector; `None` before `JobStarted`.
+    pub fn into_result(self) -> Option<ExecutionResult> {
         let started_at = self.started_at?;
         let steps_succeeded = count(&self.steps, StepStatus::Completed);
         let steps_failed = count(&self.steps, StepStatus::Failed);
@@ -303,17 +309,17 @@ impl Projector {
         Some(ExecutionResult {
             job_id: self.job_id,
             contract_id: self.contract_id,
-            executed_by: self.executed_by.clone(),
-            executor_version: self.executor_version.clone(),
+            executed_by: self.executed_by,
+            executor_version: self.executor_version,
             final_status: self.state.status(),
             final_reason,
             steps_executed: self.steps.len(),
             steps_succeeded,
             steps_failed,
             steps_planned: self.state.steps as usize,
-            step_results: self.steps.clone(),
-            health_before: self.health_before.clone(),
-            health_after: self.health_after.clone(),
+            step_results: self.steps,
+            health_before: self.health_before,
+            health_after: self.health_after,
             started_at,
             completed_at: self.last_at.unwrap_or(started_at),
             events: self.events,
@@ -345,7 +351,9 @@ pub fn replay(store: &dyn EventStore, job_id: Uuid) -> Result<ExecutionResult, R
     if let Some(e) = failure {
         return Err(e);
     }
-    projector.result().ok_or(ReplayError::UnknownJob { job_id })
+    projector
+        .into_result()
+        .ok_or(ReplayError::UnknownJob { job_id })
 }
 
 /// Replays every job of the log, streaming: each job's result (or why it
@@ -364,7 +372,9 @@ pub fn replay_all(
             let job_id = projector.job_id;
             let result = match failure {
                 Some(e) => Err(e),
-                None => projector.result().ok_or(ReplayError::UnknownJob { job_id }),
+                None => projector
+                    .into_result()
+                    .ok_or(ReplayError::UnknownJob { job_id }),
             };
             on_job(job_id, result);
         }
