@@ -382,8 +382,9 @@ impl JobExecutor {
         health_observer: Option<&dyn HealthObserver>,
         executed_by: &str,
     ) -> Result<ExecutionResult, ExecutorError> {
-        let (projector, started) = self.load(job_id)?;
-        match projector.state().phase {
+        let mut run = self.stored_run(job_id, Some(executed_by), health_observer)?;
+        let state = run.projector.state();
+        match state.phase {
             Phase::Idle => {}
             Phase::StepRunning { step_index } | Phase::StepFailed { step_index } => {
                 return Err(ExecutorError::StepInDoubt { job_id, step_index });
@@ -391,19 +392,10 @@ impl JobExecutor {
             _ => {
                 return Err(ExecutorError::JobEnded {
                     job_id,
-                    status: projector.state().status(),
+                    status: state.status(),
                 });
             }
         }
-        let mut run = Run {
-            executor: self,
-            job_id,
-            projector,
-            plan: Cow::Owned(started.plan),
-            contract_id: started.contract_id,
-            executed_by: executed_by.to_owned(),
-            observer: health_observer,
-        };
         let resumed = Event::JobResumed(JobResumed {
             executed_by: executed_by.to_owned(),
             executor_version: self.version.clone(),
@@ -436,16 +428,7 @@ impl JobExecutor {
             })?;
         let mut recovered = Vec::new();
         for job_id in unfinished {
-            let (projector, started) = self.load(job_id)?;
-            let mut run = Run {
-                executor: self,
-                job_id,
-                projector,
-                plan: Cow::Owned(started.plan),
-                contract_id: started.contract_id,
-                executed_by: started.executed_by,
-                observer: None,
-            };
+            let mut run = self.stored_run(job_id, None, None)?;
             let state = run.projector.state();
             let action = match state.phase {
                 Phase::StepRunning { step_index } => {
@@ -494,8 +477,8 @@ impl JobExecutor {
         reason: &str,
     ) -> Result<CancelRequest, ExecutorError> {
         for _ in 0..CONFLICT_RETRIES_MAX {
-            let (projector, _) = self.load(job_id)?;
-            let state = projector.state();
+            let mut run = self.stored_run(job_id, None, None)?;
+            let state = run.projector.state();
             if state.is_terminal() {
                 return Err(ExecutorError::JobEnded {
                     job_id,
@@ -505,15 +488,6 @@ impl JobExecutor {
             if state.cancel_requested {
                 return Ok(CancelRequest::AlreadyRequested);
             }
-            let mut run = Run {
-                executor: self,
-                job_id,
-                projector,
-                plan: Cow::Owned(Vec::new()),
-                contract_id: Uuid::nil(),
-                executed_by: String::new(),
-                observer: None,
-            };
             let event = Event::JobCancelRequested(JobCancelRequested {
                 reason: reason.to_owned(),
             });
@@ -535,8 +509,14 @@ impl JobExecutor {
         })
     }
 
-    /// The job's projection and its `JobStarted`, from the log.
-    fn load(&self, job_id: Uuid) -> Result<(Projector, JobStarted), ExecutorError> {
+    /// A run of a stored job, folded from its log, with the plan and
+    /// contract of its `JobStarted`; `executed_by` defaults to who started it.
+    fn stored_run<'a>(
+        &'a self,
+        job_id: Uuid,
+        executed_by: Option<&str>,
+        observer: Option<&'a dyn HealthObserver>,
+    ) -> Result<Run<'a>, ExecutorError> {
         let records = self
             .store
             .load_job(job_id)
@@ -545,14 +525,23 @@ impl JobExecutor {
         for record in &records {
             projector.apply_record(record)?;
         }
-        match records.first().map(EventRecord::decode) {
+        let started = match records.first().map(EventRecord::decode) {
             Some(Ok(recorded)) => match recorded.event {
-                Event::JobStarted(started) => Ok((projector, started)),
+                Event::JobStarted(started) => started,
                 // apply_record has checked that the log begins with JobStarted.
                 _ => unreachable!("a replayed log begins with JobStarted"),
             },
-            _ => Err(ExecutorError::UnknownJob { job_id }),
-        }
+            _ => return Err(ExecutorError::UnknownJob { job_id }),
+        };
+        Ok(Run {
+            executor: self,
+            job_id,
+            projector,
+            plan: Cow::Owned(started.plan),
+            contract_id: started.contract_id,
+            executed_by: executed_by.map_or(started.executed_by, str::to_owned),
+            observer,
+        })
     }
 }
 

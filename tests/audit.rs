@@ -332,7 +332,8 @@ fn verify_tells_apart_edit_delete_swap_and_insert() {
     for forge_digest in [false, true] {
         let sub = format!("insert-{forge_digest}");
         let (path, a, _) = two_jobs(&dir.path().join(sub).tap_mkdir(), None);
-        insert_row(&tamper(&path), &path, a, 4, forge_digest);
+        let records = read_only(&path).load_job(a).unwrap();
+        common::insert_renumbered(&tamper(&path), &records, 4, forge_digest);
         let (seq, what) = first_violation(&path, a, &no).unwrap();
         assert_eq!(seq, 4, "{what}");
         assert!(what.starts_with("CHAIN: event inserted at seq 4"), "{what}");
@@ -396,45 +397,6 @@ fn swap_rows(raw: &Connection, job: Uuid, x: u64, y: u64, with_digests: bool) {
     )
     .unwrap();
     raw.execute_batch("DROP TABLE saved").unwrap();
-}
-
-/// Inserts a copy of the job's event at `seq` before it, renumbering the
-/// rest; with `forge_digest` the copy gets the digest a forger would compute.
-fn insert_row(raw: &Connection, path: &Path, job: Uuid, seq: u64, forge_digest: bool) {
-    let records = read_only(path).load_job(job).unwrap();
-    let mut forged = records[seq as usize - 1].clone();
-    let previous = Digest::from_hex(records[seq as usize - 2].digest.as_deref().unwrap()).unwrap();
-    forged.recorded_at = "2000-01-01T00:00:00.999999Z".into();
-    let digest = if forge_digest {
-        chain(&previous, &forged).to_hex()
-    } else {
-        format!("{:064}", 1)
-    };
-    let job = job.to_string();
-    raw.execute(
-        "UPDATE events SET seq = -seq - 1 WHERE job_id = ?1 AND seq >= ?2",
-        params![job, seq as i64],
-    )
-    .unwrap();
-    raw.execute(
-        "UPDATE events SET seq = -seq WHERE job_id = ?1 AND seq < 0",
-        [&job],
-    )
-    .unwrap();
-    raw.execute(
-        "INSERT INTO events (job_id, seq, kind, schema_version, recorded_at, payload, digest)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![
-            job,
-            seq as i64,
-            forged.kind,
-            forged.schema_version,
-            forged.recorded_at,
-            forged.payload,
-            digest
-        ],
-    )
-    .unwrap();
 }
 
 #[test]

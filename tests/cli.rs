@@ -2,24 +2,18 @@
 //! input writes nothing.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
+mod common;
+
+use common::cli;
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_job-executor");
 
 fn example(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("examples/plans")
         .join(name)
-}
-
-fn cli(dir: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("the binary runs")
 }
 
 fn stdout(out: &Output) -> String {

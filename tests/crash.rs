@@ -2,13 +2,16 @@
 //! k-th append, for every k of generated plans; then recovery and resumption,
 //! and the promise that no step ever runs twice.
 
+mod common;
+
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+
+use common::{Fault, FaultyStore, SIMULATED_FAULT};
 use std::sync::{Arc, Mutex, Once};
 
 use job_executor::clock::LogicalClock;
 use job_executor::events::{Event, EventRecord};
-use job_executor::store::{EventStore, MemoryStore, SqliteStore, StoreError};
+use job_executor::store::{EventStore, MemoryStore, SqliteStore};
 use job_executor::verify::verify_job;
 use job_executor::{
     ExecutionContext, ExecutorError, JobExecutor, JobStatus, JobStep, Recovery, StepOutput,
@@ -16,58 +19,6 @@ use job_executor::{
 use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence};
 use uuid::Uuid;
-
-/// Where the crash falls relative to the k-th append's commit.
-#[derive(Clone, Copy, Debug)]
-enum CrashPoint {
-    /// The process dies before the commit: the event is not in the log.
-    BeforeCommit,
-    /// The process dies right after the commit, before it can act on it.
-    AfterCommit,
-}
-
-/// Wraps a store; from the k-th append on, the "process" is dead.
-struct CrashingStore {
-    inner: Arc<dyn EventStore>,
-    crash_at: usize,
-    point: CrashPoint,
-    appends: AtomicUsize,
-}
-
-fn crashed() -> StoreError {
-    StoreError::InvalidAppend("simulated crash".into())
-}
-
-impl EventStore for CrashingStore {
-    fn append(&self, records: &[EventRecord]) -> Result<Vec<u64>, StoreError> {
-        let n = self.appends.fetch_add(1, Ordering::SeqCst) + 1;
-        if n < self.crash_at {
-            return self.inner.append(records);
-        }
-        if n == self.crash_at && matches!(self.point, CrashPoint::AfterCommit) {
-            self.inner.append(records)?;
-        }
-        Err(crashed())
-    }
-    fn last_seq(&self, job_id: Uuid) -> Result<u64, StoreError> {
-        self.inner.last_seq(job_id)
-    }
-    fn load_job(&self, job_id: Uuid) -> Result<Vec<EventRecord>, StoreError> {
-        self.inner.load_job(job_id)
-    }
-    fn scan(
-        &self,
-        visit: &mut dyn FnMut(Result<&EventRecord, StoreError>),
-    ) -> Result<(), StoreError> {
-        self.inner.scan(visit)
-    }
-    fn last_position(&self) -> Result<u64, StoreError> {
-        self.inner.last_position()
-    }
-    fn job_ids(&self) -> Result<Vec<Uuid>, StoreError> {
-        self.inner.job_ids()
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kind {
@@ -178,13 +129,8 @@ proptest! {
         } else {
             Arc::new(MemoryStore::new())
         };
-        let point = if after_commit { CrashPoint::AfterCommit } else { CrashPoint::BeforeCommit };
-        let crashing = Arc::new(CrashingStore {
-            inner: inner.clone(),
-            crash_at,
-            point,
-            appends: AtomicUsize::new(0),
-        });
+        let fault = if after_commit { Fault::AfterCommit } else { Fault::BeforeCommit };
+        let crashing = Arc::new(FaultyStore::new(inner.clone(), crash_at, fault));
         let calls: Calls = Arc::default();
         let ids: Vec<Uuid> = (0..jobs.len()).map(|n| Uuid::from_u128(n as u128 + 1)).collect();
 
@@ -192,7 +138,7 @@ proptest! {
         let doomed = executor(crashing.clone(), &calls);
         for (job, kinds) in ids.iter().zip(&jobs) {
             if let Err(e) = doomed.execute_job(*job, Uuid::nil(), &plan(kinds), None, "prop") {
-                let simulated = matches!(&e, ExecutorError::Store { source, .. } if source.to_string().contains("simulated crash"));
+                let simulated = matches!(&e, ExecutorError::Store { source, .. } if source.to_string().contains(SIMULATED_FAULT));
                 prop_assert!(simulated, "unexpected error: {}", e);
                 break;
             }

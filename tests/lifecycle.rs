@@ -391,44 +391,6 @@ fn a_cancel_request_stops_the_job_before_its_next_step() {
 
 // --- resumption and recovery ----------------------------------------------------------
 
-/// A store whose appends fail after `limit` successes: a process that lost
-/// its disk between two events.
-struct FailingAfter {
-    inner: Arc<dyn EventStore>,
-    limit: usize,
-    appends: AtomicUsize,
-}
-
-impl EventStore for FailingAfter {
-    fn append(
-        &self,
-        records: &[job_executor::events::EventRecord],
-    ) -> Result<Vec<u64>, StoreError> {
-        if self.appends.fetch_add(1, Ordering::SeqCst) >= self.limit {
-            return Err(StoreError::InvalidAppend("disk went away".into()));
-        }
-        self.inner.append(records)
-    }
-    fn last_seq(&self, job_id: Uuid) -> Result<u64, StoreError> {
-        self.inner.last_seq(job_id)
-    }
-    fn load_job(&self, job_id: Uuid) -> Result<Vec<job_executor::events::EventRecord>, StoreError> {
-        self.inner.load_job(job_id)
-    }
-    fn scan(
-        &self,
-        visit: &mut dyn FnMut(Result<&job_executor::events::EventRecord, StoreError>),
-    ) -> Result<(), StoreError> {
-        self.inner.scan(visit)
-    }
-    fn last_position(&self) -> Result<u64, StoreError> {
-        self.inner.last_position()
-    }
-    fn job_ids(&self) -> Result<Vec<Uuid>, StoreError> {
-        self.inner.job_ids()
-    }
-}
-
 /// A job written straight into a fresh log, stopped between steps.
 fn stopped_between_steps() -> (Arc<dyn EventStore>, Uuid, Arc<AtomicUsize>) {
     let store: Arc<dyn EventStore> = Arc::new(SqliteStore::open_in_memory().unwrap());
@@ -446,11 +408,11 @@ fn stopped_after(appends: usize) -> (Arc<dyn EventStore>, Uuid, Arc<AtomicUsize>
     let inner: Arc<dyn EventStore> = Arc::new(SqliteStore::open_in_memory().unwrap());
     let calls = Arc::new(AtomicUsize::new(0));
     let mut executor = JobExecutor::builder()
-        .store(Arc::new(FailingAfter {
-            inner: inner.clone(),
-            limit: appends,
-            appends: AtomicUsize::new(0),
-        }))
+        .store(Arc::new(common::FaultyStore::new(
+            inner.clone(),
+            appends + 1,
+            common::Fault::BeforeCommit,
+        )))
         .build();
     let count = calls.clone();
     executor.register_handler("ok", move |_: &JobStep, _: &ExecutionContext| {

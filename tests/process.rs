@@ -7,24 +7,15 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use job_executor::events::EventRecord;
-use job_executor::store::{EventStore, SqliteStore, StoreError};
+use common::cli;
+use job_executor::store::{EventStore, SqliteStore};
 use job_executor::{JobExecutor, JobStep, NoOpHandler};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 const BIN: &str = env!("CARGO_BIN_EXE_job-executor");
-
-fn cli(dir: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("the binary runs")
-}
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -326,47 +317,13 @@ fn cancel_from_another_process() {
     assert!(text(&unknown.stderr).contains("unknown job"));
 }
 
-/// A store that loses its disk after `limit` appends.
-struct LosesDisk {
-    inner: SqliteStore,
-    limit: usize,
-    appends: AtomicUsize,
-}
-
-impl EventStore for LosesDisk {
-    fn append(&self, records: &[EventRecord]) -> Result<Vec<u64>, StoreError> {
-        if self.appends.fetch_add(1, Ordering::SeqCst) >= self.limit {
-            return Err(StoreError::InvalidAppend("disk lost".into()));
-        }
-        self.inner.append(records)
-    }
-    fn last_seq(&self, job_id: Uuid) -> Result<u64, StoreError> {
-        self.inner.last_seq(job_id)
-    }
-    fn load_job(&self, job_id: Uuid) -> Result<Vec<EventRecord>, StoreError> {
-        self.inner.load_job(job_id)
-    }
-    fn scan(
-        &self,
-        visit: &mut dyn FnMut(Result<&EventRecord, StoreError>),
-    ) -> Result<(), StoreError> {
-        self.inner.scan(visit)
-    }
-    fn last_position(&self) -> Result<u64, StoreError> {
-        self.inner.last_position()
-    }
-    fn job_ids(&self) -> Result<Vec<Uuid>, StoreError> {
-        self.inner.job_ids()
-    }
-}
-
 /// Writes a job into `db` whose store failed after `appends` appends.
 fn stopped_job(db: &Path, appends: usize) -> Uuid {
-    let store = Arc::new(LosesDisk {
-        inner: SqliteStore::open(db).unwrap(),
-        limit: appends,
-        appends: AtomicUsize::new(0),
-    });
+    let store = Arc::new(common::FaultyStore::new(
+        Arc::new(SqliteStore::open(db).unwrap()),
+        appends + 1,
+        common::Fault::BeforeCommit,
+    ));
     let mut executor = JobExecutor::builder().store(store).build();
     executor.register_handler("configuration_change", NoOpHandler);
     let steps: Vec<JobStep> = (0..3)

@@ -9,11 +9,13 @@
 //! store's index of the whole log, not part of any job's evidence, and is not
 //! covered by the chain (see ARCHITECTURE.md).
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use job_executor::chain::{Digest, HeadKey, chain};
+use job_executor::chain::{Digest, HeadKey};
 use job_executor::clock::LogicalClock;
 use job_executor::store::{EventStore, SqliteOptions, SqliteStore, Synchronous};
 use job_executor::verify::{JobReport, VerifyOptions, verify_store};
@@ -266,44 +268,7 @@ fn apply(path: &Path, job: Uuid, seq: u64, last: u64, mutation: &Mutation) -> Op
         }
         Mutation::Insert { forge_digest } => {
             let records = reopen(path).load_job(job).unwrap();
-            let mut forged = records[seq as usize - 1].clone();
-            forged.recorded_at = "2000-01-01T00:00:09.999999Z".into();
-            let previous = match seq {
-                1 => Digest::GENESIS,
-                _ => {
-                    Digest::from_hex(records[seq as usize - 2].digest.as_deref().unwrap()).unwrap()
-                }
-            };
-            forged.seq = seq;
-            let digest = if *forge_digest {
-                chain(&previous, &forged).to_hex()
-            } else {
-                format!("{:064}", 5)
-            };
-            raw.execute(
-                "UPDATE events SET seq = -seq - 1 WHERE job_id = ?1 AND seq >= ?2",
-                params![job_text, seq as i64],
-            )
-            .unwrap();
-            raw.execute(
-                "UPDATE events SET seq = -seq WHERE job_id = ?1 AND seq < 0",
-                [&job_text],
-            )
-            .unwrap();
-            raw.execute(
-                "INSERT INTO events (job_id, seq, kind, schema_version, recorded_at, payload, digest)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![
-                    job_text,
-                    seq as i64,
-                    forged.kind,
-                    forged.schema_version,
-                    forged.recorded_at,
-                    forged.payload,
-                    digest
-                ],
-            )
-            .unwrap();
+            common::insert_renumbered(&raw, &records, seq, *forge_digest);
             Some(seq)
         }
         Mutation::CutTail => {

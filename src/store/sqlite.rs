@@ -355,9 +355,12 @@ fn seal_unsealed_events(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> 
         let mut stmt = tx.prepare(&sql)?;
         let mut rows = stmt.query([])?;
         let mut current: Option<(Uuid, Digest)> = None;
+        let mut record = EventRecord::default();
         while let Some(row) = rows.next()? {
             // A row that cannot be read is left unsealed; `verify` reports it.
-            let Ok(record) = read_row(row)? else { continue };
+            if read_row_into(row, &mut record)?.is_err() {
+                continue;
+            }
             let previous = match current {
                 Some((job, head)) if job == record.job_id => head,
                 _ => Digest::GENESIS,
@@ -493,6 +496,26 @@ fn classify(path: &Path, context: &'static str, error: rusqlite::Error) -> Store
     }
 }
 
+/// The job ids a statement selects in its first column.
+fn job_id_column(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    read: impl Fn(rusqlite::Error) -> StoreError,
+) -> Result<Vec<Uuid>, StoreError> {
+    let rows = stmt
+        .query_map([], |row| row.get::<_, String>(0))
+        .map_err(&read)?;
+    let mut ids = Vec::new();
+    for row in rows {
+        let text = row.map_err(&read)?;
+        ids.push(Uuid::parse_str(&text).map_err(|e| StoreError::BadRow {
+            job_id: text.clone(),
+            seq: 1,
+            detail: format!("job id: {e}"),
+        })?);
+    }
+    Ok(ids)
+}
+
 /// Every append not yet decided fails with `error`.
 fn fill(
     results: Vec<Option<Result<Vec<u64>, StoreError>>>,
@@ -589,38 +612,6 @@ fn read_row_into(
     Ok(Ok(()))
 }
 
-fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<EventRecord, StoreError>> {
-    let position: i64 = row.get(0)?;
-    let job_id: String = row.get(1)?;
-    let seq: i64 = row.get(2)?;
-    let kind: String = row.get(3)?;
-    let schema_version: i64 = row.get(4)?;
-    let recorded_at: String = row.get(5)?;
-    let payload: String = row.get(6)?;
-    let digest: Option<String> = row.get(7)?;
-    let mac: Option<String> = row.get(8)?;
-    let bad = |detail: String| StoreError::BadRow {
-        job_id: job_id.clone(),
-        seq,
-        detail,
-    };
-    let record = (|| {
-        Ok(EventRecord {
-            position: u64::try_from(position).map_err(|_| bad(format!("position {position}")))?,
-            job_id: Uuid::parse_str(&job_id).map_err(|e| bad(format!("job id: {e}")))?,
-            seq: u64::try_from(seq).map_err(|_| bad(format!("seq {seq}")))?,
-            kind,
-            schema_version: u32::try_from(schema_version)
-                .map_err(|_| bad(format!("schema_version {schema_version}")))?,
-            recorded_at,
-            payload,
-            digest,
-            mac,
-        })
-    })();
-    Ok(record)
-}
-
 impl EventStore for SqliteStore {
     fn append(&self, records: &[EventRecord]) -> Result<Vec<u64>, StoreError> {
         check_batch(records)?;
@@ -661,20 +652,11 @@ impl EventStore for SqliteStore {
     }
 
     fn load_job(&self, job_id: Uuid) -> Result<Vec<EventRecord>, StoreError> {
-        let conn = self.lock();
-        let read = |e| classify(&self.path, "reading a job's events", e);
-        let sql = format!(
-            "SELECT {} FROM events WHERE job_id = ?1 ORDER BY seq",
-            self.columns
-        );
-        let mut stmt = conn.prepare_cached(&sql).map_err(read)?;
-        let rows = stmt
-            .query_map([job_id.to_string()], read_row)
-            .map_err(read)?;
         let mut records = Vec::new();
-        for row in rows {
-            records.push(row.map_err(read)??);
-        }
+        self.visit_job(job_id, &mut |record| {
+            records.push(record.clone());
+            true
+        })?;
         Ok(records)
     }
 
@@ -684,20 +666,7 @@ impl EventStore for SqliteStore {
         let mut stmt = conn
             .prepare_cached("SELECT job_id FROM events WHERE seq = 1 ORDER BY position")
             .map_err(read)?;
-        let rows = stmt
-            .query_map([], |row| row.get::<_, String>(0))
-            .map_err(read)?;
-        let mut ids = Vec::new();
-        for row in rows {
-            let text = row.map_err(read)?;
-            let id = Uuid::parse_str(&text).map_err(|e| StoreError::BadRow {
-                job_id: text.clone(),
-                seq: 1,
-                detail: format!("job id: {e}"),
-            })?;
-            ids.push(id);
-        }
-        Ok(ids)
+        job_id_column(&mut stmt, read)
     }
 
     fn scan(
@@ -735,19 +704,7 @@ impl EventStore for SqliteStore {
                  ORDER BY s.position",
             )
             .map_err(read)?;
-        let rows = stmt
-            .query_map([], |row| row.get::<_, String>(0))
-            .map_err(read)?;
-        let mut ids = Vec::new();
-        for row in rows {
-            let text = row.map_err(read)?;
-            ids.push(Uuid::parse_str(&text).map_err(|e| StoreError::BadRow {
-                job_id: text.clone(),
-                seq: 1,
-                detail: format!("job id: {e}"),
-            })?);
-        }
-        Ok(ids)
+        job_id_column(&mut stmt, read)
     }
 
     fn last_position(&self) -> Result<u64, StoreError> {

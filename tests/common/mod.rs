@@ -97,3 +97,134 @@ pub fn completed_log(steps: u32) -> Vec<Event> {
     events.push(completed());
     events
 }
+
+/// How a [`FaultyStore`] fails at its chosen append.
+#[derive(Clone, Copy, Debug)]
+pub enum Fault {
+    /// The process dies (or the disk goes away) before the commit: the
+    /// append is not in the log.
+    BeforeCommit,
+    /// The process dies right after the commit, before it can act on it.
+    AfterCommit,
+}
+
+/// Wraps a store; from the `fail_at`-th append on (counting from 1), every
+/// append fails, as if the process or its disk were gone.
+pub struct FaultyStore {
+    pub inner: std::sync::Arc<dyn job_executor::store::EventStore>,
+    fail_at: usize,
+    fault: Fault,
+    appends: std::sync::atomic::AtomicUsize,
+}
+
+impl FaultyStore {
+    pub fn new(
+        inner: std::sync::Arc<dyn job_executor::store::EventStore>,
+        fail_at: usize,
+        fault: Fault,
+    ) -> Self {
+        FaultyStore {
+            inner,
+            fail_at,
+            fault,
+            appends: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+}
+
+/// The message of every append a [`FaultyStore`] fails.
+pub const SIMULATED_FAULT: &str = "simulated fault";
+
+impl job_executor::store::EventStore for FaultyStore {
+    fn append(&self, records: &[EventRecord]) -> Result<Vec<u64>, job_executor::store::StoreError> {
+        let n = self
+            .appends
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        if n < self.fail_at {
+            return self.inner.append(records);
+        }
+        if n == self.fail_at && matches!(self.fault, Fault::AfterCommit) {
+            self.inner.append(records)?;
+        }
+        Err(job_executor::store::StoreError::InvalidAppend(
+            SIMULATED_FAULT.into(),
+        ))
+    }
+    fn last_seq(&self, job_id: Uuid) -> Result<u64, job_executor::store::StoreError> {
+        self.inner.last_seq(job_id)
+    }
+    fn load_job(&self, job_id: Uuid) -> Result<Vec<EventRecord>, job_executor::store::StoreError> {
+        self.inner.load_job(job_id)
+    }
+    fn scan(
+        &self,
+        visit: &mut dyn FnMut(Result<&EventRecord, job_executor::store::StoreError>),
+    ) -> Result<(), job_executor::store::StoreError> {
+        self.inner.scan(visit)
+    }
+    fn last_position(&self) -> Result<u64, job_executor::store::StoreError> {
+        self.inner.last_position()
+    }
+    fn job_ids(&self) -> Result<Vec<Uuid>, job_executor::store::StoreError> {
+        self.inner.job_ids()
+    }
+}
+
+/// An attacker's edit: a copy of the job's event at `seq` (recorded at
+/// another time) is inserted before it and the later events renumbered. With
+/// `forge_digest` the copy carries the digest a forger would compute; without,
+/// a wrong one.
+pub fn insert_renumbered(
+    raw: &rusqlite::Connection,
+    records: &[EventRecord],
+    seq: u64,
+    forge_digest: bool,
+) {
+    let mut forged = records[seq as usize - 1].clone();
+    forged.recorded_at = "2000-01-01T00:00:09.999999Z".into();
+    forged.seq = seq;
+    let previous = match seq {
+        1 => Digest::GENESIS,
+        _ => Digest::from_hex(records[seq as usize - 2].digest.as_deref().unwrap()).unwrap(),
+    };
+    let digest = if forge_digest {
+        chain(&previous, &forged).to_hex()
+    } else {
+        format!("{:064}", 5)
+    };
+    let job = forged.job_id.to_string();
+    raw.execute(
+        "UPDATE events SET seq = -seq - 1 WHERE job_id = ?1 AND seq >= ?2",
+        rusqlite::params![job, seq as i64],
+    )
+    .unwrap();
+    raw.execute(
+        "UPDATE events SET seq = -seq WHERE job_id = ?1 AND seq < 0",
+        [&job],
+    )
+    .unwrap();
+    raw.execute(
+        "INSERT INTO events (job_id, seq, kind, schema_version, recorded_at, payload, digest)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        rusqlite::params![
+            job,
+            seq as i64,
+            forged.kind,
+            forged.schema_version,
+            forged.recorded_at,
+            forged.payload,
+            digest
+        ],
+    )
+    .unwrap();
+}
+
+/// Runs the `job-executor` binary in `dir`.
+pub fn cli(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_job-executor"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("the binary runs")
+}
