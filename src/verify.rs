@@ -32,7 +32,8 @@ pub struct Violation {
     /// The seq of the offending event (for a cut tail, the first one missing).
     pub seq: u64,
     /// `"EXEC-001"` … `"EXEC-006"`; `"CHAIN"` for the hash chain, `"MAC"` for
-    /// keyed heads, `"EXPECT"` for a head the auditor kept; `"LOG"` for the
+    /// keyed heads, `"EXPECT"` for a head the auditor kept, `"CANCEL"` for
+    /// the cancellation rules; `"LOG"` for the
     /// log's own structure (seq numbers, decodable events).
     pub check: &'static str,
     /// What is wrong.

@@ -9,7 +9,6 @@ mod common;
 use common::cli;
 use serde_json::Value;
 
-
 fn example(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("examples/plans")

@@ -323,3 +323,124 @@ fn fold_reports_the_position_of_the_first_refusal() {
         }
     );
 }
+
+// --- cancellation and resumption ---------------------------------------------
+
+fn cancel_requested() -> Event {
+    Event::JobCancelRequested(job_executor::events::JobCancelRequested {
+        reason: "stop".into(),
+    })
+}
+
+fn cancelled() -> Event {
+    Event::JobCancelled(job_executor::events::JobCancelled {
+        reason: "stop".into(),
+    })
+}
+
+fn resumed() -> Event {
+    Event::JobResumed(job_executor::events::JobResumed {
+        executed_by: "night shift".into(),
+        executor_version: "0.0.0".into(),
+        health_before: None,
+    })
+}
+
+#[test]
+fn a_cancel_request_is_recorded_between_steps_and_while_a_step_runs() {
+    let state = Scenario::given([started(2)])
+        .when(cancel_requested())
+        .then_phase(Phase::Idle);
+    assert!(state.cancel_requested);
+    let state = Scenario::given([started(2), step_started(0)])
+        .when(cancel_requested())
+        .then_phase(Phase::StepRunning { step_index: 0 });
+    assert!(state.cancel_requested);
+    Scenario::given([started(2), step_started(0), failed(0)])
+        .when(cancel_requested())
+        .then_phase(Phase::StepFailed { step_index: 0 });
+}
+
+#[test]
+fn the_step_in_flight_finishes_then_the_job_is_cancelled() {
+    let log = [started(2), step_started(0), cancel_requested()];
+    Scenario::given(log.clone())
+        .when(succeeded(0))
+        .then_phase(Phase::Idle);
+    let mut after = log.to_vec();
+    after.push(succeeded(0));
+    assert_eq!(next_action(&fold(&after).unwrap()), NextAction::Cancel);
+    let state = Scenario::given(after)
+        .when(cancelled())
+        .then_phase(Phase::Cancelled);
+    assert!(state.is_terminal());
+    assert_eq!(state.status(), job_executor::JobStatus::Cancelled);
+}
+
+#[test]
+fn no_step_starts_after_a_cancel_request() {
+    let err = TransitionError::StartAfterCancel { step_index: 1 };
+    assert_eq!(err.invariant(), "CANCEL");
+    Scenario::given([
+        started(2),
+        step_started(0),
+        succeeded(0),
+        cancel_requested(),
+    ])
+    .when(step_started(1))
+    .then_error(err);
+}
+
+#[test]
+fn cancellation_needs_one_request() {
+    Scenario::given([started(2)])
+        .when(cancelled())
+        .then_error(TransitionError::CancelWithoutRequest);
+    Scenario::given([started(2), cancel_requested()])
+        .when(cancel_requested())
+        .then_error(TransitionError::CancelAlreadyRequested);
+    Scenario::given([started(1), step_started(0), cancel_requested()])
+        .when(cancelled())
+        .then_error(TransitionError::OutcomeMissing {
+            kind: "JobCancelled",
+            running: 0,
+        });
+}
+
+#[test]
+fn a_failure_or_a_finished_plan_wins_over_a_pending_request() {
+    let failed_log = [started(2), step_started(0), cancel_requested(), failed(0)];
+    assert_eq!(
+        next_action(&fold(&failed_log).unwrap()),
+        NextAction::Halt(0)
+    );
+    let done = [
+        started(1),
+        step_started(0),
+        cancel_requested(),
+        succeeded(0),
+    ];
+    assert_eq!(next_action(&fold(&done).unwrap()), NextAction::Complete);
+}
+
+#[test]
+fn a_job_resumes_only_between_steps() {
+    Scenario::given([started(2), step_started(0), succeeded(0)])
+        .when(resumed())
+        .then_phase(Phase::Idle);
+    Scenario::given([started(2), step_started(0)])
+        .when(resumed())
+        .then_error(TransitionError::OutcomeMissing {
+            kind: "JobResumed",
+            running: 0,
+        });
+    Scenario::given([started(2), step_started(0), failed(0)])
+        .when(resumed())
+        .then_error(TransitionError::AfterFailure {
+            kind: "JobResumed",
+            failed: 0,
+        });
+    Scenario::given([started(0), completed()])
+        .when(resumed())
+        .then_error(TransitionError::AfterEnd { kind: "JobResumed" });
+}
