@@ -577,9 +577,10 @@ impl Run<'_> {
             if batch.is_empty() {
                 break;
             }
-            let recorded = self.record(&batch)?;
-            let started = match recorded.last() {
-                Some((Event::StepStarted(s), at)) => Some((s.step_index, *at)),
+            let times = self.record(&batch)?;
+            // The events recorded are a prefix of the batch, one time each.
+            let started = match (times.len().checked_sub(1).map(|i| &batch[i]), times.last()) {
+                (Some(Event::StepStarted(s)), Some(at)) => Some((s.step_index, *at)),
                 _ => None,
             };
             batch.clear();
@@ -645,10 +646,10 @@ impl Run<'_> {
 
     /// Judges, appends (in one commit) and folds `events`. On a conflict,
     /// catches up with what others appended (a cancel request) and tries
-    /// again with what the machine still accepts. Returns the events
-    /// recorded, with their times: all of them, or the prefix that a
-    /// caught-up cancel request left valid.
-    fn record(&mut self, events: &[Event]) -> Result<Vec<(Event, DateTime<Utc>)>, ExecutorError> {
+    /// again with what the machine still accepts. Returns the time of each
+    /// event recorded: all of them, or the prefix that a caught-up cancel
+    /// request left valid.
+    fn record(&mut self, events: &[Event]) -> Result<Vec<DateTime<Utc>>, ExecutorError> {
         let mut caught_up = false;
         for _ in 0..CONFLICT_RETRIES_MAX {
             let mut state = self.projector.state();
@@ -670,9 +671,7 @@ impl Run<'_> {
                 }
             }
             match self.append_now(&events[..accepted]) {
-                Ok(times) => {
-                    return Ok(events[..accepted].iter().cloned().zip(times).collect());
-                }
+                Ok(times) => return Ok(times),
                 Err(ExecutorError::Store { source, .. }) if source.is_conflict() => {
                     self.catch_up()?;
                     caught_up = true;
