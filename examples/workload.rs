@@ -163,19 +163,23 @@ fn baseline(
         .execute_batch(
             "PRAGMA journal_mode = WAL;
              CREATE TABLE events (position INTEGER PRIMARY KEY, job_id TEXT NOT NULL,
-                 seq INTEGER NOT NULL, kind TEXT NOT NULL, schema_version INTEGER NOT NULL,
-                 recorded_at TEXT NOT NULL, payload TEXT NOT NULL, digest TEXT, mac TEXT,
-                 UNIQUE (job_id, seq)) STRICT;",
+                 job_no INTEGER NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL,
+                 schema_version INTEGER NOT NULL, recorded_at TEXT NOT NULL,
+                 payload TEXT NOT NULL, digest TEXT, mac TEXT,
+                 UNIQUE (job_no, seq)) STRICT;
+             CREATE UNIQUE INDEX events_job ON events (job_id) WHERE seq = 1;",
         )
         .expect("create the baseline table");
     // Payloads shaped like the engine's: the plan once, then small step events.
     let plan_payload = serde_json::to_string(&plan(steps)).expect("plan serialises");
     let step_payload = r#"{"step_index":0,"output":{},"health_after":null}"#;
     let digest = "0".repeat(64);
+    let job_numbers = Arc::new(std::sync::atomic::AtomicI64::new(0));
     let start = Instant::now();
     let handles: Vec<_> = (0..threads)
         .map(|t| {
             let (path, plan_payload, digest) = (path.to_path_buf(), plan_payload.clone(), digest.clone());
+            let job_numbers = job_numbers.clone();
             std::thread::spawn(move || {
                 let mut conn = Connection::open(&path).expect("open the baseline");
                 conn.busy_timeout(std::time::Duration::from_secs(30)).expect("busy timeout");
@@ -186,6 +190,7 @@ fn baseline(
                 };
                 for _ in (t..jobs).step_by(threads) {
                     let job = Uuid::new_v4().to_string();
+                    let job_no = job_numbers.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
                     let events = events_per_job(steps);
                     let mut seq = 1;
                     while seq <= events {
@@ -195,10 +200,10 @@ fn baseline(
                         for _ in 0..rows_per_commit {
                             let payload = if seq == 1 { plan_payload.as_str() } else { step_payload };
                             tx.prepare_cached(
-                                "INSERT INTO events (job_id, seq, kind, schema_version, recorded_at, payload, digest)
-                                 VALUES (?1, ?2, 'StepStarted', 2, '2000-01-01T00:00:00.000000Z', ?3, ?4)",
+                                "INSERT INTO events (job_id, job_no, seq, kind, schema_version, recorded_at, payload, digest)
+                                 VALUES (?1, ?2, ?3, 'StepStarted', 2, '2000-01-01T00:00:00.000000Z', ?4, ?5)",
                             )
-                            .and_then(|mut s| s.execute(params![job, seq as i64, payload, digest]))
+                            .and_then(|mut s| s.execute(params![job, job_no, seq as i64, payload, digest]))
                             .expect("insert");
                             seq += 1;
                         }
@@ -241,7 +246,7 @@ fn raw_replay(path: &Path) -> f64 {
     let conn = Connection::open(path).expect("open");
     let start = Instant::now();
     let jobs: Vec<String> = conn
-        .prepare("SELECT job_id FROM events WHERE seq = 1 ORDER BY position")
+        .prepare("SELECT job_id FROM events WHERE seq = 1 ORDER BY job_no")
         .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
         .expect("list jobs");
     let mut events = 0u64;
@@ -249,7 +254,8 @@ fn raw_replay(path: &Path) -> f64 {
     let mut stmt = conn
         .prepare(
             "SELECT position, job_id, seq, kind, schema_version, recorded_at, payload, digest, mac
-             FROM events WHERE job_id = ?1 ORDER BY seq",
+             FROM events WHERE job_no = (SELECT job_no FROM events WHERE job_id = ?1 AND seq = 1)
+             ORDER BY seq",
         )
         .expect("prepare");
     for job in &jobs {

@@ -366,9 +366,9 @@ pub fn replay_all(
     store: &dyn EventStore,
     mut on_job: impl FnMut(Uuid, Result<ExecutionResult, ReplayError>),
 ) -> Result<(), StoreError> {
-    let mut current: Option<(Projector, Option<ReplayError>)> = None;
-    let mut finish = |job: Option<(Projector, Option<ReplayError>)>| {
-        if let Some((projector, failure)) = job {
+    let mut current: Option<(u64, Projector, Option<ReplayError>)> = None;
+    let mut finish = |job: Option<(u64, Projector, Option<ReplayError>)>| {
+        if let Some((_, projector, failure)) = job {
             let job_id = projector.job_id;
             let result = match failure {
                 Some(e) => Err(e),
@@ -379,16 +379,13 @@ pub fn replay_all(
             on_job(job_id, result);
         }
     };
-    store.scan(&mut |row| {
+    store.scan(&mut |group, row| {
         let Ok(record) = row else { return };
-        if current
-            .as_ref()
-            .is_none_or(|(p, _)| p.job_id != record.job_id)
-        {
+        if current.as_ref().is_none_or(|(g, _, _)| *g != group) {
             finish(current.take());
-            current = Some((Projector::new(record.job_id), None));
+            current = Some((group, Projector::new(record.job_id), None));
         }
-        if let Some((projector, failure @ None)) = current.as_mut()
+        if let Some((_, projector, failure @ None)) = current.as_mut()
             && let Err(e) = projector.apply_record(record)
         {
             *failure = Some(e);

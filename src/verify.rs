@@ -370,6 +370,32 @@ fn classify(pending: &PendingBreak, next: Option<&EventRecord>) -> (u64, String)
     generic
 }
 
+/// The job a group of rows belongs to: its first row's job id, unless that
+/// row's digest only holds with the second row's job id (the first row's id
+/// was changed after it was written).
+fn job_of(first: &EventRecord, second: Option<&EventRecord>) -> Uuid {
+    let sealed_as = |job_id: Uuid| {
+        first.seq == 1
+            && first.digest.as_deref().is_some_and(|stored| {
+                let as_job = EventRecord {
+                    job_id,
+                    ..first.clone()
+                };
+                chain::chain(&Digest::GENESIS, &as_job).matches_hex(stored)
+            })
+    };
+    match second {
+        Some(second) if second.job_id != first.job_id && !sealed_as(first.job_id) => {
+            if sealed_as(second.job_id) {
+                second.job_id
+            } else {
+                first.job_id
+            }
+        }
+        _ => first.job_id,
+    }
+}
+
 /// Checks one job's stored events (as `load_job` returns them).
 pub fn verify_job(job_id: Uuid, records: &[EventRecord], options: &VerifyOptions) -> JobReport {
     let mut verifier = JobVerifier::new(job_id, options);
@@ -405,7 +431,6 @@ pub fn verify_store(
     mut on_progress: impl FnMut(u64),
 ) -> Result<Summary, StoreError> {
     let mut summary = Summary::default();
-    let mut current: Option<JobVerifier<'_>> = None;
     let mut seen_expected = std::collections::HashSet::new();
     let mut finish = |verifier: JobVerifier<'_>, summary: &mut Summary| {
         let report = verifier.finish();
@@ -416,8 +441,23 @@ pub fn verify_store(
         }
         on_report(report);
     };
+    // A job's first row waits for its second, to tell which job id is the
+    // job's when the first row's was changed.
+    let mut first: Option<(u64, EventRecord)> = None;
+    let mut current: Option<(u64, JobVerifier<'_>)> = None;
     let mut unreadable = Vec::new();
-    store.scan(&mut |row| {
+    let mut start = |first: EventRecord, second: Option<&EventRecord>| {
+        let job_id = job_of(&first, second);
+        // Only the jobs with a kept head are remembered: memory stays
+        // independent of the number of jobs.
+        if options.expect.contains_key(&job_id) {
+            seen_expected.insert(job_id);
+        }
+        let mut verifier = JobVerifier::new(job_id, options);
+        verifier.push(&first);
+        verifier
+    };
+    store.scan(&mut |group, row| {
         summary.events += 1;
         if summary.events % 4096 == 0 {
             on_progress(summary.events);
@@ -429,22 +469,30 @@ pub fn verify_store(
                 return;
             }
         };
-        if current.as_ref().is_none_or(|v| v.job_id != record.job_id) {
-            if let Some(done) = current.take() {
-                finish(done, &mut summary);
-            }
-            // Only the jobs with a kept head are remembered: memory stays
-            // independent of the number of jobs.
-            if options.expect.contains_key(&record.job_id) {
-                seen_expected.insert(record.job_id);
-            }
-            current = Some(JobVerifier::new(record.job_id, options));
-        }
-        if let Some(verifier) = current.as_mut() {
+        if let Some((g, verifier)) = current.as_mut()
+            && *g == group
+        {
             verifier.push(record);
+            return;
         }
+        if let Some((g, pending)) = first.take() {
+            if g == group {
+                let mut verifier = start(pending, Some(record));
+                verifier.push(record);
+                current = Some((group, verifier));
+                return;
+            }
+            finish(start(pending, None), &mut summary);
+        }
+        if let Some((_, done)) = current.take() {
+            finish(done, &mut summary);
+        }
+        first = Some((group, record.clone()));
     })?;
-    if let Some(done) = current.take() {
+    if let Some((_, pending)) = first.take() {
+        finish(start(pending, None), &mut summary);
+    }
+    if let Some((_, done)) = current.take() {
         finish(done, &mut summary);
     }
     // Rows whose job id itself is unreadable belong to no job; report them

@@ -64,8 +64,9 @@ fn database_refuses_gaps_foreign_kinds_and_appends_after_the_end() {
     let raw = Connection::open(&path).unwrap();
     let insert_for = |job_id: Uuid, seq: i64, kind: &str| {
         raw.execute(
-            "INSERT INTO events (job_id, seq, kind, schema_version, recorded_at, payload, digest)
-             VALUES (?1, ?2, ?3, 1, '2000-01-01T00:00:00.000000Z', '{}', printf('%064d', 0))",
+            "INSERT INTO events (job_id, job_no, seq, kind, schema_version, recorded_at, payload, digest)
+             VALUES (?1, (SELECT job_no FROM events WHERE job_id = ?1 AND seq = 1), ?2, ?3, 1,
+                     '2000-01-01T00:00:00.000000Z', '{}', printf('%064d', 0))",
             rusqlite::params![job_id.to_string(), seq, kind],
         )
         .map(|_| ())
@@ -87,8 +88,8 @@ fn database_refuses_gaps_foreign_kinds_and_appends_after_the_end() {
     insert_for(open_job, 2, "StepStarted").expect("a well-formed append is accepted");
     let other = Uuid::new_v4().to_string();
     let first_not_started = raw.execute(
-        "INSERT INTO events (job_id, seq, kind, schema_version, recorded_at, payload, digest)
-         VALUES (?1, 1, 'StepStarted', 1, '2000-01-01T00:00:00.000000Z', '{}', printf('%064d', 0))",
+        "INSERT INTO events (job_id, job_no, seq, kind, schema_version, recorded_at, payload, digest)
+         VALUES (?1, 99, 1, 'StepStarted', 1, '2000-01-01T00:00:00.000000Z', '{}', printf('%064d', 0))",
         [&other],
     );
     assert!(
@@ -240,27 +241,38 @@ fn synchronous_is_full_by_default_and_normal_on_request() {
 }
 
 #[test]
-fn reading_one_job_uses_the_index() {
+fn reading_one_job_uses_the_indexes() {
     let (_dir, path) = fresh();
     with_job(&path);
     let raw = Connection::open(&path).unwrap();
-    let plan: String = raw
-        .query_row(
-            "EXPLAIN QUERY PLAN SELECT position, job_id, seq, kind, schema_version, recorded_at, payload
-             FROM events WHERE job_id = ?1 ORDER BY seq",
-            ["x"],
-            |r| r.get(3),
-        )
-        .unwrap();
-    assert!(plan.contains("USING INDEX"), "{plan}");
-    let jobs_plan: String = raw
-        .query_row(
-            "EXPLAIN QUERY PLAN SELECT job_id FROM events WHERE seq = 1 ORDER BY position",
-            [],
-            |r| r.get(3),
-        )
-        .unwrap();
-    assert!(jobs_plan.contains("events_job_starts"), "{jobs_plan}");
+    let plan = |sql: &str| -> Vec<String> {
+        raw.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .unwrap()
+            .query_map(["x"], |r| r.get(3))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    // A job's events: its number by the index of first events, then its
+    // rows by the (job_no, seq) key. No step of either scans the table.
+    let job = plan(
+        "SELECT position, job_id, seq, kind, schema_version, recorded_at, payload, digest, mac
+         FROM events WHERE job_no = (SELECT job_no FROM events WHERE job_id = ?1 AND seq = 1)
+         ORDER BY seq",
+    );
+    assert!(
+        job.iter().any(|step| step.contains("events_job ")),
+        "{job:?}"
+    );
+    assert!(
+        job.iter().all(|step| !step.starts_with("SCAN events")),
+        "{job:?}"
+    );
+    let jobs = plan("SELECT job_id FROM events WHERE seq = 1 AND ?1 = ?1 ORDER BY job_no");
+    assert!(
+        jobs.iter().any(|step| step.contains("events_job_starts")),
+        "{jobs:?}"
+    );
 }
 
 fn assert_refused_untouched(path: &Path, bytes: &[u8], want: &str) {

@@ -95,14 +95,12 @@ impl EventStore for MemoryStore {
 
     fn scan(
         &self,
-        visit: &mut dyn FnMut(Result<&EventRecord, StoreError>),
+        visit: &mut dyn FnMut(u64, Result<&EventRecord, StoreError>),
     ) -> Result<(), StoreError> {
         let inner = self.lock();
-        let mut jobs: Vec<&Uuid> = inner.jobs.keys().collect();
-        jobs.sort_unstable();
-        for job in jobs {
+        for (group, job) in inner.job_order.iter().enumerate() {
             for &index in &inner.jobs[job] {
-                visit(Ok(&inner.events[index]));
+                visit(group as u64, Ok(&inner.events[index]));
             }
         }
         Ok(())

@@ -63,15 +63,17 @@ pub trait EventStore: Send + Sync {
     /// [`StoreError`] when the log cannot be read.
     fn load_job(&self, job_id: Uuid) -> Result<Vec<EventRecord>, StoreError>;
 
-    /// Every event of the log, ordered by job id and then seq, handed to
-    /// `visit` one at a time so that memory does not grow with the log. A
-    /// row that cannot be read as a record is handed over as its error.
+    /// Every event of the log, each job's events together in seq order,
+    /// handed to `visit` one at a time so that memory does not grow with the
+    /// log. With each comes the number of its job's group: the same for all
+    /// of a job's rows, even a row whose job id was changed behind the
+    /// store's back. A row that cannot be read is handed over as its error.
     ///
     /// # Errors
     /// [`StoreError`] when the log cannot be read at all.
     fn scan(
         &self,
-        visit: &mut dyn FnMut(Result<&EventRecord, StoreError>),
+        visit: &mut dyn FnMut(u64, Result<&EventRecord, StoreError>),
     ) -> Result<(), StoreError>;
 
     /// The position of the last event in the whole log (0 when empty): the

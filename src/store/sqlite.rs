@@ -47,14 +47,80 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../schema/0004_one_lookup_per_append.sql"),
         then: None,
     },
+    Migration {
+        sql: include_str!("../../schema/0005_cluster_jobs.sql"),
+        then: None,
+    },
 ];
 
-/// Columns of an event row, in the order `read_row` expects.
+/// Columns of an event row, in the order `read_row_into` expects.
 const COLUMNS: &str =
     "position, job_id, seq, kind, schema_version, recorded_at, payload, digest, mac";
 /// The same for a version-1 database opened for reading (no chain columns yet).
 const COLUMNS_V1: &str =
     "position, job_id, seq, kind, schema_version, recorded_at, payload, NULL, NULL";
+
+/// Where a job's rows are, which depends on the schema version: read-only
+/// opens read older databases as they are.
+#[derive(Debug)]
+struct Layout {
+    /// A job's highest seq, 0 for none; `?1` is the job id.
+    last_seq: &'static str,
+    /// A job's events in seq order; `?1` is the job id.
+    job_events: String,
+    /// Job ids in start order.
+    job_ids: &'static str,
+    /// Ids of jobs whose last event does not end them, in start order.
+    unfinished: &'static str,
+    /// Every event, each job's together, with the job's group number last.
+    scan: String,
+}
+
+impl Layout {
+    /// Schema 5 on: rows keyed by (job_no, seq), jobs found by their first event.
+    fn clustered() -> Self {
+        const JOB: &str = "(SELECT job_no FROM events WHERE job_id = ?1 AND seq = 1)";
+        Layout {
+            last_seq: "SELECT coalesce(max(seq), 0) FROM events WHERE job_no = \
+                       (SELECT job_no FROM events WHERE job_id = ?1 AND seq = 1)",
+            job_events: format!("SELECT {COLUMNS} FROM events WHERE job_no = {JOB} ORDER BY seq"),
+            job_ids: "SELECT job_id FROM events WHERE seq = 1 ORDER BY job_no",
+            unfinished: "SELECT s.job_id FROM events s
+                 JOIN (SELECT job_no, max(seq) AS last FROM events GROUP BY job_no) j
+                   ON j.job_no = s.job_no
+                 JOIN events e ON e.job_no = j.job_no AND e.seq = j.last
+                 WHERE s.seq = 1
+                   AND e.kind NOT IN ('JobCompleted', 'JobHalted', 'JobCancelled')
+                 ORDER BY s.job_no",
+            scan: format!("SELECT {COLUMNS}, job_no FROM events ORDER BY job_no, seq"),
+        }
+    }
+
+    /// Schemas 1 to 4, read as they are: rows keyed by (job_id, seq).
+    fn by_job_id(columns: &str) -> Self {
+        Layout {
+            last_seq: "SELECT coalesce(max(seq), 0) FROM events WHERE job_id = ?1",
+            job_events: format!("SELECT {columns} FROM events WHERE job_id = ?1 ORDER BY seq"),
+            job_ids: "SELECT job_id FROM events WHERE seq = 1 ORDER BY position",
+            unfinished: "SELECT s.job_id FROM events s
+                 JOIN (SELECT job_id, max(seq) AS last FROM events GROUP BY job_id) j
+                   ON j.job_id = s.job_id
+                 JOIN events e ON e.job_id = j.job_id AND e.seq = j.last
+                 WHERE s.seq = 1
+                   AND e.kind NOT IN ('JobCompleted', 'JobHalted', 'JobCancelled')
+                 ORDER BY s.position",
+            scan: format!("SELECT {columns}, NULL FROM events ORDER BY job_id, seq"),
+        }
+    }
+
+    fn for_version(version: u32) -> Self {
+        match version {
+            0 | 5.. => Layout::clustered(),
+            1 => Layout::by_job_id(COLUMNS_V1),
+            _ => Layout::by_job_id(COLUMNS),
+        }
+    }
+}
 
 /// The schema version this build writes.
 pub const DB_SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -113,7 +179,7 @@ impl Default for SqliteOptions {
 pub struct SqliteStore {
     path: PathBuf,
     conn: Mutex<Connection>,
-    columns: &'static str,
+    layout: Layout,
     group: GroupCommit,
 }
 
@@ -170,10 +236,11 @@ impl SqliteStore {
         let mut store = SqliteStore {
             path,
             conn: Mutex::new(conn),
-            columns: if version == 1 && options.read_only {
-                COLUMNS_V1
+            // Writers migrate to the current schema; readers read what is there.
+            layout: if options.read_only {
+                Layout::for_version(version)
             } else {
-                COLUMNS
+                Layout::clustered()
             },
             group: GroupCommit::default(),
         };
@@ -195,7 +262,7 @@ impl SqliteStore {
         let mut store = SqliteStore {
             path,
             conn: Mutex::new(conn),
-            columns: COLUMNS,
+            layout: Layout::clustered(),
             group: GroupCommit::default(),
         };
         store.migrate(0)?;
@@ -294,7 +361,7 @@ impl SqliteStore {
         let first = &records[0];
         if error.sqlite_error_code() == Some(ErrorCode::ConstraintViolation) {
             let last: rusqlite::Result<i64> = conn
-                .prepare_cached("SELECT coalesce(max(seq), 0) FROM events WHERE job_id = ?1")
+                .prepare_cached(self.layout.last_seq)
                 .and_then(|mut stmt| stmt.query_row([first.job_id.to_string()], |row| row.get(0)));
             if let Ok(last) = last {
                 let last = last.max(0) as u64;
@@ -531,9 +598,14 @@ fn fill(
 /// seq that does not follow the job's last event.
 fn insert_records(conn: &mut Connection, records: &[EventRecord]) -> rusqlite::Result<Vec<u64>> {
     let job_text = records[0].job_id.to_string();
+    // A new job is numbered after every job before it; its later events
+    // carry the number its JobStarted got.
     let mut insert = conn.prepare_cached(
-        "INSERT INTO events (job_id, seq, kind, schema_version, recorded_at, payload, digest, mac)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO events (job_id, job_no, seq, kind, schema_version, recorded_at, payload, digest, mac)
+         VALUES (?1,
+                 CASE WHEN ?2 = 1 THEN (SELECT coalesce(max(job_no), 0) + 1 FROM events)
+                      ELSE (SELECT job_no FROM events WHERE job_id = ?1 AND seq = 1) END,
+                 ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?;
     let mut positions = Vec::with_capacity(records.len());
     for record in records {
@@ -621,7 +693,7 @@ impl EventStore for SqliteStore {
     fn last_seq(&self, job_id: Uuid) -> Result<u64, StoreError> {
         let conn = self.lock();
         let last: i64 = conn
-            .prepare_cached("SELECT coalesce(max(seq), 0) FROM events WHERE job_id = ?1")
+            .prepare_cached(self.layout.last_seq)
             .and_then(|mut stmt| stmt.query_row([job_id.to_string()], |row| row.get(0)))
             .map_err(|e| classify(&self.path, "reading a job's last seq", e))?;
         Ok(last.max(0) as u64)
@@ -634,11 +706,7 @@ impl EventStore for SqliteStore {
     ) -> Result<(), StoreError> {
         let conn = self.lock();
         let read = |e| classify(&self.path, "reading a job's events", e);
-        let sql = format!(
-            "SELECT {} FROM events WHERE job_id = ?1 ORDER BY seq",
-            self.columns
-        );
-        let mut stmt = conn.prepare_cached(&sql).map_err(read)?;
+        let mut stmt = conn.prepare_cached(&self.layout.job_events).map_err(read)?;
         let mut rows = stmt.query([job_id.to_string()]).map_err(read)?;
         // One record, refilled row after row: no allocation per event.
         let mut record = EventRecord::default();
@@ -663,27 +731,35 @@ impl EventStore for SqliteStore {
     fn job_ids(&self) -> Result<Vec<Uuid>, StoreError> {
         let conn = self.lock();
         let read = |e| classify(&self.path, "listing jobs", e);
-        let mut stmt = conn
-            .prepare_cached("SELECT job_id FROM events WHERE seq = 1 ORDER BY position")
-            .map_err(read)?;
+        let mut stmt = conn.prepare_cached(self.layout.job_ids).map_err(read)?;
         job_id_column(&mut stmt, read)
     }
 
     fn scan(
         &self,
-        visit: &mut dyn FnMut(Result<&EventRecord, StoreError>),
+        visit: &mut dyn FnMut(u64, Result<&EventRecord, StoreError>),
     ) -> Result<(), StoreError> {
         let conn = self.lock();
         let read = |e| classify(&self.path, "scanning the log", e);
-        let sql = format!("SELECT {} FROM events ORDER BY job_id, seq", self.columns);
-        let mut stmt = conn.prepare(&sql).map_err(read)?;
+        let mut stmt = conn.prepare(&self.layout.scan).map_err(read)?;
         let mut rows = stmt.query([]).map_err(read)?;
         // One record, refilled row after row: memory stays flat.
         let mut record = EventRecord::default();
+        // Without job numbers (older schemas), a job is a run of one job id.
+        let (mut group, mut last_job) = (0u64, None::<Uuid>);
         while let Some(row) = rows.next().map_err(read)? {
+            let job_no: Option<i64> = row.get(9).map_err(read)?;
             match read_row_into(row, &mut record).map_err(read)? {
-                Ok(()) => visit(Ok(&record)),
-                Err(e) => visit(Err(e)),
+                Ok(()) => {
+                    group = match job_no {
+                        Some(job_no) => job_no as u64,
+                        None if last_job == Some(record.job_id) => group,
+                        None => group + 1,
+                    };
+                    last_job = Some(record.job_id);
+                    visit(group, Ok(&record));
+                }
+                Err(e) => visit(job_no.map_or(u64::MAX, |n| n as u64), Err(e)),
             }
         }
         Ok(())
@@ -692,18 +768,7 @@ impl EventStore for SqliteStore {
     fn unfinished_jobs(&self) -> Result<Vec<Uuid>, StoreError> {
         let conn = self.lock();
         let read = |e| classify(&self.path, "listing unfinished jobs", e);
-        // A job's last event is the one with no successor.
-        let mut stmt = conn
-            .prepare_cached(
-                "SELECT s.job_id FROM events s
-                 JOIN (SELECT job_id, max(seq) AS last FROM events GROUP BY job_id) j
-                   ON j.job_id = s.job_id
-                 JOIN events e ON e.job_id = j.job_id AND e.seq = j.last
-                 WHERE s.seq = 1
-                   AND e.kind NOT IN ('JobCompleted', 'JobHalted', 'JobCancelled')
-                 ORDER BY s.position",
-            )
-            .map_err(read)?;
+        let mut stmt = conn.prepare_cached(self.layout.unfinished).map_err(read)?;
         job_id_column(&mut stmt, read)
     }
 

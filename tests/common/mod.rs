@@ -159,7 +159,7 @@ impl job_executor::store::EventStore for FaultyStore {
     }
     fn scan(
         &self,
-        visit: &mut dyn FnMut(Result<&EventRecord, job_executor::store::StoreError>),
+        visit: &mut dyn FnMut(u64, Result<&EventRecord, job_executor::store::StoreError>),
     ) -> Result<(), job_executor::store::StoreError> {
         self.inner.scan(visit)
     }
@@ -205,8 +205,8 @@ pub fn insert_renumbered(
     )
     .unwrap();
     raw.execute(
-        "INSERT INTO events (job_id, seq, kind, schema_version, recorded_at, payload, digest)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO events (job_id, job_no, seq, kind, schema_version, recorded_at, payload, digest)
+         VALUES (?1, (SELECT job_no FROM events WHERE job_id = ?1 LIMIT 1), ?2, ?3, ?4, ?5, ?6, ?7)",
         rusqlite::params![
             job,
             seq as i64,
