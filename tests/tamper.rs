@@ -5,9 +5,9 @@
 //! The changes: a changed byte in any column the chain covers (job_id, seq,
 //! kind, schema_version, recorded_at, payload, digest, and mac in keyed mode),
 //! a deleted event, two events swapped, an event inserted, and the tail cut
-//! (caught with the heads an auditor kept, `--expect`). `position` is the
-//! store's index of the whole log, not part of any job's evidence, and is not
-//! covered by the chain (see ARCHITECTURE.md).
+//! (caught with the heads an auditor kept, `--expect`). `position` and
+//! `job_no` are the store's index of the whole log, not part of any job's
+//! evidence, and are not covered by the chain (see ARCHITECTURE.md).
 
 mod common;
 
