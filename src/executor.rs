@@ -367,6 +367,7 @@ impl JobExecutor {
             Err(e) => Err(e),
         }
     }
+
     /// Continues a job that stopped between steps (no step in doubt) at its
     /// next step, with the plan recorded in its log. Appends `JobResumed`,
     /// observes health before the next step, then runs as `execute_job` does.
