@@ -10,8 +10,8 @@
 //! With several jobs running, a leader that commits the instant it leads
 //! would only catch the jobs that happened to be waiting; the others arrive
 //! a moment later and form the next, equally small batch. So a leader waits
-//! for the jobs seen in the last two batches to queue, at most a quarter
-//! of a commit's time. A single job never waits.
+//! for the jobs seen in the last two batches to queue, at most half a
+//! commit's time. A single job never waits.
 
 use std::sync::mpsc;
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -128,7 +128,7 @@ impl GroupCommit {
         let expected = state.recent_jobs.len();
         let have = |state: &State| state.queue.len() + usize::from(own.is_some());
         if expected > have(&state) {
-            let deadline = Instant::now() + (state.last_commit / 4).min(GATHER_WAIT_MAX);
+            let deadline = Instant::now() + (state.last_commit / 2).min(GATHER_WAIT_MAX);
             state.leader_waiting = true;
             while have(&state) < expected {
                 let now = Instant::now();
