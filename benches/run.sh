@@ -14,7 +14,7 @@ workload=target/release/examples/workload
 bin=target/release/job-executor
 
 echo "== throughput: engine vs raw SQLite, T = 1, 2, 4, 8, FULL and NORMAL" >&2
-"$workload" --jobs 200 --steps 20 --runs 3 --threads 1,2,4,8 --sync full,normal \
+"$workload" --jobs 300 --steps 20 --runs 7 --threads 1,2,4,8 --sync full,normal \
     --dir "$scratch" | tee "$out/workload.jsonl"
 
 echo "== one job's replay as the log grows from 10k to 1M events" >&2
