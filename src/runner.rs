@@ -169,9 +169,7 @@ fn receive(
 ) -> Result<Outcome, RecvTimeoutError> {
     // Executors poll under a cap of their own: with many jobs on few cores,
     // pollers would only take the cores the handlers need.
-    if shared.running.load(Ordering::SeqCst) <= 1
-        && shared.waiting.fetch_add(1, Ordering::SeqCst) < shared.spinners_max
-    {
+    if shared.running.load(Ordering::SeqCst) <= 1 && claim(&shared.waiting, shared.spinners_max) {
         let polling_until = Instant::now() + RESULT_SPIN;
         while Instant::now() < polling_until {
             match outcome.try_recv() {
@@ -191,6 +189,13 @@ fn receive(
     }
 }
 
+/// Takes one of `max` polling places, if one is free.
+fn claim(pollers: &AtomicUsize, max: usize) -> bool {
+    pollers
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max).then_some(n + 1))
+        .is_ok()
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Tasks are pushed and popped whole: a poisoned queue is still consistent.
     mutex
@@ -199,11 +204,17 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn worker(first: Task, shared: &Shared) {
-    run_task(first);
+    let mut task = first;
     loop {
+        let (outcome, reply) = run_task(task);
+        // Idle before replying: the executor hands its next step over the
+        // moment it has this outcome, and must find this worker free rather
+        // than start another one.
         shared.idle.fetch_add(1, Ordering::SeqCst);
+        // After a timeout nobody listens: the late outcome is dropped here.
+        let _ = reply.send(outcome);
         match next_task(shared) {
-            Some(task) => run_task(task),
+            Some(next) => task = next,
             // The pool is gone.
             None => return,
         }
@@ -223,9 +234,7 @@ fn try_pop(shared: &Shared) -> Option<Task> {
 
 fn next_task(shared: &Shared) -> Option<Task> {
     // The step just finished may still count as running: one is one job.
-    if shared.running.load(Ordering::SeqCst) <= 1
-        && shared.spinning.fetch_add(1, Ordering::SeqCst) < shared.spinners_max
-    {
+    if shared.running.load(Ordering::SeqCst) <= 1 && claim(&shared.spinning, shared.spinners_max) {
         let polling_until = Instant::now() + WORKER_SPIN;
         while Instant::now() < polling_until && !shared.closed.load(Ordering::SeqCst) {
             if let Some(task) = try_pop(shared) {
@@ -252,7 +261,7 @@ fn next_task(shared: &Shared) -> Option<Task> {
     }
 }
 
-fn run_task(task: Task) {
+fn run_task(task: Task) -> (Outcome, mpsc::SyncSender<Outcome>) {
     let Task {
         handler,
         step,
@@ -274,8 +283,7 @@ fn run_task(task: Task) {
             output: None,
         },
     };
-    // After a timeout nobody listens: the late outcome is dropped here.
-    let _ = reply.send(outcome);
+    (outcome, reply)
 }
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
@@ -285,5 +293,23 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         text.clone()
     } else {
         "handler panicked".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_polling_place_is_not_counted() {
+        let pollers = AtomicUsize::new(0);
+        assert!(claim(&pollers, 1));
+        // Refused while taken, without raising the count: a leak here
+        // would stop every later poller for good.
+        assert!(!claim(&pollers, 1));
+        assert!(!claim(&pollers, 1));
+        assert_eq!(pollers.load(Ordering::SeqCst), 1);
+        pollers.fetch_sub(1, Ordering::SeqCst);
+        assert!(claim(&pollers, 1));
     }
 }

@@ -70,6 +70,7 @@ fn tamper(path: &Path) -> Connection {
     raw.execute_batch(
         "DROP TRIGGER IF EXISTS events_no_update;
          DROP TRIGGER IF EXISTS events_no_delete;
+         DROP TRIGGER IF EXISTS events_insert;
          DROP TRIGGER IF EXISTS events_follow;
          DROP TRIGGER IF EXISTS events_sealed;
          PRAGMA ignore_check_constraints = ON;",

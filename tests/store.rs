@@ -83,8 +83,11 @@ fn database_refuses_gaps_foreign_kinds_and_appends_after_the_end() {
             .unwrap_err()
             .contains("nothing follows the end of a job")
     );
-    let err = insert_for(open_job, 2, "Whatever").unwrap_err();
-    assert!(err.contains("unknown event kind"), "{err}");
+    // Neither a stranger, nor a list of known kinds, nor a part of one.
+    for kind in ["Whatever", "StepStarted,StepSucceeded", "Step", ""] {
+        let err = insert_for(open_job, 2, kind).unwrap_err();
+        assert!(err.contains("unknown event kind"), "{kind:?}: {err}");
+    }
     insert_for(open_job, 2, "StepStarted").expect("a well-formed append is accepted");
     let other = Uuid::new_v4().to_string();
     let first_not_started = raw.execute(

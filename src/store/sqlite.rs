@@ -51,6 +51,10 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../schema/0005_cluster_jobs.sql"),
         then: None,
     },
+    Migration {
+        sql: include_str!("../../schema/0006_one_insert_trigger.sql"),
+        then: None,
+    },
 ];
 
 /// Columns of an event row, in the order `read_row_into` expects.
