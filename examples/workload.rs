@@ -8,7 +8,7 @@
 //!     [--threads 1,8] [--sync full,normal] [--runs 3] [--dir DIR] [--keep]
 //! cargo run --release --example workload -- --replay-only FILE   # replay a whole log, streaming
 //! cargo run --release --example workload -- --scale FILE         # one job's replay as the log grows
-//! cargo run --release --example workload -- --generate FILE       # write a log and keep it
+//! cargo run --release --example workload -- --generate FILE [--sync S] # write a log (NORMAL) and keep it
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -33,6 +33,8 @@ struct Options {
     replay_only: Option<PathBuf>,
     generate: Option<PathBuf>,
     scale: Option<PathBuf>,
+    /// `--sync` as given: `--generate` writes at NORMAL unless told.
+    sync_given: bool,
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -47,6 +49,7 @@ fn parse_args() -> Result<Options, String> {
         replay_only: None,
         generate: None,
         scale: None,
+        sync_given: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -70,6 +73,7 @@ fn parse_args() -> Result<Options, String> {
                         other => Err(format!("--sync: unknown mode {other:?}")),
                     })
                     .collect::<Result<_, _>>()?;
+                options.sync_given = true;
             }
             "--dir" => options.dir = Some(PathBuf::from(value()?)),
             "--keep" => options.keep = true,
@@ -311,13 +315,12 @@ fn main() {
         return;
     }
     if let Some(path) = &options.generate {
-        let rate = engine(
-            path,
-            Synchronous::Normal,
-            options.jobs,
-            options.steps,
-            options.threads[0],
-        );
+        let sync = if options.sync_given {
+            options.syncs[0]
+        } else {
+            Synchronous::Normal
+        };
+        let rate = engine(path, sync, options.jobs, options.steps, options.threads[0]);
         let events = options.jobs as u64 * events_per_job(options.steps);
         println!("{{\"generated_events\":{events},\"engine_events_per_s\":{rate:.0}}}");
         return;

@@ -572,6 +572,7 @@ impl Run<'_> {
     /// runs only once its `StepStarted` is committed. So every step costs
     /// one commit, and nothing about at-most-once changes.
     fn drive(&mut self, first: Vec<Event>) -> Result<ExecutionResult, ExecutorError> {
+        let _running = self.executor.pool.job();
         let mut batch = first;
         loop {
             self.decide_more(&mut batch);

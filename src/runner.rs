@@ -55,11 +55,21 @@ struct Shared {
     spinning: AtomicUsize,
     /// Executor threads polling for an outcome right now; at most `spinners_max`.
     waiting: AtomicUsize,
-    /// Steps being run right now. Polling only pays while a single job
-    /// runs: with several, the cores are better left to the work itself.
-    running: AtomicUsize,
+    /// Jobs being driven right now. Polling only pays while a single job
+    /// runs: with several, the cores are better left to the work itself
+    /// (their steps are mostly waiting for a commit, not running).
+    jobs: AtomicUsize,
     spinners_max: usize,
     closed: AtomicBool,
+}
+
+/// A job being driven, counted while it lives.
+pub(crate) struct JobGuard<'a>(&'a Shared);
+
+impl Drop for JobGuard<'_> {
+    fn drop(&mut self) {
+        self.0.jobs.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A pool of handler threads that grows when every worker is busy.
@@ -87,11 +97,17 @@ impl HandlerPool {
                 idle: AtomicUsize::new(0),
                 spinning: AtomicUsize::new(0),
                 waiting: AtomicUsize::new(0),
-                running: AtomicUsize::new(0),
+                jobs: AtomicUsize::new(0),
                 spinners_max: cores.saturating_sub(1).max(1),
                 closed: AtomicBool::new(false),
             }),
         }
+    }
+
+    /// Counts a job as running until the guard is dropped.
+    pub(crate) fn job(&self) -> JobGuard<'_> {
+        self.shared.jobs.fetch_add(1, Ordering::SeqCst);
+        JobGuard(&self.shared)
     }
 
     /// Runs `handler` on a worker and waits for its outcome until the
@@ -110,11 +126,9 @@ impl HandlerPool {
             context: context.clone(),
             reply,
         };
-        self.shared.running.fetch_add(1, Ordering::SeqCst);
         self.submit(task);
         let past_deadline = || context.deadline.is_some_and(|d| Instant::now() >= d);
         let received = receive(&self.shared, &outcome, context.deadline);
-        self.shared.running.fetch_sub(1, Ordering::SeqCst);
         match received {
             // A result that comes in after the deadline is as late as none.
             Ok(outcome) if !past_deadline() => outcome,
@@ -169,7 +183,7 @@ fn receive(
 ) -> Result<Outcome, RecvTimeoutError> {
     // Executors poll under a cap of their own: with many jobs on few cores,
     // pollers would only take the cores the handlers need.
-    if shared.running.load(Ordering::SeqCst) <= 1 && claim(&shared.waiting, shared.spinners_max) {
+    if shared.jobs.load(Ordering::SeqCst) <= 1 && claim(&shared.waiting, shared.spinners_max) {
         let polling_until = Instant::now() + RESULT_SPIN;
         while Instant::now() < polling_until {
             match outcome.try_recv() {
@@ -192,7 +206,9 @@ fn receive(
 /// Takes one of `max` polling places, if one is free.
 fn claim(pollers: &AtomicUsize, max: usize) -> bool {
     pollers
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max).then_some(n + 1))
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+            (n < max).then_some(n + 1)
+        })
         .is_ok()
 }
 
@@ -233,8 +249,7 @@ fn try_pop(shared: &Shared) -> Option<Task> {
 }
 
 fn next_task(shared: &Shared) -> Option<Task> {
-    // The step just finished may still count as running: one is one job.
-    if shared.running.load(Ordering::SeqCst) <= 1 && claim(&shared.spinning, shared.spinners_max) {
+    if shared.jobs.load(Ordering::SeqCst) <= 1 && claim(&shared.spinning, shared.spinners_max) {
         let polling_until = Instant::now() + WORKER_SPIN;
         while Instant::now() < polling_until && !shared.closed.load(Ordering::SeqCst) {
             if let Some(task) = try_pop(shared) {
