@@ -39,6 +39,9 @@ struct State {
     leading: bool,
     /// The leader waits on `arrived` for more appends.
     leader_waiting: bool,
+    /// The queue length the waiting leader waits for: it is woken once,
+    /// when the queue reaches it, not at every arrival.
+    gather_target: usize,
     queue: Vec<Pending>,
     /// Distinct jobs of the last two batches: how many appends to expect.
     recent_jobs: Vec<Uuid>,
@@ -99,7 +102,7 @@ impl GroupCommit {
             records: records.to_vec(),
             reply,
         });
-        if state.leader_waiting {
+        if state.leader_waiting && state.queue.len() >= state.gather_target {
             self.arrived.notify_one();
         }
         drop(state);
@@ -130,6 +133,7 @@ impl GroupCommit {
         if expected > have(&state) {
             let deadline = Instant::now() + (state.last_commit / 2).min(GATHER_WAIT_MAX);
             state.leader_waiting = true;
+            state.gather_target = expected - usize::from(own.is_some());
             while have(&state) < expected {
                 let now = Instant::now();
                 if now >= deadline {
