@@ -14,7 +14,6 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -32,7 +31,7 @@ use crate::model::{
     CancelSignal, ExecutionContext, ExecutionResult, JobStep, PlanError, validate_plan,
 };
 use crate::projection::{self, Projector, ReplayError};
-use crate::runner::{HandlerPool, Outcome};
+use crate::runner::{Dispatch, HandlerPool, Outcome};
 use crate::store::{EventStore, MemoryStore, StoreError};
 
 /// Version of this executor, recorded in every `JobStarted`.
@@ -546,6 +545,13 @@ impl JobExecutor {
     }
 }
 
+/// A step whose start was just recorded; its handler, if it has one, has
+/// been handed to a worker.
+struct Started {
+    step_index: u32,
+    dispatch: Option<Dispatch>,
+}
+
 /// One job's run: the events recorded so far, folded, and what it needs to
 /// go on.
 struct Run<'a> {
@@ -579,15 +585,10 @@ impl Run<'_> {
             if batch.is_empty() {
                 break;
             }
-            let times = self.record(&batch)?;
-            // The events recorded are a prefix of the batch, one time each.
-            let started = match (times.len().checked_sub(1).map(|i| &batch[i]), times.last()) {
-                (Some(Event::StepStarted(s)), Some(at)) => Some((s.step_index, *at)),
-                _ => None,
-            };
+            let started = self.record(&batch)?;
             batch.clear();
-            if let Some((step_index, started_at)) = started {
-                batch.push(self.run_step(step_index, started_at));
+            if let Some(started) = started {
+                batch.push(self.outcome(started));
             }
         }
         Ok(self
@@ -619,11 +620,16 @@ impl Run<'_> {
         batch.push(next);
     }
 
-    /// Runs a started step's handler off-thread against its deadline and
-    /// returns its outcome event.
-    fn run_step(&self, step_index: u32, started_at: DateTime<Utc>) -> Event {
+    /// Prepares the handler of a step about to start at `started_at`: the
+    /// hook that hands it to a worker once its start is committed, and what
+    /// to wait on. `None` when no handler is registered for its type.
+    fn prepare_step(
+        &self,
+        step_index: u32,
+        started_at: DateTime<Utc>,
+    ) -> Option<(Box<dyn FnOnce() + Send>, Dispatch)> {
         let step = &self.plan[step_index as usize];
-        let deadline = Instant::now().checked_add(Duration::from_secs(step.timeout_seconds));
+        let handler = self.executor.handlers.get(&step.step_type)?;
         let context = ExecutionContext {
             job_id: self.job_id,
             contract_id: self.contract_id,
@@ -632,26 +638,36 @@ impl Run<'_> {
             target: step.target.clone(),
             executed_by: self.executed_by.clone(),
             started_at,
-            deadline,
+            // Set when the step is handed over.
+            deadline: None,
             cancel: CancelSignal::new(),
         };
-        let outcome = match self.executor.handlers.get(&step.step_type) {
-            Some(handler) => self.executor.pool.run(handler.clone(), step, &context),
+        Some(self.executor.pool.prepare(handler.clone(), step, context))
+    }
+
+    /// Waits for a started step's outcome (its handler runs off-thread
+    /// against its deadline) and returns its outcome event.
+    fn outcome(&self, started: Started) -> Event {
+        let outcome = match started.dispatch {
+            Some(dispatch) => self.executor.pool.wait(dispatch),
             None => Outcome::Failed {
                 failure: FailureKind::NoHandler,
-                error: format!("No handler registered for step type: {}", step.step_type),
+                error: format!(
+                    "No handler registered for step type: {}",
+                    self.plan[started.step_index as usize].step_type
+                ),
                 output: None,
             },
         };
-        outcome_event(outcome, step_index, self.observe())
+        outcome_event(outcome, started.step_index, self.observe())
     }
 
     /// Judges, appends (in one commit) and folds `events`. On a conflict,
     /// catches up with what others appended (a cancel request) and tries
-    /// again with what the machine still accepts. Returns the time of each
-    /// event recorded: all of them, or the prefix that a caught-up cancel
-    /// request left valid.
-    fn record(&mut self, events: &[Event]) -> Result<Vec<DateTime<Utc>>, ExecutorError> {
+    /// again with what the machine still accepts: all of `events`, or the
+    /// prefix that a caught-up cancel request left valid. Returns the step
+    /// started, when the events recorded end with a `StepStarted`.
+    fn record(&mut self, events: &[Event]) -> Result<Option<Started>, ExecutorError> {
         let mut caught_up = false;
         for _ in 0..CONFLICT_RETRIES_MAX {
             let mut state = self.projector.state();
@@ -673,7 +689,7 @@ impl Run<'_> {
                 }
             }
             match self.append_now(&events[..accepted]) {
-                Ok(times) => return Ok(times),
+                Ok(started) => return Ok(started),
                 Err(ExecutorError::Store { source, .. }) if source.is_conflict() => {
                     self.catch_up()?;
                     caught_up = true;
@@ -689,18 +705,19 @@ impl Run<'_> {
     }
 
     /// Appends `events` (which the machine has accepted) in one commit and
-    /// folds them. Returns the time recorded for each.
-    fn append_now(&mut self, events: &[Event]) -> Result<Vec<DateTime<Utc>>, ExecutorError> {
+    /// folds them. When they end with a `StepStarted`, its handler is handed
+    /// to a worker as soon as they are committed; returns that step.
+    fn append_now(&mut self, events: &[Event]) -> Result<Option<Started>, ExecutorError> {
         if events.is_empty() {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let job_id = self.job_id;
         let first_seq = self.projector.events() + 1;
-        let mut times = Vec::with_capacity(events.len());
         let mut records = Vec::with_capacity(events.len());
+        let mut last_at = None;
         for (offset, event) in events.iter().enumerate() {
             let recorded_at = truncate_to_micros(self.executor.clock.now());
-            times.push(recorded_at);
+            last_at = Some(recorded_at);
             records.push(EventRecord::encode(
                 job_id,
                 first_seq + offset as u64,
@@ -710,10 +727,31 @@ impl Run<'_> {
         }
         self.projector
             .seal(&mut records, self.executor.head_key.as_ref());
-        self.executor
-            .store
-            .append(&records)
-            .map_err(|source| ExecutorError::Store { job_id, source })?;
+        let started = match (events.last(), last_at) {
+            (Some(Event::StepStarted(s)), Some(at)) => Some((s.step_index, at)),
+            _ => None,
+        };
+        let store = &self.executor.store;
+        let (appended, started) = match started {
+            Some((step_index, at)) => match self.prepare_step(step_index, at) {
+                Some((hook, dispatch)) => (
+                    store.append_then(&records, hook),
+                    Some(Started {
+                        step_index,
+                        dispatch: Some(dispatch),
+                    }),
+                ),
+                None => (
+                    store.append(&records),
+                    Some(Started {
+                        step_index,
+                        dispatch: None,
+                    }),
+                ),
+            },
+            None => (store.append(&records), None),
+        };
+        appended.map_err(|source| ExecutorError::Store { job_id, source })?;
         for (record, event) in records.iter().zip(events) {
             self.projector
                 .apply_sealed(record, event)
@@ -723,7 +761,7 @@ impl Run<'_> {
                     source,
                 })?;
         }
-        Ok(times)
+        Ok(started)
     }
 
     /// Folds in what others appended to the job since this run last looked.

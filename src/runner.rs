@@ -1,7 +1,11 @@
 //! Runs handlers off the executor's thread, against a deadline.
 //!
 //! The executor hands each step to a pooled worker thread and waits for the
-//! outcome until the step's deadline. Past it, the executor raises the
+//! outcome until the step's deadline. The hand-over is a hook the store runs
+//! the moment the step's `StepStarted` is committed
+//! ([`EventStore::append_then`](crate::store::EventStore::append_then)): with
+//! group commit, the committing thread starts every handler of its batch
+//! before it wakes their executors, and the deadline runs from there. Past it, the executor raises the
 //! step's [`CancelSignal`](crate::model::CancelSignal) and records a timeout;
 //! the worker's late result goes nowhere. A handler that ignores the signal
 //! keeps its worker, not the job: the pool starts another worker whenever
@@ -31,11 +35,23 @@ pub(crate) enum Outcome {
     },
 }
 
+/// An outcome, and whether it came past the step's deadline.
+type Reply = (Outcome, bool);
+
 struct Task {
     handler: Arc<dyn StepHandler>,
     step: JobStep,
     context: ExecutionContext,
-    reply: mpsc::SyncSender<Outcome>,
+    reply: mpsc::SyncSender<Reply>,
+}
+
+/// A step handed (or about to be handed) to a worker: what its executor
+/// waits on.
+pub(crate) struct Dispatch {
+    outcome: mpsc::Receiver<Reply>,
+    cancel: crate::model::CancelSignal,
+    timeout: Duration,
+    timeout_seconds: u64,
 }
 
 /// How long an idle worker polls for its next task before it sleeps: the
@@ -110,33 +126,54 @@ impl HandlerPool {
         JobGuard(&self.shared)
     }
 
-    /// Runs `handler` on a worker and waits for its outcome until the
-    /// context's deadline; past it, raises the cancel signal and returns a
-    /// timeout.
-    pub(crate) fn run(
+    /// Prepares `step` for `handler`: returns the hook that hands it to a
+    /// worker — to be called once the step's start is committed; its
+    /// deadline runs from then — and what to wait on for its outcome.
+    pub(crate) fn prepare(
         &self,
         handler: Arc<dyn StepHandler>,
         step: &JobStep,
-        context: &ExecutionContext,
-    ) -> Outcome {
+        mut context: ExecutionContext,
+    ) -> (Box<dyn FnOnce() + Send>, Dispatch) {
         let (reply, outcome) = mpsc::sync_channel(1);
-        let task = Task {
-            handler,
-            step: step.clone(),
-            context: context.clone(),
-            reply,
+        let timeout = Duration::from_secs(step.timeout_seconds);
+        let dispatch = Dispatch {
+            outcome,
+            cancel: context.cancel.clone(),
+            timeout,
+            timeout_seconds: step.timeout_seconds,
         };
-        self.submit(task);
-        let past_deadline = || context.deadline.is_some_and(|d| Instant::now() >= d);
-        let received = receive(&self.shared, &outcome, context.deadline);
-        match received {
+        let step = step.clone();
+        let shared = self.shared.clone();
+        let hook = Box::new(move || {
+            context.deadline = Instant::now().checked_add(timeout);
+            submit(
+                &shared,
+                Task {
+                    handler,
+                    step,
+                    context,
+                    reply,
+                },
+            );
+        });
+        (hook, dispatch)
+    }
+
+    /// Waits for the outcome of a step handed to a worker, until its
+    /// deadline (counted from when this wait starts, which is after the
+    /// hand-over, so never before the handler's own); past it, raises the
+    /// step's cancel signal and returns a timeout.
+    pub(crate) fn wait(&self, dispatch: Dispatch) -> Outcome {
+        let deadline = Instant::now().checked_add(dispatch.timeout);
+        match receive(&self.shared, &dispatch.outcome, deadline) {
+            Ok((outcome, false)) => outcome,
             // A result that comes in after the deadline is as late as none.
-            Ok(outcome) if !past_deadline() => outcome,
-            Ok(_) | Err(RecvTimeoutError::Timeout) => {
-                context.cancel.cancel();
+            Ok((_, true)) | Err(RecvTimeoutError::Timeout) => {
+                dispatch.cancel.cancel();
                 Outcome::Failed {
                     failure: FailureKind::Timeout,
-                    error: format!("timed out after {} s", step.timeout_seconds),
+                    error: format!("timed out after {} s", dispatch.timeout_seconds),
                     output: None,
                 }
             }
@@ -147,40 +184,38 @@ impl HandlerPool {
             },
         }
     }
-
-    fn submit(&self, task: Task) {
-        // Promise the task to an idle worker, or start a new one for it, so
-        // that no task ever queues behind a busy (or stuck) handler.
-        let shared = &self.shared;
-        let promised = shared
-            .idle
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
-        if promised {
-            lock(&shared.queue).push_back(task);
-            shared.queued.fetch_add(1, Ordering::SeqCst);
-            shared.ready.notify_one();
-            return;
-        }
-        let shared = self.shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name("job-executor-handler".into())
-            .spawn(move || worker(task, &shared));
-        if let Err(e) = spawned {
-            // Without a thread the step cannot run; its reply channel is
-            // dropped with the closure and the step fails as disconnected.
-            eprintln!("job-executor: cannot start a handler thread: {e}");
-        }
-    }
 }
 
+/// Hands `task` to an idle worker, or starts a new one for it, so that no
+/// task ever queues behind a busy (or stuck) handler.
+fn submit(shared: &Arc<Shared>, task: Task) {
+    let promised = shared
+        .idle
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok();
+    if promised {
+        lock(&shared.queue).push_back(task);
+        shared.queued.fetch_add(1, Ordering::SeqCst);
+        shared.ready.notify_one();
+        return;
+    }
+    let shared = shared.clone();
+    let spawned = std::thread::Builder::new()
+        .name("job-executor-handler".into())
+        .spawn(move || worker(task, &shared));
+    if let Err(e) = spawned {
+        // Without a thread the step cannot run; its reply channel is
+        // dropped with the closure and the step fails as disconnected.
+        eprintln!("job-executor: cannot start a handler thread: {e}");
+    }
+}
 /// Waits for a handler's outcome: polls briefly (most handlers are quick),
 /// then sleeps until the outcome or the deadline.
-fn receive(
+fn receive<T>(
     shared: &Shared,
-    outcome: &mpsc::Receiver<Outcome>,
+    outcome: &mpsc::Receiver<T>,
     deadline: Option<Instant>,
-) -> Result<Outcome, RecvTimeoutError> {
+) -> Result<T, RecvTimeoutError> {
     // Executors poll under a cap of their own: with many jobs on few cores,
     // pollers would only take the cores the handlers need.
     if shared.jobs.load(Ordering::SeqCst) <= 1 && claim(&shared.waiting, shared.spinners_max) {
@@ -276,7 +311,7 @@ fn next_task(shared: &Shared) -> Option<Task> {
     }
 }
 
-fn run_task(task: Task) -> (Outcome, mpsc::SyncSender<Outcome>) {
+fn run_task(task: Task) -> (Reply, mpsc::SyncSender<Reply>) {
     let Task {
         handler,
         step,
@@ -298,7 +333,8 @@ fn run_task(task: Task) -> (Outcome, mpsc::SyncSender<Outcome>) {
             output: None,
         },
     };
-    (outcome, reply)
+    let late = context.deadline.is_some_and(|d| Instant::now() >= d);
+    ((outcome, late), reply)
 }
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {

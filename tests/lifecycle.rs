@@ -656,3 +656,63 @@ fn a_database_locked_past_the_busy_timeout_fails_cleanly() {
         .unwrap();
     assert_eq!(result.final_status, JobStatus::Completed);
 }
+
+#[test]
+fn with_many_jobs_each_handler_starts_only_once_its_start_is_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.db");
+    let store = Arc::new(SqliteStore::open(&path).unwrap());
+    // A second connection sees only committed events.
+    let reader = SqliteStore::open_with(
+        &path,
+        &SqliteOptions {
+            read_only: true,
+            create: false,
+            ..SqliteOptions::default()
+        },
+    )
+    .unwrap();
+    let wrong: Arc<Mutex<Vec<String>>> = Arc::default();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut executor = JobExecutor::builder().store(store.clone()).build();
+    let (report, count) = (wrong.clone(), calls.clone());
+    executor.register_handler("check", move |_: &JobStep, ctx: &ExecutionContext| {
+        count.fetch_add(1, Ordering::SeqCst);
+        // JobStarted is seq 1; step k starts at seq 2 + 2k.
+        let start_seq = 2 + 2 * u64::from(ctx.step_index);
+        let committed = reader.last_seq(ctx.job_id).unwrap();
+        if committed != start_seq {
+            report.lock().unwrap().push(format!(
+                "job {} step {}: {committed} events committed when its handler ran, want {start_seq}",
+                ctx.job_id, ctx.step_index
+            ));
+        }
+        if ctx.deadline.is_none_or(|d| d <= Instant::now()) {
+            report
+                .lock()
+                .unwrap()
+                .push(format!("step {}: no deadline ahead", ctx.step_index));
+        }
+        StepOutput::succeeded(json!({}))
+    });
+    let executor = Arc::new(executor);
+    let plan: Vec<JobStep> = (0..5).map(|i| step(i, "check", 30)).collect();
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let (executor, plan) = (executor.clone(), plan.clone());
+            std::thread::spawn(move || {
+                for _ in 0..6 {
+                    let result = executor
+                        .execute_job(Uuid::new_v4(), Uuid::nil(), &plan, None, "t")
+                        .unwrap();
+                    assert_eq!(result.final_status, JobStatus::Completed);
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 8 * 6 * 5);
+    assert_eq!(*wrong.lock().unwrap(), Vec::<String>::new());
+}

@@ -507,3 +507,96 @@ fn a_conflict_in_a_group_commit_fails_that_append_alone() {
     .unwrap();
     assert!(reports.iter().all(|r| r.is_ok()), "{reports:?}");
 }
+
+#[test]
+fn a_commit_hook_runs_once_its_events_are_visible_and_never_for_a_failed_append() {
+    let (_dir, path) = fresh();
+    let store = Arc::new(SqliteStore::open(&path).unwrap());
+    let contested = Uuid::new_v4();
+    let seen: Arc<std::sync::Mutex<Vec<(Uuid, u64, u64)>>> = Arc::default();
+    let barrier = Arc::new(std::sync::Barrier::new(8));
+    let handles: Vec<_> = (0..8)
+        .map(|n| {
+            let (store, seen, barrier, path) =
+                (store.clone(), seen.clone(), barrier.clone(), path.clone());
+            std::thread::spawn(move || {
+                // Another connection: it sees only what is committed.
+                let reader = Arc::new(
+                    SqliteStore::open_with(
+                        &path,
+                        &SqliteOptions {
+                            read_only: true,
+                            create: false,
+                            ..SqliteOptions::default()
+                        },
+                    )
+                    .unwrap(),
+                );
+                let job = if n % 2 == 0 {
+                    contested
+                } else {
+                    Uuid::new_v4()
+                };
+                barrier.wait();
+                let log = records(job, &completed_log(4));
+                let mut results = Vec::new();
+                for record in &log {
+                    let (seen, seq, reader) = (seen.clone(), record.seq, reader.clone());
+                    let hook = Box::new(move || {
+                        let visible = reader.last_seq(job).unwrap();
+                        seen.lock().unwrap().push((job, seq, visible));
+                    });
+                    let result = store.append_then(std::slice::from_ref(record), hook);
+                    results.push((seq, result.is_ok()));
+                }
+                results
+            })
+        })
+        .collect();
+    let mut succeeded = Vec::new();
+    for handle in handles {
+        succeeded.extend(handle.join().unwrap());
+    }
+    let seen = seen.lock().unwrap();
+    // One hook per successful append, none for a refused one.
+    assert_eq!(
+        seen.len(),
+        succeeded.iter().filter(|(_, ok)| *ok).count(),
+        "{seen:?}"
+    );
+    assert!(
+        succeeded.iter().any(|(_, ok)| !ok),
+        "the race produced no conflict"
+    );
+    for (job, seq, visible) in seen.iter() {
+        assert!(
+            visible >= seq,
+            "job {job}: hook for seq {seq} ran when {visible} was committed"
+        );
+    }
+}
+
+#[test]
+fn a_commit_hook_runs_after_the_append_on_every_store() {
+    for (name, store) in stores() {
+        let job = Uuid::new_v4();
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = ran.clone();
+        store
+            .append_then(
+                &records(job, &[started(1)]),
+                Box::new(move || flag.store(true, std::sync::atomic::Ordering::SeqCst)),
+            )
+            .unwrap();
+        assert!(ran.load(std::sync::atomic::Ordering::SeqCst), "{name}");
+        // A refused append drops its hook uncalled.
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = ran.clone();
+        let refused = store.append_then(
+            &records(job, &[started(1)]),
+            Box::new(move || flag.store(true, std::sync::atomic::Ordering::SeqCst)),
+        );
+        assert!(refused.unwrap_err().is_conflict(), "{name}");
+        assert!(!ran.load(std::sync::atomic::Ordering::SeqCst), "{name}");
+    }
+}

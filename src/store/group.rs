@@ -4,8 +4,11 @@
 //! queued meanwhile in one transaction, so one commit (one fsync at FULL)
 //! serves many jobs. Each append still gets its own result, and none returns
 //! before its events are committed — a job's `StepStarted` is durable before
-//! its handler runs, as with a commit of its own. When the leader is done it
-//! hands the lead to the first append that queued during its commit.
+//! its handler runs, as with a commit of its own. An append may come with a
+//! hook to run once it is committed (the executor starts the step's handler
+//! with it): the leader runs the hooks right after the commit, before it
+//! wakes anyone. When the leader is done it hands the lead to the first
+//! append that queued during its commit.
 //!
 //! With several jobs running, a leader that commits the instant it leads
 //! would only catch the jobs that happened to be waiting; the others arrive
@@ -26,6 +29,22 @@ use crate::events::EventRecord;
 const GATHER_WAIT_MAX: Duration = Duration::from_millis(2);
 
 type AppendResult = Result<Vec<u64>, StoreError>;
+
+/// What to run once an append is committed.
+pub(crate) struct Hook(pub(crate) Box<dyn FnOnce() + Send>);
+
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hook")
+    }
+}
+
+/// Runs the hook of an append that was committed; drops the others.
+fn run_hook(hook: Option<Hook>, result: &AppendResult) {
+    if let (Some(Hook(hook)), Ok(_)) = (hook, result) {
+        hook();
+    }
+}
 
 #[derive(Debug, Default)]
 pub(crate) struct GroupCommit {
@@ -53,6 +72,7 @@ struct State {
 #[derive(Debug)]
 struct Pending {
     records: Vec<EventRecord>,
+    committed: Option<Hook>,
     reply: mpsc::SyncSender<Reply>,
 }
 
@@ -74,10 +94,12 @@ impl GroupCommit {
     }
 
     /// Commits `records` with whatever else is queued, through `commit`,
-    /// which writes a batch of appends and returns one result per append.
+    /// which writes a batch of appends and returns one result per append;
+    /// runs `committed` once they are committed.
     pub(crate) fn append(
         &self,
         records: &[EventRecord],
+        committed: Option<Hook>,
         commit: impl Fn(&[&[EventRecord]]) -> Vec<AppendResult>,
     ) -> AppendResult {
         let mut state = self.lock();
@@ -90,16 +112,14 @@ impl GroupCommit {
             slices.extend(queued.iter().map(|p| p.records.as_slice()));
             let mut results = self.commit_timed(&slices, &commit).into_iter();
             let own = results.next().unwrap_or_else(lost);
-            for (pending, result) in queued.iter().zip(results) {
-                // Each follower waits for its reply: sending cannot fail.
-                let _ = pending.reply.send(Reply::Done(result));
-            }
-            self.hand_off();
+            run_hook(committed, &own);
+            self.reply(queued, results);
             return own;
         }
         let (reply, replies) = mpsc::sync_channel(1);
         state.queue.push(Pending {
             records: records.to_vec(),
+            committed,
             reply,
         });
         if state.leader_waiting && state.queue.len() >= state.gather_target {
@@ -112,10 +132,7 @@ impl GroupCommit {
             let batch = self.gather(self.lock(), None);
             let slices: Vec<&[EventRecord]> = batch.iter().map(|p| p.records.as_slice()).collect();
             let results = self.commit_timed(&slices, &commit);
-            for (pending, result) in batch.iter().zip(results) {
-                let _ = pending.reply.send(Reply::Done(result));
-            }
-            self.hand_off();
+            self.reply(batch, results.into_iter());
             waiting = replies.recv();
         }
         match waiting {
@@ -173,6 +190,22 @@ impl GroupCommit {
         let results = commit(batch);
         self.lock().last_commit = started.elapsed();
         results
+    }
+
+    /// Runs the hooks of the committed appends of `batch` — their handlers
+    /// start before anyone wakes — then replies to each, and hands on the
+    /// lead.
+    fn reply(&self, batch: Vec<Pending>, results: impl Iterator<Item = AppendResult>) {
+        let mut replies = Vec::with_capacity(batch.len());
+        for (pending, result) in batch.into_iter().zip(results) {
+            run_hook(pending.committed, &result);
+            replies.push((pending.reply, result));
+        }
+        for (reply, result) in replies {
+            // Each follower waits for its reply: sending cannot fail.
+            let _ = reply.send(Reply::Done(result));
+        }
+        self.hand_off();
     }
 
     /// Ends a lead: the first waiting append, if any, leads the next commit.

@@ -33,6 +33,26 @@ pub trait EventStore: Send + Sync {
     /// [`StoreError`] when the log cannot be written. Nothing is appended then.
     fn append(&self, records: &[EventRecord]) -> Result<Vec<u64>, StoreError>;
 
+    /// Appends like [`append`](Self::append) and, once the events are
+    /// committed, calls `committed` before returning — on whichever thread
+    /// committed them. The executor starts a step's handler this way: a
+    /// store that commits many threads' appends together starts each
+    /// handler the moment its `StepStarted` is durable, instead of after the
+    /// appending thread has woken up. `committed` is dropped uncalled when
+    /// the append fails.
+    ///
+    /// # Errors
+    /// As [`append`](Self::append).
+    fn append_then(
+        &self,
+        records: &[EventRecord],
+        committed: Box<dyn FnOnce() + Send>,
+    ) -> Result<Vec<u64>, StoreError> {
+        let positions = self.append(records)?;
+        committed();
+        Ok(positions)
+    }
+
     /// Hands the job's events to `visit` one at a time, in seq order,
     /// without collecting them; `visit` returns `false` to stop early.
     ///

@@ -15,7 +15,7 @@ use std::time::Duration;
 use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior, params};
 use uuid::Uuid;
 
-use super::group::GroupCommit;
+use super::group::{GroupCommit, Hook};
 use super::{EventStore, StoreError, check_batch};
 use crate::chain::{self, Digest};
 use crate::events::EventRecord;
@@ -691,7 +691,19 @@ fn read_row_into(
 impl EventStore for SqliteStore {
     fn append(&self, records: &[EventRecord]) -> Result<Vec<u64>, StoreError> {
         check_batch(records)?;
-        self.group.append(records, |batch| self.commit_batch(batch))
+        self.group
+            .append(records, None, |batch| self.commit_batch(batch))
+    }
+
+    fn append_then(
+        &self,
+        records: &[EventRecord],
+        committed: Box<dyn FnOnce() + Send>,
+    ) -> Result<Vec<u64>, StoreError> {
+        check_batch(records)?;
+        self.group.append(records, Some(Hook(committed)), |batch| {
+            self.commit_batch(batch)
+        })
     }
 
     fn last_seq(&self, job_id: Uuid) -> Result<u64, StoreError> {
