@@ -1,7 +1,8 @@
 //! The reference workload: J jobs × S no-op steps through the real
 //! `JobExecutor` on a SQLite file, and in the same run a raw rusqlite
 //! baseline doing the same commits with no engine. Prints one JSON line per
-//! configuration (medians of `--runs` runs).
+//! configuration: medians of `--runs` runs, each ratio the median of the
+//! ratios measured within each run.
 //!
 //! ```text
 //! cargo run --release --example workload -- [--jobs 200] [--steps 20]
@@ -332,91 +333,140 @@ fn main() {
     let (jobs, steps) = (options.jobs, options.steps);
     let events = jobs as u64 * events_per_job(steps);
     for &sync in &options.syncs {
-        // The single-stream, one-commit-per-event baseline of this sync mode,
-        // measured in this run: what every configuration is compared with.
-        let single: Vec<f64> = (0..options.runs)
-            .map(|run| {
-                let db = scratch.join(format!("single-{}-{run}.db", sync_name(sync)));
-                let rate = baseline(&db, sync, jobs, steps, 1, Commits::PerEvent);
-                remove_db(&db);
-                rate
-            })
-            .collect();
-        let single = median(single);
         for &threads in &options.threads {
-            let mut samples: [Vec<f64>; 6] = Default::default();
-            for run in 0..options.runs {
-                let name = |what: &str| {
-                    scratch.join(format!("{what}-{}-{threads}-{run}.db", sync_name(sync)))
-                };
-                let (engine_db, per_event_db, per_step_db) =
-                    (name("engine"), name("per-event"), name("per-step"));
-                // Rotate which goes first so that none always gets a warm disk.
-                let mut order = [0, 1, 2];
-                order.rotate_left(run % 3);
-                for which in order {
-                    match which {
-                        0 => samples[0].push(engine(&engine_db, sync, jobs, steps, threads)),
-                        1 => samples[1].push(baseline(
-                            &per_event_db,
-                            sync,
-                            jobs,
-                            steps,
-                            threads,
-                            Commits::PerEvent,
-                        )),
-                        _ => samples[2].push(baseline(
-                            &per_step_db,
-                            sync,
-                            jobs,
-                            steps,
-                            threads,
-                            Commits::PerStep,
-                        )),
-                    }
-                }
-                // A replay of this log takes milliseconds: every reader
-                // runs three times, in turns, so that none always reads
-                // first (colder caches) and one slow pass moves no median.
-                for pass in 0..READ_PASSES {
-                    let mut order = [3, 4, 5];
-                    order.rotate_left(pass % 3);
-                    for which in order {
-                        let rate = match which {
-                            3 => engine_replay(&engine_db).0,
-                            4 => raw_replay(&engine_db),
-                            _ => verify_rate(&engine_db),
-                        };
-                        samples[which].push(rate);
-                    }
-                }
-                if !options.keep {
-                    for db in [&engine_db, &per_event_db, &per_step_db] {
-                        remove_db(db);
-                    }
-                }
-            }
-            let [e, per_event, per_step, er, rr, v] = samples.map(median);
+            let row = measure(&options, &scratch, sync, threads);
             println!(
                 "{{\"sync\":\"{}\",\"threads\":{threads},\"jobs\":{jobs},\"steps\":{steps},\"events\":{events},\"runs\":{},\
-                 \"engine_events_per_s\":{e:.0},\"baseline_events_per_s\":{per_event:.0},\"ratio\":{:.3},\
-                 \"baseline_per_step_events_per_s\":{per_step:.0},\"ratio_per_step\":{:.3},\
-                 \"single_stream_baseline_events_per_s\":{single:.0},\"ratio_to_single_stream\":{:.3},\
-                 \"replay_events_per_s\":{er:.0},\"raw_replay_events_per_s\":{rr:.0},\"replay_ratio\":{:.3},\
-                 \"verify_events_per_s\":{v:.0},\"verify_ratio\":{:.3}}}",
+                 \"engine_events_per_s\":{:.0},\"baseline_events_per_s\":{:.0},\"ratio\":{:.3},\
+                 \"baseline_per_step_events_per_s\":{:.0},\"ratio_per_step\":{:.3},\
+                 \"single_stream_baseline_events_per_s\":{:.0},\"ratio_to_single_stream\":{:.3},\
+                 \"replay_events_per_s\":{:.0},\"raw_replay_events_per_s\":{:.0},\"replay_ratio\":{:.3},\
+                 \"verify_events_per_s\":{:.0},\"verify_ratio\":{:.3}}}",
                 sync_name(sync),
                 options.runs,
-                e / per_event,
-                e / per_step,
-                e / single,
-                er / rr,
-                v / rr,
+                row.engine,
+                row.per_event,
+                row.ratio,
+                row.per_step,
+                row.ratio_per_step,
+                row.single,
+                row.ratio_to_single,
+                row.replay,
+                row.raw_replay,
+                row.replay_ratio,
+                row.verify,
+                row.verify_ratio,
             );
         }
     }
     if !options.keep && options.dir.is_none() {
         let _ = std::fs::remove_dir_all(&scratch);
     }
+}
+
+/// One configuration's figures: medians of rates, and medians of ratios
+/// each taken within one run (or one read pass), so that a slow spell of
+/// the disk moves a ratio's numerator and denominator together.
+struct Row {
+    engine: f64,
+    per_event: f64,
+    ratio: f64,
+    per_step: f64,
+    ratio_per_step: f64,
+    single: f64,
+    ratio_to_single: f64,
+    replay: f64,
+    raw_replay: f64,
+    replay_ratio: f64,
+    verify: f64,
+    verify_ratio: f64,
+}
+
+fn measure(options: &Options, scratch: &Path, sync: Synchronous, threads: usize) -> Row {
+    let (jobs, steps) = (options.jobs, options.steps);
+    let (mut engine_rates, mut per_event, mut per_step, mut single) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut ratio, mut ratio_per_step, mut ratio_to_single) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut replay, mut raw, mut verify) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut replay_ratio, mut verify_ratio) = (Vec::new(), Vec::new());
+    for run in 0..options.runs {
+        let name =
+            |what: &str| scratch.join(format!("{what}-{}-{threads}-{run}.db", sync_name(sync)));
+        let dbs = [
+            name("engine"),
+            name("per-event"),
+            name("per-step"),
+            name("single"),
+        ];
+        // The single-stream, one-commit-per-event baseline runs in every run
+        // (at T=1 it is the per-event baseline itself).
+        let kinds = if threads == 1 { 3 } else { 4 };
+        let mut rates = [0.0; 4];
+        // Rotate which goes first so that none always gets a warm disk.
+        for which in (0..kinds).cycle().skip(run % kinds).take(kinds) {
+            // Start from a quiet disk: no writeback left from the last run.
+            flush_disk();
+            rates[which] = match which {
+                0 => engine(&dbs[0], sync, jobs, steps, threads),
+                1 => baseline(&dbs[1], sync, jobs, steps, threads, Commits::PerEvent),
+                2 => baseline(&dbs[2], sync, jobs, steps, threads, Commits::PerStep),
+                _ => baseline(&dbs[3], sync, jobs, steps, 1, Commits::PerEvent),
+            };
+        }
+        if threads == 1 {
+            rates[3] = rates[1];
+        }
+        engine_rates.push(rates[0]);
+        per_event.push(rates[1]);
+        per_step.push(rates[2]);
+        single.push(rates[3]);
+        ratio.push(rates[0] / rates[1]);
+        ratio_per_step.push(rates[0] / rates[2]);
+        ratio_to_single.push(rates[0] / rates[3]);
+        // A replay of this log takes milliseconds: every reader runs
+        // several times, in turns, so that none always reads first.
+        for pass in 0..READ_PASSES {
+            let mut pass_rates = [0.0; 3];
+            for which in (0..3).cycle().skip(pass % 3).take(3) {
+                pass_rates[which] = match which {
+                    0 => engine_replay(&dbs[0]).0,
+                    1 => raw_replay(&dbs[0]),
+                    _ => verify_rate(&dbs[0]),
+                };
+            }
+            replay.push(pass_rates[0]);
+            raw.push(pass_rates[1]);
+            verify.push(pass_rates[2]);
+            replay_ratio.push(pass_rates[0] / pass_rates[1]);
+            verify_ratio.push(pass_rates[2] / pass_rates[1]);
+        }
+        if !options.keep {
+            for db in &dbs {
+                remove_db(db);
+            }
+        }
+    }
+    Row {
+        engine: median(engine_rates),
+        per_event: median(per_event),
+        ratio: median(ratio),
+        per_step: median(per_step),
+        ratio_per_step: median(ratio_per_step),
+        single: median(single),
+        ratio_to_single: median(ratio_to_single),
+        replay: median(replay),
+        raw_replay: median(raw),
+        replay_ratio: median(replay_ratio),
+        verify: median(verify),
+        verify_ratio: median(verify_ratio),
+    }
+}
+
+/// Writes back every dirty page of the machine, so that the next timed run
+/// does not pay for the last one's.
+fn flush_disk() {
+    // Best effort: without `sync` the figures are only noisier.
+    let _ = std::process::Command::new("sync").status();
 }
 
 /// Grows one log from 10k to 1M events and times the replay of one job at
