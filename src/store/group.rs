@@ -107,7 +107,8 @@ impl GroupCommit {
             // Lead at once, with our own records (not copied into the queue).
             state.leading = true;
             let job = records.first().map(|r| r.job_id);
-            let queued = self.gather(state, job);
+            let continuing = records.last().is_some_and(|r| !ends_job(r));
+            let queued = self.gather(state, job, continuing);
             let mut slices = vec![records];
             slices.extend(queued.iter().map(|p| p.records.as_slice()));
             let mut results = self.commit_timed(&slices, &commit).into_iter();
@@ -129,7 +130,7 @@ impl GroupCommit {
         let mut waiting = replies.recv();
         if let Ok(Reply::Lead) = waiting {
             // Our own append is in the queue we now take.
-            let batch = self.gather(self.lock(), None);
+            let batch = self.gather(self.lock(), None, false);
             let slices: Vec<&[EventRecord]> = batch.iter().map(|p| p.records.as_slice()).collect();
             let results = self.commit_timed(&slices, &commit);
             self.reply(batch, results.into_iter());
@@ -143,8 +144,14 @@ impl GroupCommit {
 
     /// Takes the queue as the next batch, after waiting (briefly) for the
     /// jobs of the recent batches to queue too. `own` is the leader's job
-    /// when its records are not in the queue.
-    fn gather(&self, mut state: MutexGuard<'_, State>, own: Option<Uuid>) -> Vec<Pending> {
+    /// when its records are not in the queue; `continuing` whether that
+    /// job will append again.
+    fn gather(
+        &self,
+        mut state: MutexGuard<'_, State>,
+        own: Option<Uuid>,
+        continuing: bool,
+    ) -> Vec<Pending> {
         let expected = state.recent_jobs.len();
         let have = |state: &State| state.queue.len() + usize::from(own.is_some());
         if expected > have(&state) {
@@ -165,19 +172,24 @@ impl GroupCommit {
         }
         let batch = std::mem::take(&mut state.queue);
         // A job whose append ends it will not come back: do not wait for it.
-        let mut jobs: Vec<Uuid> = own.into_iter().collect();
-        jobs.extend(
+        // The buffers are reused: no allocation per commit.
+        let State {
+            recent_jobs,
+            last_batch_jobs,
+            ..
+        } = &mut *state;
+        recent_jobs.clear();
+        recent_jobs.append(last_batch_jobs);
+        last_batch_jobs.extend(own.filter(|_| continuing).into_iter().chain(
             batch
                 .iter()
                 .filter_map(|p| p.records.last())
-                .filter(|r| !TERMINAL_KINDS.contains(&r.kind.as_str()))
+                .filter(|r| !ends_job(r))
                 .map(|r| r.job_id),
-        );
-        let mut recent = std::mem::replace(&mut state.last_batch_jobs, jobs.clone());
-        recent.extend(jobs);
-        recent.sort_unstable();
-        recent.dedup();
-        state.recent_jobs = recent;
+        ));
+        recent_jobs.extend_from_slice(last_batch_jobs);
+        recent_jobs.sort_unstable();
+        recent_jobs.dedup();
         batch
     }
 
@@ -218,6 +230,10 @@ impl GroupCommit {
             None => state.leading = false,
         }
     }
+}
+
+fn ends_job(record: &EventRecord) -> bool {
+    TERMINAL_KINDS.contains(&record.kind.as_str())
 }
 
 fn lost() -> AppendResult {
