@@ -35,4 +35,5 @@ for jobs in 10000 100000; do
 done
 
 python3 benches/plot.py "$out/workload.jsonl" > docs/throughput.svg
+python3 benches/table.py "$out/workload.jsonl" >&2
 echo "wrote $out/*.jsonl and docs/throughput.svg" >&2
