@@ -180,13 +180,15 @@ impl GroupCommit {
         } = &mut *state;
         recent_jobs.clear();
         recent_jobs.append(last_batch_jobs);
-        last_batch_jobs.extend(own.filter(|_| continuing).into_iter().chain(
-            batch
-                .iter()
-                .filter_map(|p| p.records.last())
-                .filter(|r| !ends_job(r))
-                .map(|r| r.job_id),
-        ));
+        last_batch_jobs.extend(
+            own.filter(|_| continuing).into_iter().chain(
+                batch
+                    .iter()
+                    .filter_map(|p| p.records.last())
+                    .filter(|r| !ends_job(r))
+                    .map(|r| r.job_id),
+            ),
+        );
         recent_jobs.extend_from_slice(last_batch_jobs);
         recent_jobs.sort_unstable();
         recent_jobs.dedup();
