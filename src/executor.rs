@@ -731,27 +731,25 @@ impl Run<'_> {
             (Some(Event::StepStarted(s)), Some(at)) => Some((s.step_index, at)),
             _ => None,
         };
-        let store = &self.executor.store;
-        let (appended, started) = match started {
-            Some((step_index, at)) => match self.prepare_step(step_index, at) {
-                Some((hook, dispatch)) => (
-                    store.append_then(&records, hook),
+        let (hook, started) = match started {
+            Some((step_index, at)) => {
+                let (hook, dispatch) = self.prepare_step(step_index, at).unzip();
+                (
+                    hook,
                     Some(Started {
                         step_index,
-                        dispatch: Some(dispatch),
+                        dispatch,
                     }),
-                ),
-                None => (
-                    store.append(&records),
-                    Some(Started {
-                        step_index,
-                        dispatch: None,
-                    }),
-                ),
-            },
-            None => (store.append(&records), None),
+                )
+            }
+            None => (None, None),
         };
-        appended.map_err(|source| ExecutorError::Store { job_id, source })?;
+        let store = &self.executor.store;
+        match hook {
+            Some(hook) => store.append_then(&records, hook),
+            None => store.append(&records),
+        }
+        .map_err(|source| ExecutorError::Store { job_id, source })?;
         for (record, event) in records.iter().zip(events) {
             self.projector
                 .apply_sealed(record, event)

@@ -5,11 +5,13 @@
 //! the moment the step's `StepStarted` is committed
 //! ([`EventStore::append_then`](crate::store::EventStore::append_then)): with
 //! group commit, the committing thread starts every handler of its batch
-//! before it wakes their executors, and the deadline runs from there. Past it, the executor raises the
-//! step's [`CancelSignal`](crate::model::CancelSignal) and records a timeout;
-//! the worker's late result goes nowhere. A handler that ignores the signal
-//! keeps its worker, not the job: the pool starts another worker whenever
-//! none is free, so a stuck handler never delays another step.
+//! before it wakes their executors, and the deadline runs from there.
+//!
+//! Past the deadline, the executor raises the step's
+//! [`CancelSignal`](crate::model::CancelSignal) and records a timeout; the
+//! worker's late result goes nowhere. A handler that ignores the signal keeps
+//! its worker, not the job: the pool starts another worker whenever none is
+//! free, so a stuck handler never delays another step.
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -51,7 +53,6 @@ pub(crate) struct Dispatch {
     outcome: mpsc::Receiver<Reply>,
     cancel: crate::model::CancelSignal,
     timeout: Duration,
-    timeout_seconds: u64,
 }
 
 /// How long an idle worker polls for its next task before it sleeps: the
@@ -144,7 +145,6 @@ impl HandlerPool {
             outcome,
             cancel: context.cancel.clone(),
             timeout,
-            timeout_seconds: step.timeout_seconds,
         };
         let step = step.clone();
         let shared = self.shared.clone();
@@ -176,7 +176,7 @@ impl HandlerPool {
                 dispatch.cancel.cancel();
                 Outcome::Failed {
                     failure: FailureKind::Timeout,
-                    error: format!("timed out after {} s", dispatch.timeout_seconds),
+                    error: format!("timed out after {} s", dispatch.timeout.as_secs()),
                     output: None,
                 }
             }
