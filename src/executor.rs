@@ -13,6 +13,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -31,7 +32,7 @@ use crate::model::{
     CancelSignal, ExecutionContext, ExecutionResult, JobStep, PlanError, validate_plan,
 };
 use crate::projection::{self, Projector, ReplayError};
-use crate::runner::{Dispatch, HandlerPool, Outcome};
+use crate::runner::{Dispatch, HandlerPool, Outcome, panic_message};
 use crate::store::{EventStore, MemoryStore, StoreError};
 
 /// Version of this executor, recorded in every `JobStarted`.
@@ -125,6 +126,20 @@ pub enum ExecutorError {
     /// A stored job cannot be replayed.
     #[error(transparent)]
     Replay(#[from] ReplayError),
+    /// The health observer panicked. Before the job's first step (or a
+    /// resumed job's next one), nothing was appended. After a step, the
+    /// step's outcome was recorded without health and the job stopped
+    /// before its next step: `resume` goes on (`recover` first, to halt it,
+    /// if the step failed).
+    #[error(
+        "job {job_id}: the health observer panicked ({message}); any step outcome is recorded, and the job stopped before its next step"
+    )]
+    HealthObserver {
+        /// The job.
+        job_id: Uuid,
+        /// The panic's message.
+        message: String,
+    },
 }
 
 /// What `recover` did to one job.
@@ -354,7 +369,7 @@ impl JobExecutor {
             plan: steps.to_vec(),
             executed_by: executed_by.to_owned(),
             executor_version: self.version.clone(),
-            health_before: run.observe(),
+            health_before: run.observe()?,
         });
         match run.drive(vec![started]) {
             Ok(result) => Ok(result),
@@ -399,7 +414,7 @@ impl JobExecutor {
         let resumed = Event::JobResumed(JobResumed {
             executed_by: executed_by.to_owned(),
             executor_version: self.version.clone(),
-            health_before: run.observe(),
+            health_before: run.observe()?,
         });
         run.drive(vec![resumed])
     }
@@ -565,8 +580,20 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-    fn observe(&self) -> Option<Value> {
-        self.observer.map(HealthObserver::observe_health)
+    /// Observes health, if there is an observer. An observer that panics
+    /// is reported as [`ExecutorError::HealthObserver`].
+    fn observe(&self) -> Result<Option<Value>, ExecutorError> {
+        let Some(observer) = self.observer else {
+            return Ok(None);
+        };
+        // The observer only gets `&self`: a panic cannot leave anything of
+        // the executor half-changed.
+        catch_unwind(AssertUnwindSafe(|| observer.observe_health()))
+            .map(Some)
+            .map_err(|payload| ExecutorError::HealthObserver {
+                job_id: self.job_id,
+                message: panic_message(payload.as_ref()),
+            })
     }
 
     /// Drives the job until the machine says it is done, starting with
@@ -588,7 +615,14 @@ impl Run<'_> {
             let started = self.record(&batch)?;
             batch.clear();
             if let Some(started) = started {
-                batch.push(self.outcome(started));
+                let (outcome, observed) = self.outcome(started);
+                if let Err(e) = observed {
+                    // The step's outcome is a fact: record it (without
+                    // health), then stop before the next step.
+                    self.record(std::slice::from_ref(&outcome))?;
+                    return Err(e);
+                }
+                batch.push(outcome);
             }
         }
         Ok(self
@@ -646,8 +680,9 @@ impl Run<'_> {
     }
 
     /// Waits for a started step's outcome (its handler runs off-thread
-    /// against its deadline) and returns its outcome event.
-    fn outcome(&self, started: Started) -> Event {
+    /// against its deadline) and returns its outcome event, with health
+    /// observed after it — or without, and why, when the observer panicked.
+    fn outcome(&self, started: Started) -> (Event, Result<(), ExecutorError>) {
         let outcome = match started.dispatch {
             Some(dispatch) => self.executor.pool.wait(dispatch),
             None => Outcome::Failed {
@@ -659,7 +694,14 @@ impl Run<'_> {
                 output: None,
             },
         };
-        outcome_event(outcome, started.step_index, self.observe())
+        let (health_after, observed) = match self.observe() {
+            Ok(health) => (health, Ok(())),
+            Err(e) => (None, Err(e)),
+        };
+        (
+            outcome_event(outcome, started.step_index, health_after),
+            observed,
+        )
     }
 
     /// Judges, appends (in one commit) and folds `events`. On a conflict,

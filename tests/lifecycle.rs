@@ -13,8 +13,8 @@ use job_executor::events::FailureKind;
 use job_executor::store::{EventStore, SqliteOptions, SqliteStore, StoreError};
 use job_executor::verify::verify_job;
 use job_executor::{
-    CancelRequest, ExecutionContext, ExecutorError, JobExecutor, JobStatus, JobStep, NoOpHandler,
-    Recovery, StepOutput, StepStatus,
+    CancelRequest, ExecutionContext, ExecutorError, HealthObserver, JobExecutor, JobStatus,
+    JobStep, NoOpHandler, Recovery, StepOutput, StepStatus,
 };
 use serde_json::json;
 use uuid::Uuid;
@@ -715,4 +715,94 @@ fn with_many_jobs_each_handler_starts_only_once_its_start_is_committed() {
     }
     assert_eq!(calls.load(Ordering::SeqCst), 8 * 6 * 5);
     assert_eq!(*wrong.lock().unwrap(), Vec::<String>::new());
+}
+
+/// Reads health, except at its `panic_at`-th reading (from 0), where it panics.
+struct FlakyObserver {
+    reads: AtomicUsize,
+    panic_at: usize,
+}
+
+impl HealthObserver for FlakyObserver {
+    fn observe_health(&self) -> serde_json::Value {
+        let n = self.reads.fetch_add(1, Ordering::SeqCst);
+        assert!(n != self.panic_at, "health probe exploded");
+        json!({ "reading": n })
+    }
+}
+
+fn flaky(panic_at: usize) -> FlakyObserver {
+    FlakyObserver {
+        reads: AtomicUsize::new(0),
+        panic_at,
+    }
+}
+
+fn counting_executor() -> (JobExecutor, Arc<SqliteStore>, Arc<AtomicUsize>) {
+    let store = Arc::new(SqliteStore::open_in_memory().unwrap());
+    let mut executor = JobExecutor::builder().store(store.clone()).build();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let count = calls.clone();
+    executor.register_handler("count", move |_: &JobStep, _: &ExecutionContext| {
+        count.fetch_add(1, Ordering::SeqCst);
+        StepOutput::succeeded(json!({}))
+    });
+    (executor, store, calls)
+}
+
+#[test]
+fn a_panicking_health_observer_loses_no_outcome_and_the_job_resumes() {
+    let (executor, store, calls) = counting_executor();
+    let job = Uuid::new_v4();
+    let plan: Vec<JobStep> = (0..3).map(|i| step(i, "count", 10)).collect();
+    // Reading 0 is before the first step, 1 after step 0, 2 after step 1.
+    let err = executor
+        .execute_job(job, Uuid::nil(), &plan, Some(&flaky(2)), "t")
+        .unwrap_err();
+    match &err {
+        ExecutorError::HealthObserver { job_id, message } => {
+            assert_eq!(*job_id, job);
+            assert!(message.contains("health probe exploded"), "{message}");
+        }
+        other => panic!("unexpected error: {other}"),
+    }
+    // Step 1 ran and its outcome is recorded, without health; nothing more.
+    assert_eq!(
+        kinds(store.as_ref(), job),
+        [
+            "JobStarted",
+            "StepStarted",
+            "StepSucceeded",
+            "StepStarted",
+            "StepSucceeded"
+        ]
+    );
+    let last = store.load_job(job).unwrap().pop().unwrap();
+    let payload: serde_json::Value = serde_json::from_str(&last.payload).unwrap();
+    assert_eq!(payload["health_after"], serde_json::Value::Null);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_verifies(store.as_ref(), job);
+    // Nothing is in doubt: the job resumes at step 2, and no step runs twice.
+    let result = executor.resume(job, Some(&flaky(usize::MAX)), "t").unwrap();
+    assert_eq!(result.final_status, JobStatus::Completed);
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    assert_verifies(store.as_ref(), job);
+}
+
+#[test]
+fn a_health_observer_that_panics_before_the_first_step_appends_nothing() {
+    let (executor, store, calls) = counting_executor();
+    let job = Uuid::new_v4();
+    let err = executor
+        .execute_job(
+            job,
+            Uuid::nil(),
+            &[step(0, "count", 10)],
+            Some(&flaky(0)),
+            "t",
+        )
+        .unwrap_err();
+    assert!(matches!(err, ExecutorError::HealthObserver { .. }), "{err}");
+    assert_eq!(store.last_seq(job).unwrap(), 0);
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
 }
