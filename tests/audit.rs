@@ -11,7 +11,7 @@ use job_executor::bundle::{BundleError, export, verify_bundle};
 use job_executor::chain::{Digest, HeadKey, chain};
 use job_executor::clock::LogicalClock;
 use job_executor::events::SCHEMA_VERSION;
-use job_executor::store::{EventStore, SqliteOptions, SqliteStore};
+use job_executor::store::{EventStore, SqliteStore};
 use job_executor::verify::{JobReport, VerifyOptions, verify_store};
 use job_executor::{
     FailingHandler, JobExecutor, JobStep, NoOpHandler, execution_result_to_evidence, replay,
@@ -56,12 +56,7 @@ fn open(path: &Path) -> SqliteStore {
 }
 
 fn read_only(path: &Path) -> SqliteStore {
-    let options = SqliteOptions {
-        read_only: true,
-        create: false,
-        ..SqliteOptions::default()
-    };
-    SqliteStore::open_with(path, &options).unwrap()
+    common::reader(path)
 }
 
 /// A connection for an attacker: guards dropped, checks ignored.

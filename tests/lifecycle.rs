@@ -663,15 +663,7 @@ fn with_many_jobs_each_handler_starts_only_once_its_start_is_committed() {
     let path = dir.path().join("log.db");
     let store = Arc::new(SqliteStore::open(&path).unwrap());
     // A second connection sees only committed events.
-    let reader = SqliteStore::open_with(
-        &path,
-        &SqliteOptions {
-            read_only: true,
-            create: false,
-            ..SqliteOptions::default()
-        },
-    )
-    .unwrap();
+    let reader = common::reader(&path);
     let wrong: Arc<Mutex<Vec<String>>> = Arc::default();
     let calls = Arc::new(AtomicUsize::new(0));
     let mut executor = JobExecutor::builder().store(store.clone()).build();

@@ -521,17 +521,7 @@ fn a_commit_hook_runs_once_its_events_are_visible_and_never_for_a_failed_append(
                 (store.clone(), seen.clone(), barrier.clone(), path.clone());
             std::thread::spawn(move || {
                 // Another connection: it sees only what is committed.
-                let reader = Arc::new(
-                    SqliteStore::open_with(
-                        &path,
-                        &SqliteOptions {
-                            read_only: true,
-                            create: false,
-                            ..SqliteOptions::default()
-                        },
-                    )
-                    .unwrap(),
-                );
+                let reader = Arc::new(common::reader(&path));
                 let job = if n % 2 == 0 {
                     contested
                 } else {

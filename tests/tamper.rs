@@ -124,12 +124,7 @@ fn write_log(path: &Path, jobs: &[Vec<bool>], keyed: bool) -> Vec<Uuid> {
 }
 
 fn reopen(path: &Path) -> SqliteStore {
-    let options = SqliteOptions {
-        read_only: true,
-        create: false,
-        ..SqliteOptions::default()
-    };
-    SqliteStore::open_with(path, &options).unwrap()
+    common::reader(path)
 }
 
 fn verify(path: &Path, options: &VerifyOptions) -> Vec<JobReport> {
