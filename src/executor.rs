@@ -244,6 +244,7 @@ pub struct ExecutorBuilder {
     store: Option<Arc<dyn EventStore>>,
     clock: Option<Arc<dyn Clock>>,
     head_key: Option<HeadKey>,
+    version: Option<String>,
 }
 
 impl ExecutorBuilder {
@@ -266,6 +267,20 @@ impl ExecutorBuilder {
         self
     }
 
+    /// The version this executor records in every `JobStarted` and
+    /// `JobResumed` (default: [`EXECUTOR_VERSION`]). An embedding that
+    /// ships the engine under its own release number records that one, as
+    /// the original module's `executor_version` argument did.
+    ///
+    /// ```
+    /// let executor = job_executor::JobExecutor::builder().executor_version("2.4.1").build();
+    /// assert_eq!(executor.version(), "2.4.1");
+    /// ```
+    pub fn executor_version(mut self, version: impl Into<String>) -> Self {
+        self.version = Some(version.into());
+        self
+    }
+
     /// The executor, with no handlers registered.
     pub fn build(self) -> JobExecutor {
         JobExecutor {
@@ -274,7 +289,7 @@ impl ExecutorBuilder {
             clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
             head_key: self.head_key,
             pool: HandlerPool::new(),
-            version: EXECUTOR_VERSION.to_owned(),
+            version: self.version.unwrap_or_else(|| EXECUTOR_VERSION.to_owned()),
         }
     }
 }
@@ -291,6 +306,7 @@ impl JobExecutor {
             store: None,
             clock: None,
             head_key: None,
+            version: None,
         }
     }
 

@@ -69,6 +69,28 @@ fn version_is_semantic() {
 }
 
 #[test]
+fn a_chosen_executor_version_is_the_one_recorded() {
+    let store = Arc::new(MemoryStore::new());
+    let mut executor = JobExecutor::builder()
+        .store(store.clone())
+        .executor_version("7.1.0")
+        .build();
+    executor.register_handler("ok", NoOpHandler);
+    assert_eq!(executor.version(), "7.1.0");
+    let job_id = Uuid::new_v4();
+    let result = executor
+        .execute_job(job_id, Uuid::new_v4(), &plan(&["ok"]), None, "ops")
+        .unwrap();
+    assert_eq!(result.executor_version, "7.1.0");
+    let started = store.load_job(job_id).unwrap()[0].decode().unwrap();
+    match started.event {
+        job_executor::events::Event::JobStarted(s) => assert_eq!(s.executor_version, "7.1.0"),
+        other => panic!("first event is {}", other.kind()),
+    }
+    assert_eq!(executor.replay(job_id).unwrap().executor_version, "7.1.0");
+}
+
+#[test]
 fn executor_is_send_and_sync() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<JobExecutor>();
