@@ -320,6 +320,12 @@ impl JobExecutor {
         self.store.as_ref()
     }
 
+    /// The key this executor authenticates every event's digest with, if
+    /// it was given one: what a check of the logs it wrote must use.
+    pub fn head_key(&self) -> Option<&HeadKey> {
+        self.head_key.as_ref()
+    }
+
     /// Registers `handler` for `step_type`, replacing any earlier one.
     pub fn register_handler(
         &mut self,

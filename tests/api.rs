@@ -91,6 +91,20 @@ fn a_chosen_executor_version_is_the_one_recorded() {
 }
 
 #[test]
+fn an_executor_tells_whether_it_authenticates_heads() {
+    assert!(JobExecutor::new().head_key().is_none());
+    let key = job_executor::chain::HeadKey::new(vec![7u8; 32]).unwrap();
+    let executor = JobExecutor::builder().head_key(key).build();
+    let head = job_executor::chain::Digest::GENESIS;
+    let mac = executor.head_key().expect("a key was given").mac(&head);
+    assert!(
+        job_executor::chain::HeadKey::new(vec![7u8; 32])
+            .unwrap()
+            .verify(&head, &mac)
+    );
+}
+
+#[test]
 fn executor_is_send_and_sync() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<JobExecutor>();
