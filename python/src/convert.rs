@@ -7,14 +7,12 @@
 use chrono::{DateTime, Utc};
 use job_executor::chain::{Digest, HeadMac};
 use job_executor::verify::Violation;
-use job_executor::{
-    ExecutionContext, ExecutionResult, JobStep, Recovery, StepOutput, StepResult,
-};
+use job_executor::{ExecutionContext, ExecutionResult, JobStep, Recovery, StepOutput, StepResult};
 use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyList, PyType};
-use pyo3::intern;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -104,7 +102,8 @@ pub fn plan(steps: &Bound<'_, PyAny>) -> PyResult<Vec<JobStep>> {
     for (position, step) in steps.try_iter()?.enumerate() {
         let step = step?;
         plan.push(job_step(&step).map_err(|e| {
-            let err = PyTypeError::new_err(format!("steps[{position}] is not a valid JobStep: {e}"));
+            let err =
+                PyTypeError::new_err(format!("steps[{position}] is not a valid JobStep: {e}"));
             err.set_cause(step.py(), Some(e));
             err
         })?);

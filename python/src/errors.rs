@@ -98,7 +98,10 @@ pub fn store_error(error: &StoreError) -> PyErr {
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("ExecutorError", py.get_type::<ExecutorError>())?;
-    m.add("JobAlreadyExistsError", py.get_type::<JobAlreadyExistsError>())?;
+    m.add(
+        "JobAlreadyExistsError",
+        py.get_type::<JobAlreadyExistsError>(),
+    )?;
     m.add("InvalidPlanError", py.get_type::<InvalidPlanError>())?;
     m.add("UnknownJobError", py.get_type::<UnknownJobError>())?;
     m.add("JobEndedError", py.get_type::<JobEndedError>())?;

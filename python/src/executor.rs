@@ -5,13 +5,15 @@
 //! interpreter released, and converts the answer back.
 
 use std::collections::HashMap;
-use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::Duration;
 
 use job_executor::chain::{Digest, HeadKey};
 use job_executor::clock::LogicalClock;
-use job_executor::store::{EventStore, MemoryStore, SqliteOptions, SqliteStore, StoreError, Synchronous};
+use job_executor::store::{
+    EventStore, MemoryStore, SqliteOptions, SqliteStore, StoreError, Synchronous,
+};
 use job_executor::verify::{VerifyOptions, verify_store};
 use job_executor::{
     CancelRequest, EXECUTOR_VERSION, ExecutionResult, ExecutorError, HealthObserver, JobExecutor,
@@ -38,7 +40,10 @@ const SIGNAL_POLL: Duration = Duration::from_millis(50);
 /// # Errors
 /// The store's error: a file that is not a job-executor database, a newer
 /// schema, I/O.
-fn open_store(db: Option<&str>, synchronous: Synchronous) -> Result<Arc<dyn EventStore>, StoreError> {
+fn open_store(
+    db: Option<&str>,
+    synchronous: Synchronous,
+) -> Result<Arc<dyn EventStore>, StoreError> {
     Ok(match db {
         None => Arc::new(MemoryStore::new()),
         Some(":memory:") => Arc::new(SqliteStore::open_in_memory()?),
@@ -101,9 +106,9 @@ impl PyJobExecutor {
             let mut interrupt: Option<PyErr> = None;
             let mut cancel_recorded = false;
             loop {
-                let receiver = outcome.take().ok_or_else(|| {
-                    PyRuntimeError::new_err("the job's result channel was lost")
-                })?;
+                let receiver = outcome
+                    .take()
+                    .ok_or_else(|| PyRuntimeError::new_err("the job's result channel was lost"))?;
                 let (received, receiver) =
                     py.detach(move || (receiver.recv_timeout(SIGNAL_POLL), receiver));
                 outcome = Some(receiver);
@@ -129,7 +134,10 @@ impl PyJobExecutor {
                 if let Some(signal) = &interrupt
                     && !cancel_recorded
                 {
-                    let reason = format!("interrupted by {} in the host program", signal_name(py, signal));
+                    let reason = format!(
+                        "interrupted by {} in the host program",
+                        signal_name(py, signal)
+                    );
                     cancel_recorded = match py.detach(|| executor.request_cancel(job_id, &reason)) {
                         // Not started yet: ask again at the next poll.
                         Err(ExecutorError::UnknownJob { .. }) => false,
@@ -329,7 +337,9 @@ impl PyJobExecutor {
             })
             .map_err(|e: StoreError| errors::store_error(&e))?;
         if lines.is_empty() {
-            return Err(errors::executor_error(&ExecutorError::UnknownJob { job_id }));
+            return Err(errors::executor_error(&ExecutorError::UnknownJob {
+                job_id,
+            }));
         }
         let events = PyList::empty(py);
         for line in lines {
@@ -349,7 +359,9 @@ impl PyJobExecutor {
         let mut options = VerifyOptions::default();
         for (job_id, head) in expect.unwrap_or_default() {
             let digest = Digest::parse(&head).ok_or_else(|| {
-                PyValueError::new_err(format!("expected head {head:?} of job {job_id} is not sha256:<64 lowercase hex>"))
+                PyValueError::new_err(format!(
+                    "expected head {head:?} of job {job_id} is not sha256:<64 lowercase hex>"
+                ))
             })?;
             options.expect.insert(job_id, digest);
         }

@@ -51,9 +51,9 @@ fn to_value_at(obj: &Bound<'_, PyAny>, depth: usize) -> PyResult<Value> {
     }
     if obj.is_instance_of::<PyFloat>() {
         let f: f64 = obj.extract()?;
-        return Number::from_f64(f).map(Value::Number).ok_or_else(|| {
-            PyValueError::new_err(format!("float {f} cannot be recorded as JSON"))
-        });
+        return Number::from_f64(f)
+            .map(Value::Number)
+            .ok_or_else(|| PyValueError::new_err(format!("float {f} cannot be recorded as JSON")));
     }
     if let Ok(s) = obj.cast::<PyString>() {
         return Ok(Value::String(s.to_cow()?.into_owned()));

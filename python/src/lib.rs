@@ -34,7 +34,11 @@ fn execution_result_to_evidence<'py>(result: &Bound<'py, PyAny>) -> PyResult<Bou
 /// The job id a deterministic run gives a plan: derived from the contract
 /// and the steps, so that the same plan always names the same job.
 #[pyfunction]
-fn derived_job_id(py: Python<'_>, contract_id: uuid::Uuid, steps: &Bound<'_, PyAny>) -> PyResult<uuid::Uuid> {
+fn derived_job_id(
+    py: Python<'_>,
+    contract_id: uuid::Uuid,
+    steps: &Bound<'_, PyAny>,
+) -> PyResult<uuid::Uuid> {
     let plan = convert::plan(steps)?;
     Ok(py.detach(|| job_executor::clock::derived_job_id(contract_id, &plan)))
 }
