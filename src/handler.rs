@@ -9,6 +9,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::model::{ExecutionContext, JobStep, StepOutput};
+pub use crate::runner::StepCall;
 
 /// Performs one type of step.
 ///
@@ -26,6 +27,20 @@ use crate::model::{ExecutionContext, JobStep, StepOutput};
 pub trait StepHandler: Send + Sync {
     /// Runs `step`. A panic is caught and recorded as the step's failure.
     fn execute(&self, step: &JobStep, context: &ExecutionContext) -> StepOutput;
+
+    /// Starts a step on a thread of the handler's own instead of the
+    /// executor's pool, which then never calls [`execute`](Self::execute)
+    /// for it: for handlers whose code must run on threads their host
+    /// creates (an embedding interpreter's). Returning the call hands it
+    /// to the pool, which is what the default does.
+    ///
+    /// It runs on the thread that committed the step's `StepStarted`, so it
+    /// must hand the call over and return at once. The step's deadline
+    /// holds as for any handler: past it the executor records a timeout,
+    /// and settling the call later records nothing.
+    fn start(&self, call: StepCall) -> Option<StepCall> {
+        Some(call)
+    }
 }
 
 impl<F> StepHandler for F
@@ -40,6 +55,10 @@ where
 impl<H: StepHandler + ?Sized> StepHandler for Arc<H> {
     fn execute(&self, step: &JobStep, context: &ExecutionContext) -> StepOutput {
         (**self).execute(step, context)
+    }
+
+    fn start(&self, call: StepCall) -> Option<StepCall> {
+        (**self).start(call)
     }
 }
 

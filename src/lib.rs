@@ -52,7 +52,7 @@ pub use executor::{
     CancelRequest, EXECUTOR_VERSION, ExecutorBuilder, ExecutorError, JobExecutor, Recovery,
     create_default_executor,
 };
-pub use handler::{FailingHandler, HealthObserver, NoOpHandler, StepHandler};
+pub use handler::{FailingHandler, HealthObserver, NoOpHandler, StepCall, StepHandler};
 pub use model::{
     CancelSignal, ExecutionContext, ExecutionResult, JobStatus, JobStep, StepOutput, StepResult,
     StepStatus,

@@ -24,7 +24,7 @@ use serde_json::Value;
 
 use crate::events::FailureKind;
 use crate::handler::StepHandler;
-use crate::model::{ExecutionContext, JobStep};
+use crate::model::{ExecutionContext, JobStep, StepOutput};
 
 /// What running a step's handler came to.
 #[derive(Debug)]
@@ -42,9 +42,68 @@ type Reply = (Outcome, bool);
 
 struct Task {
     handler: Arc<dyn StepHandler>,
+    call: StepCall,
+}
+
+/// A step handed to its handler: the step, its context, and where its
+/// outcome goes. The executor's pool makes one for every step it runs; a
+/// handler whose [`StepHandler::start`] takes it runs the step on a thread
+/// of its own and settles it with [`complete`](Self::complete) or
+/// [`fail`](Self::fail).
+///
+/// Dropping a call unsettled fails its step (`Execution error: the
+/// handler's thread stopped without an outcome`). Settling it after the
+/// step's deadline records nothing: the executor has recorded the timeout.
+#[derive(Debug)]
+pub struct StepCall {
     step: JobStep,
     context: ExecutionContext,
     reply: mpsc::SyncSender<Reply>,
+}
+
+impl StepCall {
+    /// The step to run.
+    pub fn step(&self) -> &JobStep {
+        &self.step
+    }
+
+    /// What the handler may know about it; its deadline is already set.
+    pub fn context(&self) -> &ExecutionContext {
+        &self.context
+    }
+
+    /// Settles the step with what the handler returned, as if
+    /// [`StepHandler::execute`] had returned it.
+    pub fn complete(self, output: StepOutput) {
+        let (reply, to) = self.settle(Ok(output));
+        // After a timeout nobody listens: the late outcome is dropped here.
+        let _ = to.send(reply);
+    }
+
+    /// Settles the step as failed the way a handler that panics fails it:
+    /// `Execution error: <message>`, failure kind `panic`.
+    pub fn fail(self, message: impl Into<String>) {
+        let (reply, to) = self.settle(Err(message.into()));
+        let _ = to.send(reply);
+    }
+
+    fn settle(self, result: Result<StepOutput, String>) -> (Reply, mpsc::SyncSender<Reply>) {
+        let outcome = match result {
+            Ok(out) if out.success => Outcome::Succeeded(out.output),
+            Ok(out) => Outcome::Failed {
+                failure: FailureKind::HandlerFailed,
+                error: out.error.unwrap_or_else(|| "Step failed".to_owned()),
+                output: Some(out.output),
+            },
+            Err(message) => Outcome::Failed {
+                failure: FailureKind::Panic,
+                error: format!("Execution error: {message}"),
+                output: None,
+            },
+        };
+        let late = self.context.deadline.is_some_and(|d| Instant::now() >= d);
+        ((outcome, late), self.reply)
+    }
 }
 
 /// A step handed (or about to be handed) to a worker: what its executor
@@ -131,8 +190,10 @@ impl HandlerPool {
     }
 
     /// Prepares `step` for `handler`: returns the hook that hands it to a
-    /// worker — to be called once the step's start is committed; its
-    /// deadline runs from then — and what to wait on for its outcome.
+    /// worker (or to the handler's own thread, when its
+    /// [`StepHandler::start`] takes it) — to be called once the step's
+    /// start is committed; its deadline runs from then — and what to wait
+    /// on for its outcome.
     pub(crate) fn prepare(
         &self,
         handler: Arc<dyn StepHandler>,
@@ -150,15 +211,14 @@ impl HandlerPool {
         let shared = self.shared.clone();
         let hook = Box::new(move || {
             context.deadline = Instant::now().checked_add(timeout);
-            submit(
-                &shared,
-                Task {
-                    handler,
-                    step,
-                    context,
-                    reply,
-                },
-            );
+            let call = StepCall {
+                step,
+                context,
+                reply,
+            };
+            if let Some(call) = handler.start(call) {
+                submit(&shared, Task { handler, call });
+            }
         });
         (hook, dispatch)
     }
@@ -319,29 +379,14 @@ fn next_task(shared: &Shared) -> Option<Task> {
 }
 
 fn run_task(task: Task) -> (Reply, mpsc::SyncSender<Reply>) {
-    let Task {
-        handler,
-        step,
-        context,
-        reply,
-    } = task;
+    let Task { handler, call } = task;
     // The handler only gets shared references, so a panic cannot leave
     // anything half-changed: asserting unwind safety is sound.
-    let outcome = match catch_unwind(AssertUnwindSafe(|| handler.execute(&step, &context))) {
-        Ok(out) if out.success => Outcome::Succeeded(out.output),
-        Ok(out) => Outcome::Failed {
-            failure: FailureKind::HandlerFailed,
-            error: out.error.unwrap_or_else(|| "Step failed".to_owned()),
-            output: Some(out.output),
-        },
-        Err(payload) => Outcome::Failed {
-            failure: FailureKind::Panic,
-            error: format!("Execution error: {}", panic_message(payload.as_ref())),
-            output: None,
-        },
-    };
-    let late = context.deadline.is_some_and(|d| Instant::now() >= d);
-    ((outcome, late), reply)
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        handler.execute(&call.step, &call.context)
+    }))
+    .map_err(|payload| panic_message(payload.as_ref()));
+    call.settle(result)
 }
 
 /// The message a panic was raised with.

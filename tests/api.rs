@@ -535,3 +535,103 @@ fn threads_share_one_executor() {
         assert!(report.is_ok(), "{:?}", report.violations);
     }
 }
+
+/// A handler that runs every step on a thread of its own, as an embedding
+/// does whose handler code must run on its host's threads.
+struct OwnThread {
+    settle: fn(job_executor::StepCall),
+}
+
+impl StepHandler for OwnThread {
+    fn execute(&self, _: &JobStep, _: &ExecutionContext) -> StepOutput {
+        panic!("the pool must not call a handler that started the step itself")
+    }
+
+    fn start(&self, call: job_executor::StepCall) -> Option<job_executor::StepCall> {
+        let settle = self.settle;
+        std::thread::spawn(move || settle(call));
+        None
+    }
+}
+
+#[test]
+fn a_handler_can_run_its_steps_on_its_own_threads() {
+    let mut executor = JobExecutor::new();
+    executor.register_handler(
+        "done",
+        Arc::new(OwnThread {
+            settle: |call| {
+                let output =
+                    json!({ "target": call.step().target, "index": call.context().step_index });
+                call.complete(StepOutput::succeeded(output));
+            },
+        }),
+    );
+    executor.register_handler(
+        "refused",
+        OwnThread {
+            settle: |call| call.complete(StepOutput::failed("refused")),
+        },
+    );
+    executor.register_handler(
+        "raised",
+        OwnThread {
+            settle: |call| call.fail("ValueError: bad target"),
+        },
+    );
+    executor.register_handler("dropped", OwnThread { settle: drop });
+    let done = run(&executor, &["done", "done"], None);
+    assert_eq!(done.final_status, JobStatus::Completed);
+    assert_eq!(
+        done.step_results[1].output,
+        Some(json!({ "target": "target-1", "index": 1 }))
+    );
+    let failures = [
+        ("refused", "refused", "handler_failed"),
+        ("raised", "Execution error: ValueError: bad target", "panic"),
+        (
+            "dropped",
+            "Execution error: the handler's thread stopped without an outcome",
+            "panic",
+        ),
+    ];
+    for (step_type, error, kind) in failures {
+        let result = run(&executor, &[step_type, "done"], None);
+        assert_eq!(result.final_status, JobStatus::Failed, "{step_type}");
+        assert_eq!(result.steps_executed, 1);
+        let step = &result.step_results[0];
+        assert_eq!(step.error.as_deref(), Some(error));
+        assert_eq!(
+            serde_json::to_value(step.failure_kind).unwrap(),
+            json!(kind),
+            "{step_type}"
+        );
+    }
+}
+
+#[test]
+fn a_step_settled_on_its_own_thread_past_its_deadline_is_a_timeout() {
+    let mut executor = JobExecutor::new();
+    executor.register_handler(
+        "late",
+        OwnThread {
+            settle: |call| {
+                std::thread::sleep(std::time::Duration::from_millis(1500));
+                call.complete(StepOutput::succeeded(json!({ "late": true })));
+            },
+        },
+    );
+    let mut steps = plan(&["late"]);
+    steps[0].timeout_seconds = 1;
+    let started = std::time::Instant::now();
+    let result = executor
+        .execute_job(Uuid::new_v4(), Uuid::new_v4(), &steps, None, "ops")
+        .unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_millis(1400));
+    assert_eq!(
+        result.step_results[0].error.as_deref(),
+        Some("timed out after 1 s")
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(executor.replay(result.job_id).unwrap(), result);
+}

@@ -106,6 +106,24 @@ class EngineRunner:
         assert report.ok, report.violations
 
 
+def fsync_micros(directory: str, samples: int = 200) -> float:
+    """Median latency of a small write + fsync in `directory`: the floor of
+    a durable commit on this disk, at the moment of the run."""
+    path = os.path.join(directory, "fsync.probe")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        times = []
+        for _ in range(samples):
+            started = time.perf_counter()
+            os.write(fd, b"x" * 128)
+            os.fsync(fd)
+            times.append(time.perf_counter() - started)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return statistics.median(times) * 1e6
+
+
 def measure(runner, jobs: int, steps: int, threads: int) -> float:
     """Steps per second for `jobs` jobs, `threads` at a time."""
     for _ in range(max(2, threads)):
@@ -175,7 +193,13 @@ def main() -> int:
                         runner.close()
                     measured[name] = rate
                     rates.setdefault((name, t), []).append(rate)
-                    line = {"run": run, "engine": name, "threads": t, "steps_per_s": round(rate, 1)}
+                    line = {
+                        "run": run,
+                        "engine": name,
+                        "threads": t,
+                        "steps_per_s": round(rate, 1),
+                        "fsync_us": round(fsync_micros(directory)),
+                    }
                     if isinstance(runner, DbosRunner):
                         line["pragmas"] = runner.pragmas
                     print(json.dumps(line), flush=True)

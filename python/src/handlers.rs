@@ -8,11 +8,11 @@
 //! it exactly as it catches a Rust handler's panic, records the step failed
 //! (`Execution error: …`, failure kind `panic`) and stays usable.
 
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 
 use job_executor::{
     ExecutionContext, FailingHandler as CoreFailing, HealthObserver, JobStep,
-    NoOpHandler as CoreNoOp, StepHandler, StepOutput,
+    NoOpHandler as CoreNoOp, StepCall, StepHandler, StepOutput,
 };
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
@@ -50,130 +50,171 @@ pub fn last_traceback_line(py: Python<'_>, err: &PyErr) -> String {
 /// A handler written in Python: a bound `execute(step, context)` method or
 /// any callable taking `(step, context)`.
 ///
-/// The engine runs each step on a pooled thread of its own. The Python code
-/// of a handler does not run there but on a Python daemon thread paired
-/// with that engine thread (`job_executor._serve`), with no Rust frame
-/// beneath it: a handler that never returns is then an ordinary abandoned
-/// daemon thread, which the interpreter stops at exit as it stops any other.
-/// (On a Rust thread, such a handler would make the interpreter abort at
-/// exit, when the thread is made to unwind through Rust frames.)
+/// The engine hands each step to the handler's `start`, which gives it to a
+/// Python handler thread (`job_executor._serve`): the handler's Python code
+/// runs on a thread Python created, with no Rust frame beneath it, so that
+/// a handler which never returns is an ordinary abandoned daemon thread,
+/// which the interpreter stops at exit as it stops any other. (On a Rust
+/// thread, such a handler would make the interpreter abort at exit, when
+/// the thread is made to unwind through Rust frames.)
 pub struct PyHandler {
     call: Arc<Py<PyAny>>,
     step_type: String,
 }
 
-/// What a handler's Python thread reports back: the output, or the message
-/// of what went wrong.
-type Reply = Result<StepOutput, String>;
+/// A Python handler thread waiting for a call: it sleeps in `os.read` on a
+/// pipe — in C, with the interpreter released — and the byte written to
+/// `doorbell` wakes it to take the call left in `slot`. The engine never
+/// needs the interpreter to hand a call over.
+struct Idle {
+    doorbell: std::io::PipeWriter,
+    slot: Arc<Mutex<Option<Handed>>>,
+}
 
-/// A handler call on its way to a Python handler thread.
-struct Call {
+/// A call handed to a Python handler thread.
+struct Handed {
     handler: Arc<Py<PyAny>>,
-    step: JobStep,
-    context: ExecutionContext,
     step_type: String,
-    reply: mpsc::SyncSender<Reply>,
+    call: StepCall,
 }
 
-thread_local! {
-    /// The Python thread running handlers for this engine thread.
-    static PARTNER: std::cell::RefCell<Option<Partner>> = const { std::cell::RefCell::new(None) };
+/// Python handler threads waiting for a call, shared by every executor. A
+/// thread busy with a handler (or stuck in one) is not here: a call that
+/// finds none waiting starts a new thread, so no step ever waits behind
+/// another.
+static IDLE: Mutex<Vec<Idle>> = Mutex::new(Vec::new());
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Values are put and taken whole: a poisoned lock still holds a
+    // consistent one.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// An engine thread's Python handler thread. Calls go through a channel;
-/// a byte on a pipe wakes the thread, which waits in `os.read` — in C,
-/// with the interpreter released — so that the engine thread never needs
-/// the interpreter to hand a call over, and the Python thread waits in no
-/// Rust frame. Dropping the partner closes the pipe, which ends the thread.
-struct Partner {
-    calls: mpsc::Sender<Call>,
+/// Hands `handed` to a waiting Python handler thread, or to a new one.
+///
+/// # Errors
+/// The message for the step's failure when no thread can take it.
+fn hand_over(mut handed: Handed) -> Result<(), (Handed, String)> {
+    use std::io::Write;
+    loop {
+        let Some(idle) = lock(&IDLE).pop() else { break };
+        *lock(&idle.slot) = Some(handed);
+        if (&idle.doorbell).write_all(&[1]).is_ok() {
+            return Ok(());
+        }
+        // That thread is gone (its end of the pipe closed): take the call
+        // back and try the next.
+        match lock(&idle.slot).take() {
+            Some(back) => handed = back,
+            None => return Ok(()),
+        }
+    }
+    start_thread(handed)
+}
+
+/// Starts a Python handler thread with `handed` as its first call.
+fn start_thread(handed: Handed) -> Result<(), (Handed, String)> {
+    use std::io::Write;
+    let (reader, doorbell) = match std::io::pipe() {
+        Ok(pipe) => pipe,
+        Err(e) => return Err((handed, format!("cannot create a pipe for a handler thread: {e}"))),
+    };
+    let slot = Arc::new(Mutex::new(Some(handed)));
+    let started = Python::attach(|py| -> PyResult<()> {
+        static SERVE: PyOnceLock<(Py<PyAny>, Py<PyAny>)> = PyOnceLock::new();
+        let (thread, serve) = SERVE.get_or_try_init(py, || {
+            Ok::<_, PyErr>((
+                py.import("threading")?.getattr("Thread")?.unbind(),
+                py.import("job_executor._serve")?.getattr("serve")?.unbind(),
+            ))
+        })?;
+        let doorbell = doorbell
+            .try_clone()
+            .map_err(|e| pyo3::exceptions::PyOSError::new_err(e.to_string()))?;
+        let slot = Bound::new(py, Slot { slot: slot.clone(), doorbell })?;
+        // The Python thread owns the read end from here on.
+        let fd = std::os::fd::IntoRawFd::into_raw_fd(std::os::fd::OwnedFd::from(reader));
+        let kwargs = pyo3::types::PyDict::new(py);
+        kwargs.set_item("target", serve)?;
+        kwargs.set_item("args", (fd, slot))?;
+        kwargs.set_item("name", "job-executor-handler")?;
+        kwargs.set_item("daemon", true)?;
+        thread.bind(py).call((), Some(&kwargs))?.call_method0("start")?;
+        Ok(())
+    });
+    let failure = match started {
+        Ok(()) => match (&doorbell).write_all(&[1]) {
+            Ok(()) => return Ok(()),
+            Err(e) => format!("cannot wake a handler thread: {e}"),
+        },
+        Err(err) => Python::attach(|py| last_traceback_line(py, &err)),
+    };
+    match lock(&slot).take() {
+        Some(handed) => Err((handed, failure)),
+        // The thread took the call after all.
+        None => Ok(()),
+    }
+}
+
+/// A Python handler thread's end of its slot.
+#[pyclass(module = "job_executor", frozen)]
+pub struct Slot {
+    slot: Arc<Mutex<Option<Handed>>>,
     doorbell: std::io::PipeWriter,
 }
 
-impl Partner {
-    fn start() -> Result<Partner, String> {
-        let (reader, doorbell) =
-            std::io::pipe().map_err(|e| format!("cannot create a pipe: {e}"))?;
-        let (calls, queued) = mpsc::channel();
-        let reader = std::os::fd::OwnedFd::from(reader);
-        Python::attach(|py| -> PyResult<()> {
-            static SERVE: PyOnceLock<(Py<PyAny>, Py<PyAny>)> = PyOnceLock::new();
-            let (thread, serve) = SERVE.get_or_try_init(py, || {
-                Ok::<_, PyErr>((
-                    py.import("threading")?.getattr("Thread")?.unbind(),
-                    py.import("job_executor._serve")?.getattr("serve")?.unbind(),
-                ))
-            })?;
-            let queue = Bound::new(py, CallQueue(Mutex::new(queued)))?;
-            let kwargs = pyo3::types::PyDict::new(py);
-            kwargs.set_item("target", serve)?;
-            // The Python thread owns the read end from here on.
-            let fd = std::os::fd::IntoRawFd::into_raw_fd(reader);
-            kwargs.set_item("args", (fd, queue))?;
-            kwargs.set_item("name", "job-executor-handler")?;
-            kwargs.set_item("daemon", true)?;
-            thread
-                .bind(py)
-                .call((), Some(&kwargs))?
-                .call_method0("start")?;
-            Ok(())
-        })
-        .map_err(|err| Python::attach(|py| last_traceback_line(py, &err)))?;
-        Ok(Partner { calls, doorbell })
-    }
-
-    /// Hands `call` over. `Err` when the Python thread is gone.
-    fn send(&self, call: Call) -> Result<(), ()> {
-        use std::io::Write;
-        self.calls.send(call).map_err(|_| ())?;
-        (&self.doorbell).write_all(&[1]).map_err(|_| ())
-    }
-}
-
-/// The calls waiting for one Python handler thread.
-#[pyclass(module = "job_executor", frozen)]
-pub struct CallQueue(Mutex<mpsc::Receiver<Call>>);
-
 #[pymethods]
-impl CallQueue {
-    /// The next call, as `(handler, step, context, pending)`; `None` when
-    /// there is none (the doorbell rang for a call already taken).
+impl Slot {
+    /// The call left for this thread, as `(handler, step, context,
+    /// pending)`; `None` when there is none.
     fn take<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
-        let call = match self.0.lock() {
-            Ok(queued) => queued.try_recv().ok(),
-            Err(_) => None,
-        };
-        let Some(call) = call else { return Ok(None) };
-        let Call {
+        let Some(Handed {
             handler,
-            step,
-            context,
             step_type,
-            reply,
-        } = call;
-        let pending = PendingCall { reply, step_type };
-        match (
-            convert::job_step_to_py(py, &step),
-            convert::context_to_py(py, &context),
-        ) {
-            (Ok(step), Ok(context)) => Ok(Some(
-                (handler.bind(py), step, context, Bound::new(py, pending)?)
-                    .into_pyobject(py)?
-                    .into_any(),
-            )),
-            (Err(err), _) | (_, Err(err)) => {
-                let _ = pending.reply.send(Err(last_traceback_line(py, &err)));
+            call,
+        }) = lock(&self.slot).take()
+        else {
+            return Ok(None);
+        };
+        let converted = convert::job_step_to_py(py, call.step())
+            .and_then(|step| Ok((step, convert::context_to_py(py, call.context())?)));
+        match converted {
+            Ok((step, context)) => {
+                let pending = Bound::new(
+                    py,
+                    PendingCall {
+                        call: Mutex::new(Some(call)),
+                        step_type,
+                    },
+                )?;
+                Ok(Some((handler.bind(py), step, context, pending).into_pyobject(py)?.into_any()))
+            }
+            Err(err) => {
+                call.fail(last_traceback_line(py, &err));
                 Ok(None)
             }
         }
     }
+
+    /// This thread is done with its call and waits for the next.
+    fn idle(&self) -> PyResult<()> {
+        let doorbell = self
+            .doorbell
+            .try_clone()
+            .map_err(|e| pyo3::exceptions::PyOSError::new_err(e.to_string()))?;
+        lock(&IDLE).push(Idle {
+            doorbell,
+            slot: self.slot.clone(),
+        });
+        Ok(())
+    }
 }
 
 /// One handler call taken by a Python handler thread: the way back to the
-/// engine thread waiting for its outcome.
+/// engine, settled once.
 #[pyclass(module = "job_executor", frozen)]
 pub struct PendingCall {
-    reply: mpsc::SyncSender<Reply>,
+    call: Mutex<Option<StepCall>>,
     step_type: String,
 }
 
@@ -181,21 +222,22 @@ pub struct PendingCall {
 impl PendingCall {
     /// The handler returned `returned`.
     fn returned(&self, returned: &Bound<'_, PyAny>) {
-        let reply = convert::step_output(returned).map_err(|err| {
-            format!(
+        let Some(call) = lock(&self.call).take() else { return };
+        match convert::step_output(returned) {
+            Ok(output) => call.complete(output),
+            Err(err) => call.fail(format!(
                 "{} (the handler for step type {:?} must return a StepOutput holding JSON values)",
                 last_traceback_line(returned.py(), &err),
                 self.step_type
-            )
-        });
-        // After a timeout nobody waits for the reply any more.
-        let _ = self.reply.send(reply);
+            )),
+        }
     }
 
     /// The handler raised `raised`.
     fn raised(&self, raised: &Bound<'_, PyAny>) {
+        let Some(call) = lock(&self.call).take() else { return };
         let err = PyErr::from_value(raised.clone());
-        let _ = self.reply.send(Err(last_traceback_line(raised.py(), &err)));
+        call.fail(last_traceback_line(raised.py(), &err));
     }
 }
 
@@ -224,52 +266,49 @@ impl PyHandler {
         })
     }
 
-    /// Hands the call to this engine thread's Python handler thread
-    /// (started on first use, and again if it has gone) and returns what
-    /// to wait on.
-    fn hand_over(
+    /// Calls the handler on this thread.
+    fn call_here(
         &self,
+        py: Python<'_>,
         step: &JobStep,
         context: &ExecutionContext,
-    ) -> Result<mpsc::Receiver<Reply>, String> {
-        PARTNER.with(|partner| {
-            let mut partner = partner.borrow_mut();
-            for _ in 0..2 {
-                let (reply, outcome) = mpsc::sync_channel(1);
-                let call = Call {
-                    handler: self.call.clone(),
-                    step: step.clone(),
-                    context: context.clone(),
-                    step_type: self.step_type.clone(),
-                    reply,
-                };
-                let sent = match partner.as_ref() {
-                    Some(started) => started.send(call),
-                    None => partner.insert(Partner::start()?).send(call),
-                };
-                if sent.is_ok() {
-                    return Ok(outcome);
-                }
-                *partner = None;
-            }
-            Err("cannot hand the call to a Python handler thread".to_owned())
+    ) -> Result<StepOutput, String> {
+        let returned = convert::job_step_to_py(py, step)
+            .and_then(|step| Ok((step, convert::context_to_py(py, context)?)))
+            .and_then(|(step, context)| self.call.bind(py).call1((step, context)))
+            .map_err(|err| last_traceback_line(py, &err))?;
+        convert::step_output(&returned).map_err(|err| {
+            format!(
+                "{} (the handler for step type {:?} must return a StepOutput holding JSON values)",
+                last_traceback_line(py, &err),
+                self.step_type
+            )
         })
     }
 }
 
 impl StepHandler for PyHandler {
+    /// Only for a caller that runs the handler directly: the engine starts
+    /// every step through `start`.
     fn execute(&self, step: &JobStep, context: &ExecutionContext) -> StepOutput {
-        let reply = self.hand_over(step, context).and_then(|outcome| {
-            outcome.recv().unwrap_or_else(|_| {
-                Err("the handler's Python thread stopped without an outcome".to_owned())
-            })
-        });
-        match reply {
+        match Python::attach(|py| self.call_here(py, step, context)) {
             Ok(out) => out,
             // Unwinds to the engine's catch around every handler call, with
             // no panic hook run: it is the handler's failure, not ours.
             Err(message) => std::panic::resume_unwind(Box::new(message)),
         }
+    }
+
+    fn start(&self, call: StepCall) -> Option<StepCall> {
+        let handed = Handed {
+            handler: self.call.clone(),
+            step_type: self.step_type.clone(),
+            call,
+        };
+        if let Err((handed, message)) = hand_over(handed) {
+            handed.call.fail(message);
+        }
+        None
     }
 }
 
