@@ -9,14 +9,14 @@
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior, params};
 use uuid::Uuid;
 
 use super::group::{GroupCommit, Hook};
-use super::{EventStore, StoreError, check_batch};
+use super::{DatabaseError, EventStore, StoreError, check_batch};
 use crate::chain::{self, Digest};
 use crate::events::EventRecord;
 
@@ -144,6 +144,7 @@ pub enum Synchronous {
 
 /// How to open a SQLite event log.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct SqliteOptions {
     /// Durability of each commit.
     pub synchronous: Synchronous,
@@ -168,6 +169,44 @@ impl Default for SqliteOptions {
             read_only: false,
             max_pages: None,
         }
+    }
+}
+
+impl SqliteOptions {
+    /// Options for reading an existing log: nothing is ever written, and a
+    /// missing file is [`StoreError::NotFound`].
+    pub fn reader() -> Self {
+        SqliteOptions {
+            create: false,
+            read_only: true,
+            ..SqliteOptions::default()
+        }
+    }
+
+    /// Options for appending to an existing log, never creating one.
+    pub fn existing() -> Self {
+        SqliteOptions {
+            create: false,
+            ..SqliteOptions::default()
+        }
+    }
+
+    /// With this durability.
+    pub fn with_synchronous(mut self, synchronous: Synchronous) -> Self {
+        self.synchronous = synchronous;
+        self
+    }
+
+    /// With this busy timeout.
+    pub fn with_busy_timeout(mut self, busy_timeout: Duration) -> Self {
+        self.busy_timeout = busy_timeout;
+        self
+    }
+
+    /// With the database capped at `pages` pages.
+    pub fn with_max_pages(mut self, pages: u64) -> Self {
+        self.max_pages = Some(pages);
+        self
     }
 }
 
@@ -459,7 +498,7 @@ fn check_header(path: &Path) -> Result<bool, StoreError> {
         Err(source) => {
             return Err(StoreError::Io {
                 path: path.to_path_buf(),
-                source,
+                source: Arc::new(source),
             });
         }
     };
@@ -469,7 +508,7 @@ fn check_header(path: &Path) -> Result<bool, StoreError> {
         .read_to_end(&mut header)
         .map_err(|source| StoreError::Io {
             path: path.to_path_buf(),
-            source,
+            source: Arc::new(source),
         })?;
     // An empty file is an empty database, as SQLite itself treats it.
     if !header.is_empty() && header.as_slice() != SQLITE_HEADER {
@@ -560,9 +599,12 @@ fn classify(path: &Path, context: &'static str, error: rusqlite::Error) -> Store
             path: path.to_path_buf(),
             detail: error.to_string(),
         },
-        _ => StoreError::Sqlite {
+        _ => StoreError::Database {
             context,
-            source: error,
+            source: DatabaseError {
+                code: error.sqlite_error_code().map(|code| format!("{code:?}")),
+                message: error.to_string(),
+            },
         },
     }
 }
@@ -594,7 +636,7 @@ fn fill(
 ) -> Vec<Result<Vec<u64>, StoreError>> {
     results
         .into_iter()
-        .map(|r| r.unwrap_or_else(|| Err(error.duplicate())))
+        .map(|r| r.unwrap_or_else(|| Err(error.clone())))
         .collect()
 }
 
