@@ -167,6 +167,7 @@ impl fmt::Debug for HeadKey {
 
 /// Why a key cannot be used.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum KeyError {
     /// The key file cannot be read.
     #[error("{}: cannot read key file: {source}", path.display())]

@@ -20,8 +20,9 @@ use crate::clock::{LogicalClock, derived_job_id};
 #[cfg(unix)]
 use crate::command::CommandHandler;
 use crate::executor::{CancelRequest, ExecutorError, JobExecutor, Recovery, register_defaults};
-use crate::model::{ExecutionResult, JobStatus, PlanError, PlanFile, validate_plan};
+use crate::model::{JobStatus, PlanError, PlanFile, validate_plan};
 use crate::projection::{Projector, ReplayError, execution_result_to_evidence, replay};
+use crate::result::ExecutionResult;
 use crate::store::{EventStore, SqliteOptions, SqliteStore, StoreError, Synchronous};
 use crate::verify::{VerifyOptions, verify_store};
 
@@ -181,6 +182,7 @@ pub enum SyncMode {
 
 /// A failure the CLI reports with exit code 2.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum CliError {
     /// The plan file cannot be read.
     #[error("{}: cannot read plan: {source}", path.display())]
@@ -312,10 +314,9 @@ fn dispatch(command: Command) -> Result<u8, CliError> {
             match bundle {
                 Some(bundle) => verify_one_bundle(&bundle, key.as_ref()),
                 None => {
-                    let options = VerifyOptions {
-                        key,
-                        expect: parse_expectations(&expect)?,
-                    };
+                    let options = VerifyOptions::default()
+                        .with_key(key)
+                        .with_expected_heads(parse_expectations(&expect)?);
                     verify(&open_existing(&db.db)?, &options)
                 }
             }
@@ -406,13 +407,10 @@ fn run(args: &RunArgs<'_>) -> Result<u8, CliError> {
         None if args.deterministic => derived_job_id(plan.contract_id, &plan.steps),
         None => Uuid::new_v4(),
     };
-    let options = SqliteOptions {
-        synchronous: match args.synchronous {
-            SyncMode::Full => Synchronous::Full,
-            SyncMode::Normal => Synchronous::Normal,
-        },
-        ..SqliteOptions::default()
-    };
+    let options = SqliteOptions::default().with_synchronous(match args.synchronous {
+        SyncMode::Full => Synchronous::Full,
+        SyncMode::Normal => Synchronous::Normal,
+    });
     let store = Arc::new(SqliteStore::open_with(args.db, &options)?);
     let mut builder = JobExecutor::builder().store(store);
     if args.deterministic {
@@ -453,11 +451,8 @@ fn register_cli_handlers(executor: &mut JobExecutor) {
 /// commands that append to jobs already in it.
 fn existing_executor(db: &Path, key_file: Option<&Path>) -> Result<JobExecutor, CliError> {
     let key = read_key(key_file)?;
-    let options = SqliteOptions {
-        create: false,
-        ..SqliteOptions::default()
-    };
-    let mut builder = JobExecutor::builder().store(Arc::new(SqliteStore::open_with(db, &options)?));
+    let store = SqliteStore::open_with(db, &SqliteOptions::existing())?;
+    let mut builder = JobExecutor::builder().store(Arc::new(store));
     if let Some(key) = key {
         builder = builder.head_key(key);
     }
@@ -525,14 +520,7 @@ fn read_file(path: &Path) -> Result<Vec<u8>, CliError> {
 
 /// Opens an existing database for reading; never creates or migrates one.
 fn open_existing(db: &Path) -> Result<SqliteStore, StoreError> {
-    SqliteStore::open_with(
-        db,
-        &SqliteOptions {
-            read_only: true,
-            create: false,
-            ..SqliteOptions::default()
-        },
-    )
+    SqliteStore::open_with(db, &SqliteOptions::reader())
 }
 
 fn print_evidence(result: &ExecutionResult) -> Result<(), CliError> {

@@ -23,15 +23,16 @@ use uuid::Uuid;
 use crate::chain::HeadKey;
 use crate::clock::{Clock, SystemClock};
 use crate::events::{
-    Event, EventRecord, Failure, FailureKind, JobCancelRequested, JobCancelled, JobCompleted,
-    JobHalted, JobResumed, JobStarted, StepFailed, StepStarted, StepSucceeded, truncate_to_micros,
+    Event, EventRecord, Failure, JobCancelRequested, JobCancelled, JobCompleted, JobHalted,
+    JobResumed, JobStarted, StepFailed, StepStarted, StepSucceeded, truncate_to_micros,
 };
 use crate::handler::{DEFAULT_STEP_TYPES, HealthObserver, NoOpHandler, StepHandler};
 use crate::machine::{self, NextAction, Phase, TransitionError, next_action};
 use crate::model::{
-    CancelSignal, ExecutionContext, ExecutionResult, JobStep, PlanError, validate_plan,
+    CancelSignal, ExecutionContext, FailureKind, JobStep, PlanError, validate_plan,
 };
 use crate::projection::{self, Projector, ReplayError};
+use crate::result::ExecutionResult;
 use crate::runner::{Dispatch, HandlerPool, Outcome, panic_message};
 use crate::store::{EventStore, MemoryStore, StoreError};
 
@@ -43,6 +44,7 @@ const CONFLICT_RETRIES_MAX: usize = 16;
 
 /// Why the executor did not do what it was asked.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ExecutorError {
     /// The job id already has events: a job is executed at most once (EXEC-006).
     /// Nothing was appended and no handler ran.
@@ -144,6 +146,7 @@ pub enum ExecutorError {
 
 /// What `recover` did to one job.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Recovery {
     /// The step was in doubt: recorded as failed (interrupted), and the job halted.
     Interrupted {
@@ -175,6 +178,7 @@ pub enum Recovery {
 
 /// What `request_cancel` did.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CancelRequest {
     /// The request was recorded at this seq.
     Recorded {

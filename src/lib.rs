@@ -33,6 +33,7 @@
 
 pub mod bundle;
 pub mod chain;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod clock;
 #[cfg(unix)]
@@ -43,6 +44,7 @@ pub mod handler;
 pub mod machine;
 pub mod model;
 pub mod projection;
+pub mod result;
 mod runner;
 pub mod store;
 pub mod upcast;
@@ -53,8 +55,6 @@ pub use executor::{
     create_default_executor,
 };
 pub use handler::{FailingHandler, HealthObserver, NoOpHandler, StepCall, StepHandler};
-pub use model::{
-    CancelSignal, ExecutionContext, ExecutionResult, JobStatus, JobStep, StepOutput, StepResult,
-    StepStatus,
-};
+pub use model::{CancelSignal, ExecutionContext, JobStatus, JobStep, StepOutput, StepStatus};
 pub use projection::{execution_result_to_evidence, replay};
+pub use result::{ExecutionResult, StepResult};

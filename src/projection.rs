@@ -10,9 +10,10 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::chain::{self, Digest, HeadKey, HeadMac};
-use crate::events::{DecodeError, Event, EventRecord, FailureKind, format_timestamp};
+use crate::events::{DecodeError, Event, EventRecord, format_timestamp};
 use crate::machine::{self, JobState, Phase, TransitionError};
-use crate::model::{ExecutionResult, StepResult, StepStatus};
+use crate::model::{FailureKind, StepStatus};
+use crate::result::{ExecutionResult, StepResult};
 use crate::store::{EventStore, StoreError};
 
 /// `final_reason` of a job whose every step succeeded.
@@ -23,6 +24,7 @@ pub const REASON_UNFINISHED: &str = "Job has not finished";
 
 /// Why a job's log cannot be projected.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ReplayError {
     /// The log has no events for the job.
     #[error("unknown job {job_id}: the log has no events for it")]

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::events::FailureKind;
 use crate::handler::StepHandler;
+use crate::model::FailureKind;
 use crate::model::{ExecutionContext, JobStep, StepOutput};
 
 /// What running a step's handler came to.

@@ -559,10 +559,7 @@ fn a_full_database_fails_cleanly_and_recovers() {
         .unwrap()
         .query_row("PRAGMA page_count", [], |r| r.get(0))
         .unwrap();
-    let capped = SqliteOptions {
-        max_pages: Some(pages as u64 + 4),
-        ..SqliteOptions::default()
-    };
+    let capped = SqliteOptions::default().with_max_pages(pages as u64 + 4);
     let store = Arc::new(SqliteStore::open_with(&path, &capped).unwrap());
     let calls = Arc::new(AtomicUsize::new(0));
     let executor = survivor(store, &calls);
@@ -621,10 +618,7 @@ fn a_full_database_fails_cleanly_and_recovers() {
 fn a_database_locked_past_the_busy_timeout_fails_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("log.db");
-    let options = SqliteOptions {
-        busy_timeout: Duration::from_millis(200),
-        ..SqliteOptions::default()
-    };
+    let options = SqliteOptions::default().with_busy_timeout(Duration::from_millis(200));
     let store = Arc::new(SqliteStore::open_with(&path, &options).unwrap());
     let calls = Arc::new(AtomicUsize::new(0));
     let executor = survivor(store.clone(), &calls);

@@ -99,7 +99,10 @@ class StepResult:
 @dataclass(frozen=True)
 class ExecutionResult:
     """The result of a job, folded from its event log: the same fold whether
-    the job just ran or is replayed from the log years later."""
+    the job just ran or is replayed from the log years later. Only a result
+    the executor returned has evidence (``execution_result_to_evidence``):
+    it carries the engine's own value, which ``dataclasses.replace`` and
+    hand-made results do not."""
 
     job_id: uuid.UUID
     final_status: JobStatus
@@ -121,6 +124,7 @@ class ExecutionResult:
     events: int = 0
     head: str = _GENESIS_HEAD
     head_mac: Optional[str] = None
+    _native: Any = field(default=None, init=False, repr=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,6 @@
 //! behaviour); this module is the one place that builds them from the
 //! engine's values and reads the engine's values back from them.
 
-use chrono::{DateTime, Utc};
-use job_executor::chain::{Digest, HeadMac};
 use job_executor::verify::Violation;
 use job_executor::{ExecutionContext, ExecutionResult, JobStep, Recovery, StepOutput, StepResult};
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -14,7 +12,6 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyList, PyType};
 use serde::Serialize;
-use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::handlers::CancelSignal;
@@ -66,12 +63,6 @@ fn wire_name(value: impl Serialize) -> String {
         // Every enum converted here serialises as a plain string.
         other => format!("{other:?}"),
     }
-}
-
-/// A serde enum from its wire name.
-fn from_wire_name<T: DeserializeOwned>(what: &str, name: String) -> PyResult<T> {
-    serde_json::from_value(Value::String(name.clone()))
-        .map_err(|_| PyValueError::new_err(format!("{name:?} is not a {what}")))
 }
 
 /// A plan step, copied from any object with the attributes of `JobStep`.
@@ -151,17 +142,21 @@ pub fn context(obj: &Bound<'_, PyAny>) -> PyResult<ExecutionContext> {
         Ok(signal) if !signal.is_none() => signal.extract::<PyRef<'_, CancelSignal>>()?.signal(),
         _ => job_executor::CancelSignal::new(),
     };
-    Ok(ExecutionContext {
-        job_id: obj.getattr(intern!(py, "job_id"))?.extract()?,
-        contract_id: obj.getattr(intern!(py, "contract_id"))?.extract()?,
-        step_index: obj.getattr(intern!(py, "step_index"))?.extract()?,
-        step_type: obj.getattr(intern!(py, "step_type"))?.extract()?,
-        target: obj.getattr(intern!(py, "target"))?.extract()?,
-        executed_by: obj.getattr(intern!(py, "executed_by"))?.extract()?,
-        started_at: obj.getattr(intern!(py, "started_at"))?.extract()?,
-        deadline: None,
-        cancel,
-    })
+    let step = JobStep::new(
+        obj.getattr(intern!(py, "step_index"))?.extract()?,
+        obj.getattr(intern!(py, "step_type"))?.extract::<String>()?,
+        obj.getattr(intern!(py, "target"))?.extract::<String>()?,
+    );
+    let mut context = ExecutionContext::new(
+        obj.getattr(intern!(py, "job_id"))?.extract()?,
+        obj.getattr(intern!(py, "contract_id"))?.extract()?,
+        &step,
+        obj.getattr(intern!(py, "executed_by"))?
+            .extract::<String>()?,
+        obj.getattr(intern!(py, "started_at"))?.extract()?,
+    );
+    context.cancel = cancel;
+    Ok(context)
 }
 
 /// An engine step output from what a Python handler returned.
@@ -262,92 +257,46 @@ pub fn execution_result_to_py<'py>(
         intern!(py, "head_mac"),
         result.head_mac.map(|mac| mac.to_string()),
     )?;
-    t.execution_result.bind(py).call((), Some(&kwargs))
+    let converted = t.execution_result.bind(py).call((), Some(&kwargs))?;
+    // The dataclass is frozen: set its hidden field as dataclasses do.
+    py.get_type::<pyo3::types::PyAny>().call_method1(
+        intern!(py, "__setattr__"),
+        (
+            &converted,
+            intern!(py, "_native"),
+            NativeResult(result.clone()),
+        ),
+    )?;
+    Ok(converted)
 }
 
-fn attr<'py, T>(obj: &Bound<'py, PyAny>, name: &Bound<'py, pyo3::types::PyString>) -> PyResult<T>
-where
-    T: for<'a> FromPyObject<'a, 'py, Error = PyErr>,
-{
-    obj.getattr(name)?.extract()
-}
+/// The engine's own result, kept inside the Python `ExecutionResult` it was
+/// converted to: a result is a projection of its event log, never made by
+/// hand, so its evidence is built from the engine's value, not read back
+/// from Python fields.
+#[pyclass(module = "job_executor", frozen)]
+pub struct NativeResult(ExecutionResult);
 
-fn step_result(obj: &Bound<'_, PyAny>) -> PyResult<StepResult> {
-    let py = obj.py();
-    let output: Bound<'_, PyAny> = obj.getattr(intern!(py, "output"))?;
-    let health: Bound<'_, PyAny> = obj.getattr(intern!(py, "health_after"))?;
-    let failure_kind: Option<String> = attr(obj, intern!(py, "failure_kind"))?;
-    Ok(StepResult {
-        step_index: attr(obj, intern!(py, "step_index"))?,
-        status: from_wire_name("StepStatus", attr(obj, intern!(py, "status"))?)?,
-        started_at: attr(obj, intern!(py, "started_at"))?,
-        completed_at: attr(obj, intern!(py, "completed_at"))?,
-        output: optional_json(&output)?,
-        error: attr(obj, intern!(py, "error"))?,
-        health_after: optional_json(&health)?,
-        failure_kind: failure_kind
-            .map(|kind| from_wire_name("failure kind", kind))
-            .transpose()?,
-    })
-}
-
-fn optional_json(obj: &Bound<'_, PyAny>) -> PyResult<Option<Value>> {
-    if obj.is_none() {
-        Ok(None)
-    } else {
-        json::to_value(obj).map(Some)
-    }
-}
-
-/// An engine result read back from a Python `ExecutionResult`, for the
-/// engine to build its evidence from.
+/// The engine result inside a Python `ExecutionResult`.
 ///
 /// # Errors
-/// `AttributeError`/`TypeError`/`ValueError` for a missing, mistyped or
-/// malformed field (a head that is not `sha256:<64 hex>`, a naive datetime).
-pub fn execution_result(obj: &Bound<'_, PyAny>) -> PyResult<ExecutionResult> {
-    let py = obj.py();
-    let mut step_results = Vec::new();
-    for step in obj.getattr(intern!(py, "step_results"))?.try_iter()? {
-        step_results.push(step_result(&step?)?);
+/// `TypeError` for a result the executor did not return (made by hand, or
+/// by `dataclasses.replace`).
+pub fn execution_result<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, NativeResult>> {
+    let native = obj.getattr(intern!(obj.py(), "_native")).ok();
+    match native.as_ref().map(|n| n.cast::<NativeResult>()) {
+        Some(Ok(native)) => Ok(native.clone()),
+        _ => Err(PyTypeError::new_err(
+            "evidence is built from an ExecutionResult the executor returned (execute_job, resume, replay): a result is a projection of its event log, and this one was made by hand",
+        )),
     }
-    let head: String = attr(obj, intern!(py, "head"))?;
-    let head_mac: Option<String> = attr(obj, intern!(py, "head_mac"))?;
-    let health_before = obj.getattr(intern!(py, "health_before"))?;
-    let health_after = obj.getattr(intern!(py, "health_after"))?;
-    let started_at: DateTime<Utc> = attr(obj, intern!(py, "started_at"))?;
-    Ok(ExecutionResult {
-        job_id: attr(obj, intern!(py, "job_id"))?,
-        contract_id: attr(obj, intern!(py, "contract_id"))?,
-        executed_by: attr(obj, intern!(py, "executed_by"))?,
-        executor_version: attr(obj, intern!(py, "executor_version"))?,
-        final_status: from_wire_name("JobStatus", attr(obj, intern!(py, "final_status"))?)?,
-        final_reason: attr(obj, intern!(py, "final_reason"))?,
-        steps_executed: attr(obj, intern!(py, "steps_executed"))?,
-        steps_succeeded: attr(obj, intern!(py, "steps_succeeded"))?,
-        steps_failed: attr(obj, intern!(py, "steps_failed"))?,
-        steps_planned: attr(obj, intern!(py, "steps_planned"))?,
-        step_results,
-        health_before: optional_json(&health_before)?,
-        health_after: optional_json(&health_after)?,
-        started_at,
-        completed_at: attr(obj, intern!(py, "completed_at"))?,
-        events: attr(obj, intern!(py, "events"))?,
-        head: Digest::parse(&head).ok_or_else(|| {
-            PyValueError::new_err(format!("head {head:?} is not sha256:<64 lowercase hex>"))
-        })?,
-        head_mac: head_mac
-            .map(|mac| {
-                mac.strip_prefix("hmac-sha256:")
-                    .and_then(HeadMac::from_hex)
-                    .ok_or_else(|| {
-                        PyValueError::new_err(format!(
-                            "head_mac {mac:?} is not hmac-sha256:<64 lowercase hex>"
-                        ))
-                    })
-            })
-            .transpose()?,
-    })
+}
+
+impl NativeResult {
+    /// The engine's result.
+    pub fn result(&self) -> &ExecutionResult {
+        &self.0
+    }
 }
 
 /// A Python `Violation`.
@@ -365,6 +314,11 @@ pub fn recovery_to_py<'py>(py: Python<'py>, recovery: &Recovery) -> PyResult<Bou
         Recovery::Halted { job_id, step_index } => (job_id, "halted", Some(*step_index)),
         Recovery::Cancelled { job_id } => (job_id, "cancelled", None),
         Recovery::Resumable { job_id, next_step } => (job_id, "resumable", Some(*next_step)),
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "a recovery this build of the package cannot convert: {other:?}"
+            )));
+        }
     };
     types(py)?
         .recovery

@@ -85,7 +85,7 @@ pub fn executor_error(error: &Error) -> PyErr {
         Error::Store { .. } | Error::Replay(Replay::Store(_)) => EventLogError::new_err(message),
         Error::Replay(_) => ReplayError::new_err(message),
         Error::HealthObserver { .. } => HealthObserverError::new_err(message),
-        Error::Transition { .. } => ExecutorError::new_err(message),
+        _ => ExecutorError::new_err(message),
     }
 }
 

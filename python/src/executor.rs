@@ -49,10 +49,7 @@ fn open_store(
         Some(":memory:") => Arc::new(SqliteStore::open_in_memory()?),
         Some(path) => Arc::new(SqliteStore::open_with(
             path,
-            &SqliteOptions {
-                synchronous,
-                ..SqliteOptions::default()
-            },
+            &SqliteOptions::default().with_synchronous(synchronous),
         )?),
     })
 }
@@ -416,7 +413,7 @@ impl PyJobExecutor {
         let executor = self.read(py);
         match py.detach(|| executor.request_cancel(job_id, &reason)) {
             Ok(CancelRequest::Recorded { .. }) => Ok(true),
-            Ok(CancelRequest::AlreadyRequested) => Ok(false),
+            Ok(_) => Ok(false),
             Err(e) => Err(errors::executor_error(&e)),
         }
     }

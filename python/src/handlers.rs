@@ -87,37 +87,43 @@ static IDLE: Mutex<Vec<Idle>> = Mutex::new(Vec::new());
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Values are put and taken whole: a poisoned lock still holds a
     // consistent one.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Hands `handed` to a waiting Python handler thread, or to a new one.
-///
-/// # Errors
-/// The message for the step's failure when no thread can take it.
-fn hand_over(mut handed: Handed) -> Result<(), (Handed, String)> {
+/// Hands `handed` to a waiting Python handler thread, or to a new one;
+/// when no thread can take it, fails its step saying why.
+fn hand_over(mut handed: Handed) {
     use std::io::Write;
     loop {
         let Some(idle) = lock(&IDLE).pop() else { break };
         *lock(&idle.slot) = Some(handed);
         if (&idle.doorbell).write_all(&[1]).is_ok() {
-            return Ok(());
+            return;
         }
         // That thread is gone (its end of the pipe closed): take the call
         // back and try the next.
         match lock(&idle.slot).take() {
             Some(back) => handed = back,
-            None => return Ok(()),
+            None => return,
         }
     }
-    start_thread(handed)
+    start_thread(handed);
 }
 
-/// Starts a Python handler thread with `handed` as its first call.
-fn start_thread(handed: Handed) -> Result<(), (Handed, String)> {
+/// Starts a Python handler thread with `handed` as its first call; fails
+/// the step when it cannot.
+fn start_thread(handed: Handed) {
     use std::io::Write;
     let (reader, doorbell) = match std::io::pipe() {
         Ok(pipe) => pipe,
-        Err(e) => return Err((handed, format!("cannot create a pipe for a handler thread: {e}"))),
+        Err(e) => {
+            handed
+                .call
+                .fail(format!("cannot create a pipe for a handler thread: {e}"));
+            return;
+        }
     };
     let slot = Arc::new(Mutex::new(Some(handed)));
     let started = Python::attach(|py| -> PyResult<()> {
@@ -131,7 +137,13 @@ fn start_thread(handed: Handed) -> Result<(), (Handed, String)> {
         let doorbell = doorbell
             .try_clone()
             .map_err(|e| pyo3::exceptions::PyOSError::new_err(e.to_string()))?;
-        let slot = Bound::new(py, Slot { slot: slot.clone(), doorbell })?;
+        let slot = Bound::new(
+            py,
+            Slot {
+                slot: slot.clone(),
+                doorbell,
+            },
+        )?;
         // The Python thread owns the read end from here on.
         let fd = std::os::fd::IntoRawFd::into_raw_fd(std::os::fd::OwnedFd::from(reader));
         let kwargs = pyo3::types::PyDict::new(py);
@@ -139,20 +151,22 @@ fn start_thread(handed: Handed) -> Result<(), (Handed, String)> {
         kwargs.set_item("args", (fd, slot))?;
         kwargs.set_item("name", "job-executor-handler")?;
         kwargs.set_item("daemon", true)?;
-        thread.bind(py).call((), Some(&kwargs))?.call_method0("start")?;
+        thread
+            .bind(py)
+            .call((), Some(&kwargs))?
+            .call_method0("start")?;
         Ok(())
     });
     let failure = match started {
         Ok(()) => match (&doorbell).write_all(&[1]) {
-            Ok(()) => return Ok(()),
+            Ok(()) => return,
             Err(e) => format!("cannot wake a handler thread: {e}"),
         },
         Err(err) => Python::attach(|py| last_traceback_line(py, &err)),
     };
-    match lock(&slot).take() {
-        Some(handed) => Err((handed, failure)),
-        // The thread took the call after all.
-        None => Ok(()),
+    // Unless the thread took the call after all.
+    if let Some(handed) = lock(&slot).take() {
+        handed.call.fail(failure);
     }
 }
 
@@ -187,7 +201,11 @@ impl Slot {
                         step_type,
                     },
                 )?;
-                Ok(Some((handler.bind(py), step, context, pending).into_pyobject(py)?.into_any()))
+                Ok(Some(
+                    (handler.bind(py), step, context, pending)
+                        .into_pyobject(py)?
+                        .into_any(),
+                ))
             }
             Err(err) => {
                 call.fail(last_traceback_line(py, &err));
@@ -222,7 +240,9 @@ pub struct PendingCall {
 impl PendingCall {
     /// The handler returned `returned`.
     fn returned(&self, returned: &Bound<'_, PyAny>) {
-        let Some(call) = lock(&self.call).take() else { return };
+        let Some(call) = lock(&self.call).take() else {
+            return;
+        };
         match convert::step_output(returned) {
             Ok(output) => call.complete(output),
             Err(err) => call.fail(format!(
@@ -235,7 +255,9 @@ impl PendingCall {
 
     /// The handler raised `raised`.
     fn raised(&self, raised: &Bound<'_, PyAny>) {
-        let Some(call) = lock(&self.call).take() else { return };
+        let Some(call) = lock(&self.call).take() else {
+            return;
+        };
         let err = PyErr::from_value(raised.clone());
         call.fail(last_traceback_line(raised.py(), &err));
     }
@@ -305,9 +327,7 @@ impl StepHandler for PyHandler {
             step_type: self.step_type.clone(),
             call,
         };
-        if let Err((handed, message)) = hand_over(handed) {
-            handed.call.fail(message);
-        }
+        hand_over(handed);
         None
     }
 }

@@ -26,9 +26,11 @@ fn create_default_executor() -> PyJobExecutor {
 /// The audit evidence of an `ExecutionResult`, as a dict.
 #[pyfunction]
 fn execution_result_to_evidence<'py>(result: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
-    let py = result.py();
-    let result = convert::execution_result(result)?;
-    json::to_python(py, &job_executor::execution_result_to_evidence(&result))
+    let native = convert::execution_result(result)?;
+    json::to_python(
+        result.py(),
+        &job_executor::execution_result_to_evidence(native.get().result()),
+    )
 }
 
 /// The job id a deterministic run gives a plan: derived from the contract
@@ -51,6 +53,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<handlers::NoOpHandler>()?;
     m.add_class::<handlers::FailingHandler>()?;
     m.add_class::<handlers::CancelSignal>()?;
+    m.add_class::<convert::NativeResult>()?;
     m.add_function(wrap_pyfunction!(create_default_executor, m)?)?;
     m.add_function(wrap_pyfunction!(execution_result_to_evidence, m)?)?;
     m.add_function(wrap_pyfunction!(derived_job_id, m)?)?;

@@ -207,9 +207,11 @@ def test_evidence_has_the_pinned_shape() -> None:
     assert evidence["event_log"]["head"] == result.head
 
 
-def test_evidence_of_a_result_built_by_hand() -> None:
+def test_only_a_result_the_executor_returned_has_evidence() -> None:
+    # A result is a projection of its event log: a hand-made one, or one
+    # edited with dataclasses.replace, has no log behind it.
     now = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
-    result = je.ExecutionResult(
+    made = je.ExecutionResult(
         job_id=uuid.UUID(int=1),
         final_status=je.JobStatus.COMPLETED,
         step_results=[],
@@ -222,12 +224,12 @@ def test_evidence_of_a_result_built_by_hand() -> None:
         started_at=now,
         completed_at=now,
     )
-    evidence = je.execution_result_to_evidence(result)
-    assert evidence["job_id"] == "00000000-0000-0000-0000-000000000001"
-    assert evidence["timing"]["duration_seconds"] == 0
-    assert evidence["event_log"] == {"events": 0, "head": "sha256:" + "0" * 64}
-    with pytest.raises(TypeError):
-        je.execution_result_to_evidence(dataclasses.replace(result, started_at=datetime(2024, 5, 1)))
+    real = run(je.create_default_executor(), [])
+    assert je.execution_result_to_evidence(real)["job_id"] == str(real.job_id)
+    edited = dataclasses.replace(real, final_status=je.JobStatus.FAILED)
+    for result in (made, edited):
+        with pytest.raises(TypeError, match="made by hand"):
+            je.execution_result_to_evidence(result)
 
 
 def test_steps_must_be_job_steps() -> None:

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use super::{StoreError, TERMINAL_KINDS};
-use crate::events::EventRecord;
+use super::StoreError;
+use crate::events::{EventRecord, TERMINAL_KINDS};
 
 /// The longest a leader waits for more appends, whatever a commit costs.
 const GATHER_WAIT_MAX: Duration = Duration::from_millis(2);
