@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::chain::{self, Digest, HeadKey, HeadMac};
+use crate::chain::{self, Digest, HeadMac};
 use crate::events::{DecodeError, Event, EventRecord, format_timestamp};
 use crate::machine::{self, JobState, Phase, TransitionError};
 use crate::model::{FailureKind, StepStatus};
@@ -141,17 +141,6 @@ impl Projector {
     /// The reason of the cancel request folded so far, if any.
     pub fn cancel_request_reason(&self) -> Option<String> {
         self.cancel_request_reason.clone()
-    }
-
-    /// Gives `records`, the job's next events in order, their chain digests,
-    /// and their MACs when a key is given. Does not fold them.
-    pub fn seal(&self, records: &mut [EventRecord], key: Option<&HeadKey>) {
-        let mut head = self.head;
-        for record in records {
-            head = chain::chain(&head, record);
-            record.mac = key.map(|key| key.mac(&head).to_hex());
-            record.digest = Some(head.to_hex());
-        }
     }
 
     /// Folds `event`, whose record the caller sealed and appended, without
