@@ -421,3 +421,82 @@ mod tests {
         assert!(claim_place(&pollers, 1));
     }
 }
+
+#[cfg(all(test, feature = "shuttle"))]
+mod model_check {
+    //! The hand-off of steps to the pool under the model checker: three
+    //! executors hand a step each to a pool capped at two threads whose idle
+    //! workers exit at once, and wait — the scheduler decides when a wait
+    //! times out. In every interleaving each handler runs at most once, a
+    //! step reported never started is never started later, a success is
+    //! reported only for a handler that ran, and nothing deadlocks.
+
+    use shuttle::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::model::StepOutput;
+
+    const EXECUTORS: usize = 3;
+
+    fn scenario() {
+        let mut options = PoolOptions::default();
+        options.threads_max = 2;
+        options.idle_keep_alive = Duration::ZERO;
+        let pool = Arc::new(HandlerPool::new(options));
+        let calls: Arc<Vec<AtomicUsize>> =
+            Arc::new((0..EXECUTORS).map(|_| AtomicUsize::new(0)).collect());
+        let executors: Vec<_> = (0..EXECUTORS)
+            .map(|n| {
+                let (pool, calls) = (pool.clone(), calls.clone());
+                thread::spawn(move || {
+                    let handler_calls = calls.clone();
+                    let handler: Arc<dyn StepHandler> =
+                        Arc::new(move |_: &JobStep, _: &ExecutionContext| {
+                            handler_calls[n].fetch_add(1, Ordering::SeqCst);
+                            StepOutput::succeeded(Value::Null)
+                        });
+                    let step = JobStep::new(0, "model", "t");
+                    let mut context = ExecutionContext::new(
+                        uuid::Uuid::nil(),
+                        uuid::Uuid::nil(),
+                        &step,
+                        "model",
+                        chrono::DateTime::default(),
+                    );
+                    context.deadline = Instant::now().checked_add(Duration::from_secs(300));
+                    let (hand_over, dispatch) = pool.prepare(handler, &step, context);
+                    hand_over();
+                    let outcome = pool.wait(dispatch);
+                    let ran = calls[n].load(Ordering::SeqCst);
+                    match &outcome {
+                        Outcome::Succeeded(_) => assert_eq!(ran, 1),
+                        Outcome::Failed { error, .. } if error.contains("never started") => {
+                            assert_eq!(ran, 0)
+                        }
+                        Outcome::Failed { failure, .. } => {
+                            assert_eq!(*failure, FailureKind::Timeout);
+                            assert!(ran <= 1);
+                        }
+                    }
+                    outcome
+                })
+            })
+            .collect();
+        let outcomes: Vec<Outcome> = executors.into_iter().map(|e| e.join().unwrap()).collect();
+        drop(pool);
+        for (n, outcome) in outcomes.iter().enumerate() {
+            let ran = calls[n].load(Ordering::SeqCst);
+            assert!(ran <= 1, "handler {n} ran {ran} times");
+            if let Outcome::Failed { error, .. } = outcome
+                && error.contains("never started")
+            {
+                assert_eq!(ran, 0, "handler {n} started after it was given up");
+            }
+        }
+    }
+
+    #[test]
+    fn handler_hand_off_model_check() {
+        shuttle::check_pct(scenario, 3_000, 3);
+    }
+}

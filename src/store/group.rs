@@ -312,7 +312,7 @@ fn ends_job(record: &EventRecord) -> bool {
     TERMINAL_KINDS.contains(&record.kind.as_str())
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(feature = "shuttle")))]
 mod tests {
     //! Group commit under faults, with a stand-in for the database: a log
     //! in memory that a commit writes to, or panics before writing.
@@ -472,5 +472,116 @@ mod tests {
         group.hand_off();
         let state = group.lock();
         assert!(!state.leading && state.queue.is_empty());
+    }
+}
+
+#[cfg(all(test, feature = "shuttle"))]
+mod model_check {
+    //! Group commit under the model checker: three threads append (two
+    //! appends each) against a stand-in database, while the scheduler tries
+    //! thousands of interleavings, with and without a panicking commit or
+    //! hook. In every one, every append gets the truth, hooks run exactly
+    //! for the committed appends and before they return, and the group is
+    //! never wedged: a deadlock fails the check.
+
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+
+    use shuttle::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use shuttle::sync::{Arc, Mutex};
+    use shuttle::thread;
+
+    use super::*;
+
+    const THREADS: usize = 3;
+    const APPENDS: usize = 2;
+    const ITERATIONS: usize = 3_000;
+
+    fn record(job: Uuid) -> Vec<EventRecord> {
+        vec![EventRecord {
+            job_id: job,
+            seq: 1,
+            kind: "JobStarted".into(),
+            ..EventRecord::default()
+        }]
+    }
+
+    /// `panic_commit`: the commit (from 1) that panics before writing;
+    /// `panic_hook`: the append (thread × APPENDS + round) whose hook panics.
+    fn scenario(panic_commit: Option<usize>, panic_hook: Option<usize>) {
+        let group = Arc::new(GroupCommit::default());
+        let log = Arc::new(Mutex::new(Vec::<Uuid>::new()));
+        let commits = Arc::new(AtomicUsize::new(0));
+        let commit = {
+            let (log, commits) = (log.clone(), commits.clone());
+            move |batch: &[&[EventRecord]]| -> Vec<AppendResult> {
+                let n = commits.fetch_add(1, Ordering::SeqCst) + 1;
+                if panic_commit == Some(n) {
+                    panic!("commit {n} fails");
+                }
+                let mut log = log.lock().unwrap();
+                batch
+                    .iter()
+                    .map(|records| {
+                        log.push(records[0].job_id);
+                        Ok(vec![log.len() as u64])
+                    })
+                    .collect()
+            }
+        };
+        let threads: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (group, log, commit) = (group.clone(), log.clone(), commit.clone());
+                thread::spawn(move || {
+                    for round in 0..APPENDS {
+                        let n = t * APPENDS + round;
+                        let job = Uuid::from_u128(n as u128 + 1);
+                        let ran = Arc::new(AtomicBool::new(false));
+                        let hook_ran = ran.clone();
+                        let hook = Hook(Box::new(move || {
+                            hook_ran.store(true, Ordering::SeqCst);
+                            if panic_hook == Some(n) {
+                                panic!("hook {n} fails");
+                            }
+                        }));
+                        let outcome = catch_unwind(AssertUnwindSafe(|| {
+                            group.append(&record(job), Some(hook), &commit)
+                        }));
+                        let stored = log.lock().unwrap().contains(&job);
+                        match outcome {
+                            Ok(Ok(_)) => assert!(stored && ran.load(Ordering::SeqCst)),
+                            Ok(Err(StoreError::OutcomeUnknown { .. })) => {
+                                assert!(panic_commit.is_some());
+                                assert!(!stored && !ran.load(Ordering::SeqCst));
+                            }
+                            Ok(Err(other)) => panic!("unexpected failure {other}"),
+                            // Its own hook's panic, after its append committed.
+                            Err(_) => assert!(panic_hook == Some(n) && stored),
+                        }
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        // Not wedged: one more append commits.
+        assert!(
+            group.append(&record(Uuid::nil()), None, &commit).is_ok() || panic_commit.is_some()
+        );
+    }
+
+    #[test]
+    fn group_commit_model_check() {
+        shuttle::check_pct(|| scenario(None, None), ITERATIONS, 3);
+    }
+
+    #[test]
+    fn group_commit_model_check_with_a_panicking_commit() {
+        shuttle::check_pct(|| scenario(Some(2), None), ITERATIONS, 3);
+    }
+
+    #[test]
+    fn group_commit_model_check_with_a_panicking_hook() {
+        shuttle::check_pct(|| scenario(None, Some(3)), ITERATIONS, 3);
     }
 }
