@@ -60,6 +60,26 @@ impl Default for PoolOptions {
 /// `StepStarted` is committed.
 pub(crate) type Handover = Box<dyn FnOnce() + Send>;
 
+impl PoolOptions {
+    /// With at most `threads` handler threads (at least 1).
+    pub fn with_threads_max(mut self, threads: usize) -> Self {
+        self.threads_max = threads;
+        self
+    }
+
+    /// With idle workers exiting after `keep_alive`.
+    pub fn with_idle_keep_alive(mut self, keep_alive: Duration) -> Self {
+        self.idle_keep_alive = keep_alive;
+        self
+    }
+
+    /// With polling on or off.
+    pub fn with_polling(mut self, polling: bool) -> Self {
+        self.polling = polling;
+        self
+    }
+}
+
 /// What running a step's handler came to.
 #[derive(Debug)]
 pub(crate) enum Outcome {
@@ -439,9 +459,9 @@ mod model_check {
     const EXECUTORS: usize = 3;
 
     fn scenario() {
-        let mut options = PoolOptions::default();
-        options.threads_max = 2;
-        options.idle_keep_alive = Duration::ZERO;
+        let options = PoolOptions::default()
+            .with_threads_max(2)
+            .with_idle_keep_alive(Duration::ZERO);
         let pool = Arc::new(HandlerPool::new(options));
         let calls: Arc<Vec<AtomicUsize>> =
             Arc::new((0..EXECUTORS).map(|_| AtomicUsize::new(0)).collect());

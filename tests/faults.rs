@@ -248,8 +248,7 @@ fn whole_log_replay_reports_unreadable_rows() {
 fn the_handler_pool_is_capped_and_a_step_waiting_past_its_deadline_never_runs() {
     const CAP: usize = 2;
     let store = Arc::new(SqliteStore::open_in_memory().unwrap());
-    let mut options = PoolOptions::default();
-    options.threads_max = CAP;
+    let options = PoolOptions::default().with_threads_max(CAP);
     let mut executor = JobExecutor::builder()
         .store(store)
         .handler_pool(options)

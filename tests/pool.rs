@@ -24,8 +24,7 @@ fn handler_threads() -> usize {
 
 #[test]
 fn idle_handler_threads_exit_after_the_keep_alive() {
-    let mut options = PoolOptions::default();
-    options.idle_keep_alive = Duration::from_millis(100);
+    let options = PoolOptions::default().with_idle_keep_alive(Duration::from_millis(100));
     let mut executor = JobExecutor::builder().handler_pool(options).build();
     executor.register_handler("ok", |_: &JobStep, _: &ExecutionContext| {
         StepOutput::succeeded(json!({}))
