@@ -466,24 +466,22 @@ fn recover(db: &Path, key_file: Option<&Path>) -> Result<u8, CliError> {
     let actions = executor.recover()?;
     let mut out = io::stdout().lock();
     for action in &actions {
-        match action {
-            Recovery::Interrupted { job_id, step_index } => writeln!(
-                out,
-                "{job_id}: step {step_index} was in doubt: recorded as failed (interrupted), job halted"
-            )?,
-            Recovery::Halted { job_id, step_index } => {
-                writeln!(out, "{job_id}: step {step_index} had failed: job halted")?
-            }
-            Recovery::Cancelled { job_id } => {
-                writeln!(out, "{job_id}: cancel request honoured: job cancelled")?
-            }
-            Recovery::Resumable { job_id, next_step } => writeln!(
-                out,
-                "{job_id}: stopped between steps; `job-executor resume {job_id}` continues at step {next_step}"
-            )?,
-        }
+        writeln!(out, "{action}")?;
     }
-    writeln!(out, "recover: {} unfinished jobs examined", actions.len())?;
+    let mut examined: Vec<Uuid> = actions.iter().map(Recovery::job_id).collect();
+    examined.dedup();
+    let unreadable = actions
+        .iter()
+        .filter(|a| matches!(a, Recovery::Unreadable { .. }))
+        .count();
+    writeln!(out, "recover: {} unfinished jobs examined", examined.len())?;
+    if unreadable > 0 {
+        writeln!(
+            out,
+            "recover: {unreadable} jobs could not be read and were left as they are; `job-executor verify` tells what is wrong with them"
+        )?;
+        return Ok(1);
+    }
     Ok(0)
 }
 

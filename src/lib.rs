@@ -47,14 +47,17 @@ pub mod projection;
 pub mod result;
 mod runner;
 pub mod store;
+mod sync;
 pub mod upcast;
 pub mod verify;
+mod watchdog;
 
 pub use executor::{
     CancelRequest, EXECUTOR_VERSION, ExecutorBuilder, ExecutorError, JobExecutor, Recovery,
-    create_default_executor,
+    UnrecordedOutcome, create_default_executor,
 };
 pub use handler::{FailingHandler, HealthObserver, NoOpHandler, StepCall, StepHandler};
 pub use model::{CancelSignal, ExecutionContext, JobStatus, JobStep, StepOutput, StepStatus};
 pub use projection::{execution_result_to_evidence, replay};
 pub use result::{ExecutionResult, StepResult};
+pub use runner::PoolOptions;

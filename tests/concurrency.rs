@@ -249,3 +249,70 @@ fn a_scan_callback_may_call_the_store() {
         assert_eq!(visited, 6);
     }
 }
+
+/// A commit hook that panics does not wedge group commit: its own append is
+/// committed and its panic reaches its own caller; every other thread's
+/// appends, during and after, complete.
+#[test]
+fn a_panicking_commit_hook_wedges_nothing() {
+    const THREADS: usize = 8;
+    const APPENDS: usize = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path().join("hooks.db")).unwrap());
+    let hooks_run = Arc::new(AtomicU64::new(0));
+    let barrier = Arc::new(Barrier::new(THREADS));
+    let threads: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (store, hooks_run, barrier) = (store.clone(), hooks_run.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let mut panicked = None;
+                for a in 0..APPENDS {
+                    let job = Uuid::new_v4();
+                    let hooks_run = hooks_run.clone();
+                    let hook: Box<dyn FnOnce() + Send> = if (t, a) == (3, 5) {
+                        Box::new(|| panic!("hook failure"))
+                    } else {
+                        Box::new(move || {
+                            hooks_run.fetch_add(1, Ordering::SeqCst);
+                        })
+                    };
+                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        store.append_then(&records(job, &completed_log(1)), hook)
+                    }));
+                    match outcome {
+                        Ok(result) => {
+                            result.unwrap();
+                        }
+                        Err(payload) => panicked = Some((job, payload)),
+                    }
+                }
+                panicked
+            })
+        })
+        .collect();
+    let panicked: Vec<_> = threads
+        .into_iter()
+        .filter_map(|t| t.join().unwrap())
+        .collect();
+    assert_eq!(panicked.len(), 1);
+    let (job, payload) = &panicked[0];
+    assert_eq!(payload.downcast_ref::<&str>(), Some(&"hook failure"));
+    // Committed before its hook ran.
+    assert_eq!(store.last_seq(*job).unwrap(), 4);
+    assert_eq!(
+        hooks_run.load(Ordering::SeqCst),
+        (THREADS * APPENDS - 1) as u64
+    );
+    // Later appends, from other threads, still complete.
+    let later: Vec<_> = (0..4)
+        .map(|_| {
+            let store = store.clone();
+            std::thread::spawn(move || store.append(&records(Uuid::new_v4(), &completed_log(1))))
+        })
+        .collect();
+    for thread in later {
+        thread.join().unwrap().unwrap();
+    }
+    assert_eq!(store.job_ids().unwrap().len(), THREADS * APPENDS + 4);
+}

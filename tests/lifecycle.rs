@@ -424,7 +424,7 @@ fn stopped_after(appends: usize) -> (Arc<dyn EventStore>, Uuid, Arc<AtomicUsize>
     let err = executor
         .execute_job(job, Uuid::nil(), &steps, None, "t")
         .unwrap_err();
-    assert!(matches!(err, ExecutorError::Store { .. }), "{err}");
+    assert!(err.store_error().is_some(), "{err}");
     (inner, job, calls)
 }
 
@@ -592,13 +592,7 @@ fn a_full_database_fails_cleanly_and_recovers() {
         .execute_job(job, Uuid::nil(), &small, None, "t")
         .unwrap_err();
     assert!(
-        matches!(
-            &err,
-            ExecutorError::Store {
-                source: StoreError::Full { .. },
-                ..
-            }
-        ),
+        matches!(err.store_error(), Some(StoreError::Full { .. })),
         "{err}"
     );
     drop(executor);

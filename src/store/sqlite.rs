@@ -364,6 +364,12 @@ impl SqliteStore {
         };
         let mut results: Vec<Option<Result<Vec<u64>, StoreError>>> =
             batch.iter().map(|_| None).collect();
+        // A commit that panicked mid-way left its transaction open (and the
+        // lock poisoned): nothing of it was committed, and it must not
+        // block every commit after it.
+        if !conn.is_autocommit() {
+            let _ = run(&conn, "ROLLBACK");
+        }
         'attempt: loop {
             // IMMEDIATE takes the write lock up front: no other process can
             // slip an event in between.
