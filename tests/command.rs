@@ -115,7 +115,7 @@ fn system_calls_interrupted_by_signals_are_retried() {
     // SAFETY: the handler does nothing, which is async-signal-safe.
     unsafe {
         let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = ignore as usize;
+        action.sa_sigaction = ignore as *const () as usize;
         libc::sigemptyset(&mut action.sa_mask);
         action.sa_flags = 0;
         assert_eq!(
