@@ -85,11 +85,12 @@ class DbosRunner:
 
 
 class EngineRunner:
-    def __init__(self, directory: str, native: bool) -> None:
-        self.name = "job_executor (Rust no-op handler)" if native else "job_executor"
+    def __init__(self, directory: str, native: bool, polling: bool = False) -> None:
         self.path = os.path.join(directory, "engine.db")
         handler = je.NoOpHandler() if native else noop
-        self.executor = je.JobExecutor({"noop": handler}, db=self.path, synchronous="full")
+        self.executor = je.JobExecutor(
+            {"noop": handler}, db=self.path, synchronous="full", polling=polling
+        )
         self.contract = uuid.uuid4()
         self.plan: List[je.JobStep] = []
 
@@ -148,6 +149,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", default="1,8")
     parser.add_argument("--native", action="store_true", help="also measure the engine with its Rust no-op handler")
+    parser.add_argument("--polling", action="store_true", help="also measure the engine with polling=True")
     args = parser.parse_args()
     import dbos as dbos_package
     from importlib.metadata import version
@@ -174,8 +176,10 @@ def main() -> int:
         "job_executor": lambda d: EngineRunner(d, native=False),
         "dbos": DbosRunner,
     }
+    if args.polling:
+        makers["job_executor, polling=True"] = lambda d: EngineRunner(d, native=False, polling=True)
     if args.native:
-        makers["job_executor (Rust no-op handler)"] = lambda d: EngineRunner(d, native=True)
+        makers["job_executor, Rust no-op handler"] = lambda d: EngineRunner(d, native=True)
     rates: Dict[tuple, List[float]] = {}
     ratios: Dict[int, List[float]] = {}
     for run in range(args.runs):

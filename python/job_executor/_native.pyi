@@ -45,6 +45,10 @@ class JobExecutor:
     jobs give byte-identical logs. ``key``: authenticates every event's
     digest with HMAC-SHA256 (at least 16 bytes). ``synchronous``: ``"full"``
     (every event durable before the executor goes on) or ``"normal"``.
+    ``polling``: the engine polls briefly for a step's outcome instead of
+    sleeping, which pays while no more jobs run than there are cores.
+    ``health_timeout_seconds``: how long the health observer has to answer
+    (default 30 s); past it, the job stops as if the observer had raised.
     """
 
     def __init__(
@@ -56,6 +60,8 @@ class JobExecutor:
         deterministic: bool = False,
         key: Optional[bytes] = None,
         synchronous: str = "full",
+        polling: bool = False,
+        health_timeout_seconds: Optional[float] = None,
     ) -> None: ...
     @property
     def version(self) -> str: ...

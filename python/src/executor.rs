@@ -17,6 +17,7 @@ use job_executor::store::{
 use job_executor::verify::{VerifyOptions, verify_store};
 use job_executor::{
     CancelRequest, EXECUTOR_VERSION, ExecutionResult, ExecutorError, HealthObserver, JobExecutor,
+    PoolOptions,
 };
 use parking_lot::{RwLock, RwLockReadGuard};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
@@ -212,6 +213,8 @@ impl PyJobExecutor {
         deterministic = false,
         key = None,
         synchronous = "full",
+        polling = false,
+        health_timeout_seconds = None,
     ))]
     fn new(
         py: Python<'_>,
@@ -221,6 +224,8 @@ impl PyJobExecutor {
         deterministic: bool,
         key: Option<Vec<u8>>,
         synchronous: &str,
+        polling: bool,
+        health_timeout_seconds: Option<f64>,
     ) -> PyResult<Self> {
         let sync = self::synchronous(synchronous)?;
         let store = py
@@ -228,7 +233,16 @@ impl PyJobExecutor {
             .map_err(|e| errors::store_error(&e))?;
         let mut builder = JobExecutor::builder()
             .store(store)
-            .executor_version(executor_version);
+            .executor_version(executor_version)
+            .handler_pool(PoolOptions::default().with_polling(polling));
+        if let Some(seconds) = health_timeout_seconds {
+            let timeout = Duration::try_from_secs_f64(seconds).map_err(|_| {
+                PyValueError::new_err(format!(
+                    "health_timeout_seconds must be a non-negative number of seconds, not {seconds}"
+                ))
+            })?;
+            builder = builder.health_timeout(timeout);
+        }
         if deterministic {
             builder = builder.clock(Arc::new(LogicalClock::default()));
         }

@@ -282,3 +282,36 @@ def test_a_handler_that_never_returns_does_not_hold_the_job_or_the_exit() -> Non
     out, err = child.communicate(timeout=30)
     assert child.returncode == 0, err
     assert out.split("\n")[:2] == ["Step 0 failed: timed out after 1 s", "COMPLETED"]
+
+
+def test_an_observer_past_its_deadline_stops_the_job_after_recording_the_step() -> None:
+    class Slow(CountingObserver):
+        def observe_health(self) -> Dict[str, Any]:
+            health = super().observe_health()
+            if self.reads == 2:
+                time.sleep(0.6)
+            return health
+
+    recorder = Recorder()
+    executor = je.JobExecutor({"r": recorder}, health_timeout_seconds=0.2)
+    job_id = uuid.uuid4()
+    with pytest.raises(je.HealthObserverError, match="did not answer within 0.2 s"):
+        run(executor, plan("r", "r"), job_id=job_id, health_observer=Slow())
+    assert recorder.calls == [(0, "r", 0)]
+    assert [e["kind"] for e in executor.events(job_id)] == ["JobStarted", "StepStarted", "StepSucceeded"]
+    with pytest.raises(ValueError, match="health_timeout_seconds"):
+        je.JobExecutor(health_timeout_seconds=-1)
+
+
+def test_polling_changes_how_the_engine_waits_not_what_it_records(tmp_path) -> None:
+    logs = []
+    for polling in (False, True):
+        executor = je.JobExecutor(
+            {"py": lambda s, c: je.StepOutput(True, {"i": s.step_index})},
+            db=str(tmp_path / f"{polling}.db"),
+            deterministic=True,
+            polling=polling,
+        )
+        run(executor, plan("py", "py", "py"), job_id=uuid.UUID(int=7), contract_id=uuid.UUID(int=8))
+        logs.append(executor.events(uuid.UUID(int=7)))
+    assert logs[0] == logs[1]
