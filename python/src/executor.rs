@@ -216,6 +216,8 @@ impl PyJobExecutor {
         polling = false,
         health_timeout_seconds = None,
     ))]
+    // One argument per Python keyword argument: the signature is Python's.
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         handlers: Option<&Bound<'_, PyDict>>,
