@@ -47,6 +47,14 @@ pub fn last_traceback_line(py: Python<'_>, err: &PyErr) -> String {
     })
 }
 
+/// Why what a handler returned cannot be recorded.
+fn not_a_step_output(py: Python<'_>, err: &PyErr, step_type: &str) -> String {
+    format!(
+        "{} (the handler for step type {step_type:?} must return a StepOutput holding JSON values)",
+        last_traceback_line(py, err)
+    )
+}
+
 /// A handler written in Python: a bound `execute(step, context)` method or
 /// any callable taking `(step, context)`.
 ///
@@ -245,11 +253,7 @@ impl PendingCall {
         };
         match convert::step_output(returned) {
             Ok(output) => call.complete(output),
-            Err(err) => call.fail(format!(
-                "{} (the handler for step type {:?} must return a StepOutput holding JSON values)",
-                last_traceback_line(returned.py(), &err),
-                self.step_type
-            )),
+            Err(err) => call.fail(not_a_step_output(returned.py(), &err, &self.step_type)),
         }
     }
 
@@ -299,13 +303,7 @@ impl PyHandler {
             .and_then(|step| Ok((step, convert::context_to_py(py, context)?)))
             .and_then(|(step, context)| self.call.bind(py).call1((step, context)))
             .map_err(|err| last_traceback_line(py, &err))?;
-        convert::step_output(&returned).map_err(|err| {
-            format!(
-                "{} (the handler for step type {:?} must return a StepOutput holding JSON values)",
-                last_traceback_line(py, &err),
-                self.step_type
-            )
-        })
+        convert::step_output(&returned).map_err(|err| not_a_step_output(py, &err, &self.step_type))
     }
 }
 
