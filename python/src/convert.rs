@@ -17,7 +17,8 @@ use serde_json::Value;
 use crate::handlers::CancelSignal;
 use crate::json;
 
-/// The dataclasses and enums of `job_executor._types`, looked up once.
+/// The dataclasses and enums of `job_executor._types`, looked up once; each
+/// field is the class of the same name.
 pub struct Types {
     pub job_step: Py<PyType>,
     pub step_output: Py<PyType>,

@@ -65,6 +65,7 @@ pub struct PyJobExecutor {
 }
 
 impl PyJobExecutor {
+    /// The Python object for an engine executor.
     pub fn wrap(executor: JobExecutor) -> Self {
         PyJobExecutor {
             inner: RwLock::new(executor),

@@ -338,6 +338,8 @@ pub struct PyObserver {
 }
 
 impl PyObserver {
+    /// Wraps `observer`'s bound `observe_health` method.
+    ///
     /// # Errors
     /// `TypeError` when `observer` has no callable `observe_health`.
     pub fn new(observer: &Bound<'_, PyAny>) -> PyResult<Self> {
@@ -389,10 +391,12 @@ impl HealthObserver for PyObserver {
 pub struct CancelSignal(job_executor::CancelSignal);
 
 impl CancelSignal {
+    /// The Python face of a step's signal (a clone: raising one raises both).
     pub fn new(signal: job_executor::CancelSignal) -> Self {
         CancelSignal(signal)
     }
 
+    /// The engine's signal.
     pub fn signal(&self) -> job_executor::CancelSignal {
         self.0.clone()
     }
