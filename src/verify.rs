@@ -195,7 +195,9 @@ impl<'a> JobVerifier<'a> {
                 self.flag(at, "LOG", message);
             }
         }
-        self.expected_seq = seq + 1;
+        // A stored seq is untrusted: at the very top it saturates, and the
+        // next event is flagged, rather than wrapping to 0.
+        self.expected_seq = seq.saturating_add(1);
         self.check_chain(record);
         self.check_decode_and_machine(record);
     }
@@ -376,7 +378,11 @@ fn classify(pending: &PendingBreak, next: Option<&EventRecord>) -> (u64, String)
     }
     // The events from here on are the original ones shifted down by one:
     // the event at this seq was deleted and the rest renumbered.
-    if follows(&stored, next, next.seq + 1, &next_stored) {
+    if next
+        .seq
+        .checked_add(1)
+        .is_some_and(|shifted| follows(&stored, next, shifted, &next_stored))
+    {
         return (
             seq,
             format!(
