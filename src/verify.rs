@@ -522,7 +522,7 @@ pub fn verify_store(
     };
     store.scan(&mut |group, row| {
         walk.summary.events += 1;
-        if walk.summary.events % 4096 == 0 {
+        if walk.summary.events.is_multiple_of(4096) {
             on_progress(walk.summary.events);
         }
         match row {
