@@ -136,16 +136,26 @@ impl FaultyStore {
 pub const SIMULATED_FAULT: &str = "simulated fault";
 
 impl job_executor::store::EventStore for FaultyStore {
-    fn append(&self, records: &[EventRecord]) -> Result<Vec<u64>, job_executor::store::StoreError> {
+    fn append_with(
+        &self,
+        records: &[EventRecord],
+        options: job_executor::store::AppendOptions,
+    ) -> Result<Vec<u64>, job_executor::store::StoreError> {
         let n = self
             .appends
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
             + 1;
         if n < self.fail_at {
-            return self.inner.append(records);
+            return self.inner.append_with(records, options);
         }
         if n == self.fail_at && matches!(self.fault, Fault::AfterCommit) {
-            self.inner.append(records)?;
+            // Committed, but the process is gone before it can act on it:
+            // its commit hook never runs.
+            let options = job_executor::store::AppendOptions {
+                committed: None,
+                ..options
+            };
+            self.inner.append_with(records, options)?;
         }
         Err(job_executor::store::StoreError::InvalidAppend(
             SIMULATED_FAULT.into(),
