@@ -187,6 +187,45 @@ pub fn export(
 }
 
 impl AuditBundle {
+    /// Parses a bundle file, without verifying anything but its shape.
+    ///
+    /// # Errors
+    /// [`BundleError::Malformed`] for a file that is not a bundle.
+    pub fn from_bytes(bytes: &[u8]) -> Result<AuditBundle, BundleError> {
+        serde_json::from_slice(bytes).map_err(|e| BundleError::Malformed(e.to_string()))
+    }
+
+    /// The bundle's events in their stored form, as the log held them (a
+    /// digest or MAC not in its written form is kept as it is, to fail
+    /// verification).
+    pub fn records(&self) -> Vec<EventRecord> {
+        self.events
+            .iter()
+            .enumerate()
+            .map(|(index, event)| EventRecord {
+                position: index as u64 + 1,
+                job_id: self.job_id,
+                seq: event.seq,
+                kind: event.kind.clone(),
+                schema_version: event.schema_version,
+                recorded_at: event.recorded_at.clone(),
+                payload: event.payload.clone(),
+                digest: Some(
+                    event
+                        .digest
+                        .strip_prefix("sha256:")
+                        .unwrap_or(&event.digest)
+                        .to_owned(),
+                ),
+                mac: event.mac.as_deref().map(|m| {
+                    m.strip_prefix("hmac-sha256:")
+                        .unwrap_or_default()
+                        .to_owned()
+                }),
+            })
+            .collect()
+    }
+
     /// The canonical bytes of the bundle: pretty JSON and a final newline.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut bytes =
@@ -208,8 +247,7 @@ impl AuditBundle {
 /// [`BundleError::Malformed`] for a file that is not a bundle;
 /// [`BundleError::Broken`] listing what was changed.
 pub fn verify_bundle(bytes: &[u8], key: Option<&HeadKey>) -> Result<ExecutionResult, BundleError> {
-    let bundle: AuditBundle =
-        serde_json::from_slice(bytes).map_err(|e| BundleError::Malformed(e.to_string()))?;
+    let bundle = AuditBundle::from_bytes(bytes)?;
     if bundle.format != BUNDLE_FORMAT || bundle.format_version != BUNDLE_FORMAT_VERSION {
         return Err(BundleError::Malformed(format!(
             "format {:?} version {}, expected {BUNDLE_FORMAT:?} version {BUNDLE_FORMAT_VERSION}",
@@ -218,31 +256,16 @@ pub fn verify_bundle(bytes: &[u8], key: Option<&HeadKey>) -> Result<ExecutionRes
     }
     let job_id = bundle.job_id;
     let mut problems = Vec::new();
-    let records: Vec<EventRecord> = bundle
-        .events
-        .iter()
-        .enumerate()
-        .map(|(index, event)| {
-            let digest = event.digest.strip_prefix("sha256:");
-            let mac = event.mac.as_deref().map(|m| m.strip_prefix("hmac-sha256:"));
-            if digest.is_none() || mac == Some(None) {
-                problems.push(format!(
-                    "event {index}: digest or MAC is not in its written form"
-                ));
-            }
-            EventRecord {
-                position: index as u64 + 1,
-                job_id,
-                seq: event.seq,
-                kind: event.kind.clone(),
-                schema_version: event.schema_version,
-                recorded_at: event.recorded_at.clone(),
-                payload: event.payload.clone(),
-                digest: Some(digest.unwrap_or(&event.digest).to_owned()),
-                mac: mac.map(|m| m.unwrap_or_default().to_owned()),
-            }
-        })
-        .collect();
+    for (index, event) in bundle.events.iter().enumerate() {
+        let digest = event.digest.strip_prefix("sha256:");
+        let mac = event.mac.as_deref().map(|m| m.strip_prefix("hmac-sha256:"));
+        if digest.is_none() || mac == Some(None) {
+            problems.push(format!(
+                "event {index}: digest or MAC is not in its written form"
+            ));
+        }
+    }
+    let records = bundle.records();
     let options = VerifyOptions {
         key: key.cloned(),
         ..VerifyOptions::default()

@@ -43,6 +43,7 @@ pub mod handler;
 pub mod machine;
 pub mod model;
 pub mod projection;
+pub mod report;
 mod runner;
 pub mod store;
 pub mod upcast;
