@@ -1,0 +1,577 @@
+//! The report as a person sees it: pages opened from `file://` in a real
+//! headless Chromium (through chromedriver), checked on what the browser
+//! shows, and the index's filter and sorting driven through it.
+//!
+//! Without chromium and chromedriver these tests skip, saying so on stderr;
+//! `.ci/run` sets `JE_REQUIRE_BROWSER=1`, which makes them fail instead.
+//!
+//! `JE_UPDATE_SCREENSHOTS=1 cargo test --test report_browser -- --ignored screenshots`
+//! remakes the pictures in `docs/`.
+
+mod browser;
+mod common;
+
+use std::io::ErrorKind;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use browser::Browser;
+use chrono::TimeDelta;
+use job_executor::clock::LogicalClock;
+use job_executor::store::{EventStore, SqliteStore};
+use job_executor::{
+    ExecutionContext, FailingHandler, HealthObserver, JobExecutor, JobStep, NoOpHandler, StepOutput,
+};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+/// The job page's width on a laptop, and a phone's.
+const DESKTOP: (u32, u32) = (1280, 900);
+const PHONE_WIDTH: u32 = 375;
+
+fn example(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/plans")
+        .join(name)
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Runs the CLI and asserts its exit code.
+fn cli_ok(dir: &Path, args: &[&str], code: i32) -> String {
+    let out = common::cli(dir, args);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn job_id_of(evidence: &str) -> String {
+    let value: Value = serde_json::from_str(evidence).unwrap();
+    value["job_id"].as_str().unwrap().to_owned()
+}
+
+/// `report JOB_ID` of `db` into `dir/NAME.html`.
+fn report(dir: &Path, db: &str, job_id: &str, name: &str) -> PathBuf {
+    let out = dir.join(format!("{name}.html"));
+    cli_ok(
+        dir,
+        &["report", job_id, "--db", db, "--out", out.to_str().unwrap()],
+        0,
+    );
+    out
+}
+
+/// An executor on `db` with a logical clock starting at `start_ms`.
+fn executor(db: &Path, start_ms: u64) -> JobExecutor {
+    let store = Arc::new(SqliteStore::open(db).unwrap());
+    let clock = LogicalClock::new(common::at(start_ms), TimeDelta::milliseconds(1));
+    let mut executor = JobExecutor::builder()
+        .store(store)
+        .clock(Arc::new(clock))
+        .build();
+    executor.register_handler("noop", NoOpHandler);
+    executor
+}
+
+/// Bars of the timeline as drawn: (first step, outcome, hover text).
+async fn bars(browser: &Browser) -> Vec<(u64, String, String)> {
+    let value = browser
+        .eval(
+            "return [...document.querySelectorAll('svg.timeline .bar')].map(g => {
+                 const box = g.querySelector('rect').getBoundingClientRect();
+                 return [Number(g.dataset.step), g.dataset.outcome,
+                         g.querySelector('title').textContent, box.width > 0 && box.height > 0,
+                         getComputedStyle(g.querySelector('rect')).fill];
+             });",
+        )
+        .await;
+    let drawn: Vec<(u64, String, String, bool, String)> = serde_json::from_value(value).unwrap();
+    // Each outcome has its own colour, and every bar can be seen.
+    for (step, outcome, _, visible, fill) in &drawn {
+        assert!(visible, "bar of step {step} is drawn");
+        for (other_step, other_outcome, _, _, other_fill) in &drawn {
+            if outcome != other_outcome {
+                assert_ne!(fill, other_fill, "steps {step} and {other_step}");
+            }
+        }
+    }
+    drawn
+        .into_iter()
+        .map(|(step, outcome, title, _, _)| (step, outcome, title))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_halted_job_shows_its_status_one_bar_per_step_and_an_intact_log() {
+    let Some(browser) = Browser::start("halted job page", DESKTOP.0, DESKTOP.1).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let evidence = cli_ok(
+        d,
+        &[
+            "run",
+            &example("halts-on-unknown-step.json"),
+            "--db",
+            "x.db",
+            "--deterministic",
+        ],
+        1,
+    );
+    let page = report(d, "x.db", &job_id_of(&evidence), "job");
+    browser.open(&page).await;
+
+    assert_eq!(browser.text("#job-status").await, "FAILED");
+    assert_eq!(
+        browser.text("#job-reason").await,
+        "Step 1 failed: No handler registered for step type: reindex"
+    );
+    assert_eq!(
+        browser.text("#steps-summary").await,
+        "2 of 3 ran: 1 succeeded, 1 failed"
+    );
+    let bars = bars(&browser).await;
+    assert_eq!(
+        bars.iter()
+            .map(|(step, outcome, _)| (*step, outcome.as_str()))
+            .collect::<Vec<_>>(),
+        [(0, "succeeded"), (1, "failed")],
+        "one bar per executed step, none for the step that never ran"
+    );
+    assert!(
+        bars[1].2.contains("Step 1 · reindex → search"),
+        "{}",
+        bars[1].2
+    );
+    assert!(bars[1].2.contains("No handler registered"), "{}", bars[1].2);
+
+    assert!(
+        browser
+            .text("#verification h2")
+            .await
+            .ends_with("Log intact")
+    );
+    let banner = browser.text("#verification").await;
+    assert!(banner.contains("all 6 events"), "{banner}");
+    assert!(banner.contains("not checked: no key given"), "{banner}");
+    assert_eq!(
+        browser.texts("#checks li").await,
+        [
+            "✓ EXEC-001",
+            "✓ EXEC-002",
+            "✓ EXEC-003",
+            "✓ EXEC-004",
+            "✓ EXEC-005",
+            "✓ EXEC-006",
+            "✓ CANCEL",
+            "✓ LOG"
+        ]
+    );
+    let statuses = browser.texts("table.steps tbody tr td:nth-child(5)").await;
+    assert_eq!(statuses, ["COMPLETED", "FAILED", "NOT RUN"]);
+    let failure = browser.texts("table.steps tbody tr td:nth-child(6)").await;
+    assert_eq!(failure, ["", "no_handler", ""]);
+
+    // The raw events are there, collapsed, and open on a click.
+    let raw_visible = "return document.querySelector('table.events').checkVisibility();";
+    assert_eq!(browser.eval(raw_visible).await, json!(false));
+    browser
+        .client
+        .find(fantoccini::Locator::Css("#raw-events > summary"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    assert_eq!(browser.eval(raw_visible).await, json!(true));
+    assert_eq!(
+        browser.texts("table.events tbody td:nth-child(2)").await,
+        [
+            "JobStarted",
+            "StepStarted",
+            "StepSucceeded",
+            "StepStarted",
+            "StepFailed",
+            "JobHalted"
+        ]
+    );
+
+    // Printing opens what is collapsed, so the paper has it all.
+    browser
+        .client
+        .find(fantoccini::Locator::Css("#raw-events > summary"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    assert_eq!(browser.eval(raw_visible).await, json!(false));
+    browser
+        .eval("dispatchEvent(new Event('beforeprint'));")
+        .await;
+    assert_eq!(browser.eval(raw_visible).await, json!(true));
+    browser
+        .eval("dispatchEvent(new Event('afterprint'));")
+        .await;
+    assert_eq!(browser.eval(raw_visible).await, json!(false));
+    let pdf = browser
+        .client
+        .print(fantoccini::wd::PrintConfiguration::default())
+        .await
+        .unwrap();
+    assert!(pdf.starts_with(b"%PDF"), "the page prints");
+
+    // On a phone the page does not scroll sideways; wide tables and the
+    // timeline scroll inside their own boxes.
+    browser
+        .client
+        .set_window_size(PHONE_WIDTH, 800)
+        .await
+        .unwrap();
+    let widths = browser
+        .eval(
+            "return [document.documentElement.clientWidth, document.documentElement.scrollWidth];",
+        )
+        .await;
+    let [client, scroll]: [u64; 2] = serde_json::from_value(widths).unwrap();
+    assert!(client <= u64::from(PHONE_WIDTH), "{client}");
+    assert_eq!(scroll, client, "nothing sticks out at {PHONE_WIDTH} px");
+    browser.quit().await;
+}
+
+/// Relative luminance-ish brightness of a CSS `rgb(…)` colour, 0–255.
+fn brightness(css: &Value) -> u32 {
+    let text = css.as_str().unwrap();
+    let numbers: Vec<u32> = text
+        .trim_start_matches("rgba(")
+        .trim_start_matches("rgb(")
+        .trim_end_matches(')')
+        .split(',')
+        .take(3)
+        .map(|n| n.trim().parse().unwrap())
+        .collect();
+    (numbers[0] * 299 + numbers[1] * 587 + numbers[2] * 114) / 1000
+}
+
+#[tokio::test]
+async fn dark_mode_follows_the_system() {
+    let Some(browser) = Browser::start_with(
+        "dark mode",
+        DESKTOP.0,
+        DESKTOP.1,
+        &[
+            "--force-dark-mode",
+            "--blink-settings=preferredColorScheme=0",
+        ],
+    )
+    .await
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let evidence = cli_ok(
+        d,
+        &["run", &example("enable-billing.json"), "--db", "x.db"],
+        0,
+    );
+    let page = report(d, "x.db", &job_id_of(&evidence), "job");
+    browser.open(&page).await;
+    assert_eq!(
+        browser
+            .eval("return matchMedia('(prefers-color-scheme: dark)').matches;")
+            .await,
+        json!(true)
+    );
+    let background = browser
+        .eval("return getComputedStyle(document.body).backgroundColor;")
+        .await;
+    let text = browser
+        .eval("return getComputedStyle(document.body).color;")
+        .await;
+    assert!(
+        brightness(&background) < 60,
+        "dark background: {background}"
+    );
+    assert!(brightness(&text) > 180, "light text: {text}");
+    browser.quit().await;
+}
+
+/// A connection to the log's file that drops the guards, as an attacker
+/// with write access would.
+fn attacker(db: &Path) -> rusqlite::Connection {
+    let raw = rusqlite::Connection::open(db).unwrap();
+    raw.execute_batch(
+        "DROP TRIGGER IF EXISTS events_no_update; DROP TRIGGER IF EXISTS events_no_delete;
+         DROP TRIGGER IF EXISTS events_insert; PRAGMA ignore_check_constraints = ON;",
+    )
+    .unwrap();
+    raw
+}
+
+#[tokio::test]
+async fn a_tampered_log_shows_its_first_broken_link() {
+    let Some(browser) = Browser::start("tampered log page", DESKTOP.0, DESKTOP.1).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let plan = example("enable-billing.json");
+    let edited = job_id_of(&cli_ok(d, &["run", &plan, "--db", "x.db"], 0));
+    let inserted = job_id_of(&cli_ok(d, &["run", &plan, "--db", "x.db"], 0));
+    {
+        let raw = attacker(&d.join("x.db"));
+        // The second step's start now claims the third step (EXEC-001) ...
+        raw.execute(
+            "UPDATE events SET payload = '{\"step_index\":2}' WHERE job_id = ?1 AND seq = 4",
+            [&edited],
+        )
+        .unwrap();
+        // ... and the other job gets a copy of its third event, later ones renumbered.
+        let records = common::reader(&d.join("x.db"))
+            .load_job(inserted.parse().unwrap())
+            .unwrap();
+        common::insert_renumbered(&raw, &records, 3, true);
+    }
+
+    browser.open(&report(d, "x.db", &edited, "edited")).await;
+    assert_eq!(
+        browser
+            .eval("return document.getElementById('verification').dataset.verdict;")
+            .await,
+        json!("broken")
+    );
+    assert!(
+        browser
+            .text("#verification h2")
+            .await
+            .ends_with("This log does not verify")
+    );
+    assert_eq!(
+        browser.text("#first-break").await,
+        "First broken link of the hash chain: seq 4 — event edited: its content does not match its digest."
+    );
+    // Replayed through the machine, the edited start breaks the order, and
+    // the events after it no longer make sense either.
+    let failing: Vec<String> = browser.texts("#checks li.fail").await;
+    assert_eq!(failing[0], "✗ EXEC-001", "{failing:?}");
+    assert!(
+        browser
+            .texts("#checks li.pass")
+            .await
+            .contains(&"✓ EXEC-006".to_owned())
+    );
+    assert!(browser.text("#head").await.starts_with("sha256:"));
+    // The raw events say where, in red.
+    click(&browser, "#raw-events > summary").await;
+    let flagged = browser.texts("table.events tr.flagged").await;
+    assert!(flagged[0].starts_with("4\tStepStarted"), "{flagged:?}");
+    assert!(flagged[0].contains("CHAIN: event edited"), "{flagged:?}");
+    let sound = browser.texts("table.events tbody tr:not(.flagged)").await;
+    assert_eq!(sound.len(), 3, "seq 1-3 are sound: {sound:?}");
+    // The page still shows what the log holds now: the refused event stops the fold.
+    assert!(
+        browser.text("#summary .note").await.contains("seq 3"),
+        "{}",
+        browser.text("#summary").await
+    );
+
+    browser
+        .open(&report(d, "x.db", &inserted, "inserted"))
+        .await;
+    assert_eq!(
+        browser.text("#first-break").await,
+        "First broken link of the hash chain: seq 3 — event inserted at seq 3: later events were renumbered."
+    );
+    browser.quit().await;
+}
+
+/// Appends `events` (chained, times from 2000-01-01) as job `job_id`'s log.
+fn append(db: &Path, job_id: Uuid, events: &[job_executor::events::Event]) {
+    SqliteStore::open(db)
+        .unwrap()
+        .append(&common::records(job_id, events))
+        .unwrap();
+}
+
+/// A log with jobs of every status, one of them tampered with.
+struct Mixed {
+    completed: Vec<Uuid>,
+    failed: Uuid,
+    cancelled: Uuid,
+    running: Uuid,
+    tampered: Uuid,
+}
+
+fn mixed_log(db: &Path) -> Mixed {
+    let executor = executor(db, 1_000);
+    let noop =
+        |n: u32| -> Vec<JobStep> { (0..n).map(|i| JobStep::new(i, "noop", "svc")).collect() };
+    let run = |steps: &[JobStep]| {
+        let id = Uuid::new_v4();
+        executor
+            .execute_job(id, Uuid::new_v4(), steps, None, "ops")
+            .unwrap();
+        id
+    };
+    let completed = vec![run(&noop(2)), run(&noop(5))];
+    let mut failing = noop(3);
+    failing[1].step_type = "missing".into();
+    let failed = run(&failing);
+    let cancelled = Uuid::new_v4();
+    append(db, cancelled, &common::stopped_between_steps(3, "noop"));
+    executor.request_cancel(cancelled, "change freeze").unwrap();
+    executor.recover().unwrap();
+    let running = Uuid::new_v4();
+    append(db, running, &common::stopped_between_steps(4, "noop"));
+    let tampered = run(&noop(1));
+    attacker(db)
+        .execute(
+            "UPDATE events SET recorded_at = '2000-01-01T00:00:09.000000Z' WHERE job_id = ?1 AND seq = 2",
+            [tampered.to_string()],
+        )
+        .unwrap();
+    Mixed {
+        completed,
+        failed,
+        cancelled,
+        running,
+        tampered,
+    }
+}
+
+/// The `data-job` of the index rows a person can see, in order.
+async fn visible_jobs(browser: &Browser) -> Vec<String> {
+    serde_json::from_value(
+        browser
+            .eval(
+                "return [...document.querySelectorAll('#jobs tbody tr')]
+                     .filter(r => r.checkVisibility()).map(r => r.dataset.job);",
+            )
+            .await,
+    )
+    .unwrap()
+}
+
+async fn click(browser: &Browser, selector: &str) {
+    browser
+        .client
+        .find(fantoccini::Locator::Css(selector))
+        .await
+        .unwrap_or_else(|e| panic!("{selector}: {e}"))
+        .click()
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_index_filters_by_status_and_sorts_in_the_browser() {
+    let Some(browser) = Browser::start("index filter", DESKTOP.0, DESKTOP.1).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let jobs = mixed_log(&d.join("x.db"));
+    cli_ok(d, &["report", "--all", "--db", "x.db", "--out", "site"], 0);
+    browser.open(&d.join("site/index.html")).await;
+
+    let totals = browser.texts("#totals button").await;
+    assert_eq!(
+        totals
+            .iter()
+            .map(|t| t.replace('\n', " "))
+            .collect::<Vec<_>>(),
+        [
+            "6 ALL",
+            "3 COMPLETED",
+            "1 FAILED",
+            "1 CANCELLED",
+            "1 RUNNING",
+            "1 LOG DOES NOT VERIFY"
+        ]
+    );
+    let all: Vec<String> = [
+        jobs.completed[0],
+        jobs.completed[1],
+        jobs.failed,
+        jobs.cancelled,
+        jobs.running,
+        jobs.tampered,
+    ]
+    .iter()
+    .map(Uuid::to_string)
+    .collect();
+    assert_eq!(
+        visible_jobs(&browser).await,
+        all,
+        "in the order they started"
+    );
+
+    click(&browser, "#totals [data-filter=FAILED]").await;
+    assert_eq!(visible_jobs(&browser).await, [jobs.failed.to_string()]);
+    assert_eq!(
+        browser.text("#shown").await,
+        "Showing 1 of 6 jobs (FAILED)."
+    );
+    assert_eq!(
+        browser.eval("return document.querySelector('[data-filter=FAILED]').getAttribute('aria-pressed');").await,
+        json!("true")
+    );
+    click(&browser, "#totals [data-filter=COMPLETED]").await;
+    let mut completed = vec![jobs.completed[0], jobs.completed[1], jobs.tampered];
+    completed.sort_by_key(|id| all.iter().position(|a| *a == id.to_string()));
+    assert_eq!(
+        visible_jobs(&browser).await,
+        completed.iter().map(Uuid::to_string).collect::<Vec<_>>()
+    );
+    click(&browser, "#totals [data-filter=CANCELLED]").await;
+    assert_eq!(visible_jobs(&browser).await, [jobs.cancelled.to_string()]);
+    click(&browser, "#totals [data-filter=RUNNING]").await;
+    assert_eq!(visible_jobs(&browser).await, [jobs.running.to_string()]);
+    click(&browser, "#totals [data-filter=BROKEN]").await;
+    assert_eq!(visible_jobs(&browser).await, [jobs.tampered.to_string()]);
+    click(&browser, "#totals [data-filter=all]").await;
+    assert_eq!(visible_jobs(&browser).await, all);
+
+    // Sorting by duration, then the other way.
+    let durations = "return [...document.querySelectorAll('#jobs tbody tr')].map(r => Number(r.dataset.duration));";
+    click(&browser, "th[data-key=duration] button").await;
+    let ascending: Vec<i64> = serde_json::from_value(browser.eval(durations).await).unwrap();
+    assert!(ascending.windows(2).all(|w| w[0] <= w[1]), "{ascending:?}");
+    assert!(ascending.first() < ascending.last(), "{ascending:?}");
+    click(&browser, "th[data-key=duration] button").await;
+    let descending: Vec<i64> = serde_json::from_value(browser.eval(durations).await).unwrap();
+    assert!(
+        descending.windows(2).all(|w| w[0] >= w[1]),
+        "{descending:?}"
+    );
+    assert_eq!(
+        browser
+            .eval(
+                "return document.querySelector('th[data-key=duration]').getAttribute('aria-sort');"
+            )
+            .await,
+        json!("descending")
+    );
+    // Filtering keeps the order chosen.
+    click(&browser, "#totals [data-filter=COMPLETED]").await;
+    assert_eq!(visible_jobs(&browser).await.len(), 3);
+
+    // A row leads to the job's page, and the page back to the index.
+    click(&browser, "#totals [data-filter=all]").await;
+    click(&browser, &format!("a[href='{}.html']", jobs.failed)).await;
+    assert_eq!(browser.text("#job-status").await, "FAILED");
+    assert_eq!(browser.text("#job-id").await, jobs.failed.to_string());
+    click(&browser, "nav a").await;
+    assert!(browser.text("h1").await.ends_with("6 jobs"));
+    browser.quit().await;
+}
