@@ -15,7 +15,6 @@ use std::io::ErrorKind;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use browser::Browser;
@@ -573,5 +572,392 @@ async fn the_index_filters_by_status_and_sorts_in_the_browser() {
     assert_eq!(browser.text("#job-id").await, jobs.failed.to_string());
     click(&browser, "nav a").await;
     assert!(browser.text("h1").await.ends_with("6 jobs"));
+    browser.quit().await;
+}
+
+/// A loopback listener that counts whoever connects: a page that loads
+/// anything from it has made a network request.
+struct Witness {
+    listener: TcpListener,
+    port: u16,
+}
+
+impl Witness {
+    fn new() -> Witness {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        Witness { listener, port }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}/{path}", self.port)
+    }
+
+    /// What reached the listener so far, after giving late loads time to
+    /// start: one entry per connection, its first line ("" for a connection
+    /// that sent nothing).
+    async fn arrivals(&self) -> Vec<String> {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut arrivals = Vec::new();
+        loop {
+            match self.listener.accept() {
+                Ok((mut stream, _)) => {
+                    stream.set_nonblocking(false).unwrap();
+                    stream
+                        .set_read_timeout(Some(Duration::from_millis(300)))
+                        .unwrap();
+                    let mut buffer = [0u8; 256];
+                    let n = std::io::Read::read(&mut stream, &mut buffer).unwrap_or(0);
+                    let text = String::from_utf8_lossy(&buffer[..n]);
+                    arrivals.push(text.lines().next().unwrap_or_default().to_owned());
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return arrivals,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+}
+
+/// Values that would run code, open a dialog or load something, if a page
+/// let them through as markup. Each one that ran would set `window.__pwned`.
+fn hostile(witness: &Witness) -> [String; 6] {
+    [
+        "<script>window.__pwned=1;alert(1)</script>".to_owned(),
+        "\"><img src=x onerror=\"window.__pwned=2;alert(2)\">".to_owned(),
+        "</style><script>window.__pwned=3;alert(3)</script><style>".to_owned(),
+        "</title><svg onload=\"window.__pwned=4;alert(4)\"></svg>".to_owned(),
+        format!(
+            "<img src=\"{}\"><link rel=\"stylesheet\" href=\"{}\"><iframe src=\"{}\"></iframe>",
+            witness.url("img"),
+            witness.url("css"),
+            witness.url("frame")
+        ),
+        format!(
+            "'><style>@import url({});</style><script src=\"{}\"></script>",
+            witness.url("import"),
+            witness.url("script")
+        ),
+    ]
+}
+
+/// A health observer whose every observation carries hostile text.
+struct HostileHealth(String);
+
+impl HealthObserver for HostileHealth {
+    fn observe_health(&self) -> Value {
+        json!({ "note": self.0 })
+    }
+}
+
+/// Asserts that nothing on the open page ran, loaded or appeared that the
+/// hostile values asked for.
+async fn nothing_ran(browser: &Browser, witness: &Witness, page: &str) {
+    assert!(
+        browser.client.get_alert_text().await.is_err(),
+        "{page}: a dialog opened"
+    );
+    let facts = browser
+        .eval(
+            "return {
+                 pwned: typeof window.__pwned,
+                 injected: document.querySelectorAll(
+                     'img, iframe, link, object, embed, svg svg, [onerror], [onload]').length,
+                 scripts: document.scripts.length,
+                 styles: document.querySelectorAll('style').length,
+                 loaded: performance.getEntriesByType('resource').length,
+             };",
+        )
+        .await;
+    assert_eq!(
+        facts,
+        json!({"pwned": "undefined", "injected": 0, "scripts": 1, "styles": 1, "loaded": 0}),
+        "{page}"
+    );
+    let arrivals = witness.arrivals().await;
+    assert!(arrivals.is_empty(), "{page} reached out: {arrivals:?}");
+}
+
+#[tokio::test]
+async fn hostile_values_show_as_text_and_run_nothing() {
+    let Some(browser) = Browser::start("hostile values", DESKTOP.0, DESKTOP.1).await else {
+        return;
+    };
+    let witness = Witness::new();
+    let [script, attribute, style, title, network, import] = hostile(&witness);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let db = d.join("x.db");
+    let mut executor = executor(&db, 0);
+    let output = json!({ "html": style.clone(), "title": title.clone(), "net": network.clone() });
+    executor.register_handler("echo", move |_: &JobStep, _: &ExecutionContext| {
+        StepOutput::succeeded(output.clone())
+    });
+    executor.register_handler(script.clone(), FailingHandler::new(import.clone()));
+    let mut first = JobStep::new(0, "echo", script.clone());
+    first.parameters = json!({ "q": attribute.clone(), "net": network.clone() });
+    let steps = [first, JobStep::new(1, script.clone(), title.clone())];
+    let job_id = Uuid::new_v4();
+    let health = HostileHealth(network.clone());
+    executor
+        .execute_job(job_id, Uuid::new_v4(), &steps, Some(&health), &attribute)
+        .unwrap();
+    let page = report(d, "x.db", &job_id.to_string(), "job");
+    cli_ok(d, &["report", "--all", "--db", "x.db", "--out", "site"], 0);
+
+    browser.open(&page).await;
+    nothing_ran(&browser, &witness, "job page").await;
+    // What a person reads is the values themselves.
+    let cells = browser.texts("table.steps tbody tr:first-child td").await;
+    assert_eq!(cells[1], "echo");
+    assert_eq!(cells[2], script);
+    let second = browser.texts("table.steps tbody tr:nth-child(2) td").await;
+    assert_eq!(
+        (second[1].as_str(), second[2].as_str()),
+        (script.as_str(), title.as_str())
+    );
+    assert!(
+        import.starts_with(second[6].trim_end_matches('…')),
+        "a long error is collapsed"
+    );
+    let error = browser
+        .eval("return document.querySelector('table.steps tbody tr:nth-child(2) td:nth-child(7) pre').textContent;")
+        .await;
+    assert_eq!(error, json!(import), "the handler's error, in full");
+    assert_eq!(
+        browser.text("#job-reason").await,
+        format!("Step 1 failed: {import}")
+    );
+    let summary = browser.text("#summary").await;
+    assert!(summary.contains(&attribute), "executed by: {summary}");
+    let titles: Vec<String> = serde_json::from_value(
+        browser
+            .eval(
+                "return [...document.querySelectorAll('svg .bar title')].map(t => t.textContent);",
+            )
+            .await,
+    )
+    .unwrap();
+    assert!(
+        titles[0].contains(&script) && titles[1].contains(&title),
+        "{titles:?}"
+    );
+    // Collapsed JSON, opened, shows the output as JSON text.
+    let output = browser
+        .eval(
+            "const d = document.querySelector('table.steps tbody tr:first-child td:nth-child(8) details');
+             d.open = true; return d.querySelector('pre').textContent;",
+        )
+        .await;
+    let shown: Value = serde_json::from_str(output.as_str().unwrap()).unwrap();
+    assert_eq!(shown["html"], json!(style));
+    assert_eq!(shown["net"], json!(network));
+    nothing_ran(&browser, &witness, "job page, output opened").await;
+
+    browser.open(&d.join("site/index.html")).await;
+    nothing_ran(&browser, &witness, "index").await;
+    assert_eq!(
+        browser
+            .eval("return document.querySelector('#jobs tbody .pill').title;")
+            .await,
+        json!(format!("Step 1 failed: {import}"))
+    );
+    browser.open(&d.join(format!("site/{job_id}.html"))).await;
+    nothing_ran(&browser, &witness, "job page of the site").await;
+    browser.quit().await;
+}
+
+#[tokio::test]
+async fn the_policy_stops_what_escaping_might_miss() {
+    let Some(browser) = Browser::start("content security policy", DESKTOP.0, DESKTOP.1).await
+    else {
+        return;
+    };
+    let witness = Witness::new();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let evidence = cli_ok(
+        d,
+        &["run", &example("enable-billing.json"), "--db", "x.db"],
+        0,
+    );
+    browser
+        .open(&report(d, "x.db", &job_id_of(&evidence), "job"))
+        .await;
+    // The page's own style and script are allowed: the policy names their hashes.
+    let styled = browser
+        .eval("return getComputedStyle(document.getElementById('verification')).backgroundColor;")
+        .await;
+    assert_ne!(
+        styled,
+        json!("rgba(0, 0, 0, 0)"),
+        "the inline style applies"
+    );
+    browser
+        .eval("dispatchEvent(new Event('beforeprint'));")
+        .await;
+    assert_eq!(
+        browser
+            .eval("return document.getElementById('raw-events').open;")
+            .await,
+        json!(true),
+        "the inline script runs"
+    );
+    // Markup that got into the page by mistake can neither run nor load.
+    let script = format!(
+        "window.__violations = [];
+         document.addEventListener('securitypolicyviolation',
+             e => window.__violations.push(e.effectiveDirective));
+         const s = document.createElement('script');
+         s.textContent = 'window.__ran = 1';
+         document.body.appendChild(s);
+         const i = document.createElement('img');
+         i.src = {img};
+         document.body.appendChild(i);
+         const st = document.createElement('style');
+         st.textContent = 'body {{ background: rgb(255, 0, 0) }}';
+         document.head.appendChild(st);
+         const f = document.createElement('iframe');
+         f.src = {frame};
+         document.body.appendChild(f);",
+        img = json!(witness.url("img")),
+        frame = json!(witness.url("frame")),
+    );
+    browser.eval(&script).await;
+    // Chromium may open a connection for the frame before the policy
+    // refuses the navigation; nothing is ever sent on it.
+    let arrivals = witness.arrivals().await;
+    assert!(
+        arrivals.iter().all(String::is_empty),
+        "requests: {arrivals:?}"
+    );
+    let outcome = browser
+        .eval(
+            "return [typeof window.__ran, getComputedStyle(document.body).backgroundColor,
+                     [...new Set(window.__violations)].sort()];",
+        )
+        .await;
+    assert_eq!(outcome[0], json!("undefined"));
+    assert_ne!(outcome[1], json!("rgb(255, 0, 0)"));
+    assert_eq!(
+        outcome[2],
+        json!(["frame-src", "img-src", "script-src-elem", "style-src-elem"])
+    );
+    browser.quit().await;
+}
+
+/// The moments marked on a page's timeline and its bars' outcomes.
+async fn moments_and_outcomes(browser: &Browser) -> (Vec<String>, Vec<String>) {
+    let moments = browser
+        .eval("return [...document.querySelectorAll('svg .marker')].map(m => m.dataset.moment);")
+        .await;
+    let outcomes = browser
+        .eval("return [...document.querySelectorAll('svg .bar')].map(b => b.dataset.outcome);")
+        .await;
+    (
+        serde_json::from_value(moments).unwrap(),
+        serde_json::from_value(outcomes).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn the_timeline_marks_timeouts_interruptions_cancellations_and_resumptions() {
+    let Some(browser) = Browser::start("timeline moments", DESKTOP.0, DESKTOP.1).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let db = d.join("x.db");
+    let mut executor = executor(&db, 1_000);
+    executor.register_handler("slow", |_: &JobStep, _: &ExecutionContext| {
+        std::thread::sleep(Duration::from_secs(3));
+        StepOutput::succeeded(json!({}))
+    });
+
+    let timed_out = Uuid::new_v4();
+    let mut slow = JobStep::new(1, "slow", "db");
+    slow.timeout_seconds = 1;
+    executor
+        .execute_job(
+            timed_out,
+            Uuid::new_v4(),
+            &[JobStep::new(0, "noop", "db"), slow],
+            None,
+            "ops",
+        )
+        .unwrap();
+    let interrupted = Uuid::new_v4();
+    append(
+        &db,
+        interrupted,
+        &[common::started_of(2, "noop"), common::step_started(0)],
+    );
+    let cancelled = Uuid::new_v4();
+    append(&db, cancelled, &common::stopped_between_steps(3, "noop"));
+    executor.request_cancel(cancelled, "change freeze").unwrap();
+    executor.recover().unwrap();
+    let resumed = Uuid::new_v4();
+    append(&db, resumed, &common::stopped_between_steps(3, "noop"));
+    executor.resume(resumed, None, "night shift").unwrap();
+    let in_doubt = Uuid::new_v4();
+    append(
+        &db,
+        in_doubt,
+        &[common::started_of(1, "noop"), common::step_started(0)],
+    );
+
+    let cases = [
+        (
+            timed_out,
+            "FAILED",
+            vec!["timed-out"],
+            vec!["succeeded", "timed-out"],
+        ),
+        (
+            interrupted,
+            "FAILED",
+            vec!["interrupted"],
+            vec!["interrupted"],
+        ),
+        (
+            cancelled,
+            "CANCELLED",
+            vec!["cancel-requested", "cancelled"],
+            vec!["succeeded"],
+        ),
+        (
+            resumed,
+            "COMPLETED",
+            vec!["resumed"],
+            vec!["succeeded", "succeeded", "succeeded"],
+        ),
+        (in_doubt, "RUNNING", vec![], vec!["in-doubt"]),
+    ];
+    for (job_id, status, want_moments, want_outcomes) in cases {
+        browser
+            .open(&report(d, "x.db", &job_id.to_string(), &job_id.to_string()))
+            .await;
+        assert_eq!(browser.text("#job-status").await, status, "{job_id}");
+        let (moments, outcomes) = moments_and_outcomes(&browser).await;
+        assert_eq!(moments, want_moments, "{status}");
+        assert_eq!(outcomes, want_outcomes, "{status}");
+    }
+
+    browser.open(&d.join(format!("{timed_out}.html"))).await;
+    let title = browser
+        .eval("return document.querySelector('svg .marker title').textContent;")
+        .await;
+    assert!(
+        title.as_str().unwrap().contains("timed out after 1 s"),
+        "{title}"
+    );
+    assert_eq!(
+        browser
+            .texts("table.steps tbody tr:nth-child(2) td:nth-child(6)")
+            .await,
+        ["timeout"]
+    );
+    browser.open(&d.join(format!("{resumed}.html"))).await;
+    assert!(browser.text("#summary").await.contains("by night shift"));
     browser.quit().await;
 }
