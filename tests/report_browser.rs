@@ -526,7 +526,7 @@ async fn the_index_filters_by_status_and_sorts_in_the_browser() {
         json!("true")
     );
     click(&browser, "#totals [data-filter=COMPLETED]").await;
-    let mut completed = vec![jobs.completed[0], jobs.completed[1], jobs.tampered];
+    let mut completed = [jobs.completed[0], jobs.completed[1], jobs.tampered];
     completed.sort_by_key(|id| all.iter().position(|a| *a == id.to_string()));
     assert_eq!(
         visible_jobs(&browser).await,
