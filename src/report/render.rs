@@ -74,11 +74,14 @@ pub(crate) struct Total {
 
 /// Renders a job's page.
 pub(crate) fn job(page: &JobPage) -> Result<String, askama::Error> {
-    JobTemplate {
+    let mut html = JobTemplate {
         shell: &SHELL,
         page,
     }
-    .render()
+    .render()?;
+    // Templates drop their file's last newline; a text file ends with one.
+    html.push('\n');
+    Ok(html)
 }
 
 /// Renders the index of `rows` into `out`.
@@ -99,7 +102,8 @@ pub(crate) fn index(rows: &[IndexRow], out: &mut dyn io::Write) -> io::Result<()
         jobs: rows.len(),
         broken: rows.iter().filter(|r| !r.intact).count(),
     }
-    .write_into(out)
+    .write_into(out)?;
+    out.write_all(b"\n")
 }
 
 #[cfg(test)]
