@@ -175,10 +175,10 @@ async fn a_halted_job_shows_its_status_one_bar_per_step_and_an_intact_log() {
             "✓ LOG"
         ]
     );
-    let statuses = browser.texts("table.steps tbody tr td:nth-child(5)").await;
+    let statuses = browser.texts("table.steps tbody td.status .pill").await;
     assert_eq!(statuses, ["COMPLETED", "FAILED", "NOT RUN"]);
-    let failure = browser.texts("table.steps tbody tr td:nth-child(6)").await;
-    assert_eq!(failure, ["", "no_handler", ""]);
+    let failure = browser.texts("table.steps tbody td.status").await;
+    assert_eq!(failure, ["COMPLETED", "FAILED\nno_handler", "NOT RUN"]);
 
     // The raw events are there, collapsed, and open on a click.
     let raw_visible = "return document.querySelector('table.events').checkVisibility();";
@@ -396,9 +396,19 @@ async fn a_tampered_log_shows_its_first_broken_link() {
 
 /// Appends `events` (chained, times from 2000-01-01) as job `job_id`'s log.
 fn append(db: &Path, job_id: Uuid, events: &[job_executor::events::Event]) {
+    append_from(db, job_id, events, common::at(0));
+}
+
+/// [`append`], with times from `start`.
+fn append_from(
+    db: &Path,
+    job_id: Uuid,
+    events: &[job_executor::events::Event],
+    start: chrono::DateTime<chrono::Utc>,
+) {
     SqliteStore::open(db)
         .unwrap()
-        .append(&common::records(job_id, events))
+        .append(&common::records_from(job_id, events, start))
         .unwrap();
 }
 
@@ -708,20 +718,17 @@ async fn hostile_values_show_as_text_and_run_nothing() {
     browser.open(&page).await;
     nothing_ran(&browser, &witness, "job page").await;
     // What a person reads is the values themselves.
-    let cells = browser.texts("table.steps tbody tr:first-child td").await;
-    assert_eq!(cells[1], "echo");
-    assert_eq!(cells[2], script);
-    let second = browser.texts("table.steps tbody tr:nth-child(2) td").await;
-    assert_eq!(
-        (second[1].as_str(), second[2].as_str()),
-        (script.as_str(), title.as_str())
-    );
+    let types = browser.texts("table.steps tbody .type").await;
+    let targets = browser.texts("table.steps tbody .target").await;
+    assert_eq!(types, ["echo", script.as_str()]);
+    assert_eq!(targets, [script.as_str(), title.as_str()]);
+    let errors = browser.texts("table.steps tbody td.message").await;
     assert!(
-        import.starts_with(second[6].trim_end_matches('…')),
-        "a long error is collapsed"
+        import.starts_with(errors[1].trim_end_matches('…')),
+        "a long error is collapsed: {errors:?}"
     );
     let error = browser
-        .eval("return document.querySelector('table.steps tbody tr:nth-child(2) td:nth-child(7) pre').textContent;")
+        .eval("return document.querySelector('table.steps tbody tr:nth-child(2) td.message pre').textContent;")
         .await;
     assert_eq!(error, json!(import), "the handler's error, in full");
     assert_eq!(
@@ -745,7 +752,7 @@ async fn hostile_values_show_as_text_and_run_nothing() {
     // Collapsed JSON, opened, shows the output as JSON text.
     let output = browser
         .eval(
-            "const d = document.querySelector('table.steps tbody tr:first-child td:nth-child(8) details');
+            "const d = document.querySelector('table.steps tbody tr:first-child td:nth-child(6) details');
              d.open = true; return d.querySelector('pre').textContent;",
         )
         .await;
@@ -953,11 +960,238 @@ async fn the_timeline_marks_timeouts_interruptions_cancellations_and_resumptions
     );
     assert_eq!(
         browser
-            .texts("table.steps tbody tr:nth-child(2) td:nth-child(6)")
+            .texts("table.steps tbody tr:nth-child(2) td.status .kind")
             .await,
         ["timeout"]
     );
     browser.open(&d.join(format!("{resumed}.html"))).await;
     assert!(browser.text("#summary").await.contains("by night shift"));
+    browser.quit().await;
+}
+
+/// A clock for pictures: each reading advances by the next of `gaps_ms`,
+/// so steps take different, realistic times, the same on every run.
+struct ScriptedClock {
+    start: chrono::DateTime<chrono::Utc>,
+    gaps_ms: Vec<i64>,
+    readings: std::sync::atomic::AtomicUsize,
+}
+
+impl job_executor::clock::Clock for ScriptedClock {
+    fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        let n = self
+            .readings
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let elapsed: i64 = (0..n).map(|i| self.gaps_ms[i % self.gaps_ms.len()]).sum();
+        self.start + TimeDelta::milliseconds(elapsed)
+    }
+}
+
+/// Health that changes as the demo job goes.
+struct DemoHealth {
+    observations: Vec<Value>,
+    read: std::sync::atomic::AtomicUsize,
+}
+
+impl HealthObserver for DemoHealth {
+    fn observe_health(&self) -> Value {
+        let n = self.read.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.observations[n.min(self.observations.len() - 1)].clone()
+    }
+}
+
+/// A log that looks like a week of operations, for the pictures in
+/// `docs/`: returns the job that halted on a failed migration.
+fn demo_log(db: &Path) -> Uuid {
+    let store = Arc::new(SqliteStore::open(db).unwrap());
+    let clock_start = chrono::DateTime::parse_from_rfc3339("2025-03-14T09:30:00Z")
+        .unwrap()
+        .to_utc();
+    let clock = ScriptedClock {
+        start: clock_start,
+        gaps_ms: vec![120, 2_350, 40, 810, 35, 14_900, 60, 31_020, 25, 420],
+        readings: std::sync::atomic::AtomicUsize::new(0),
+    };
+    let mut executor = JobExecutor::builder()
+        .store(store.clone())
+        .clock(Arc::new(clock))
+        .build();
+    for kind in [
+        "capability_enable",
+        "capability_disable",
+        "configuration_change",
+    ] {
+        executor.register_handler(kind, |step: &JobStep, _: &ExecutionContext| {
+            StepOutput::succeeded(json!({ "target": step.target, "applied": step.parameters }))
+        });
+    }
+    executor.register_handler("backup", |_: &JobStep, _: &ExecutionContext| {
+        StepOutput::succeeded(json!({
+            "exit_code": 0,
+            "stdout": "",
+            "stderr": "pg_dump: dumping contents of table \"public.invoices\"\npg_dump: dumping contents of table \"public.payments\"\npg_dump: dumping contents of table \"public.refunds\"\n",
+            "bytes_written": 48_213_556,
+        }))
+    });
+    executor.register_handler(
+        "migrate",
+        FailingHandler::new(
+            "migration 0042_invoice_due_date_index failed: lock timeout after 30 s on relation \"invoices\"",
+        ),
+    );
+    let step = |i: u32, kind: &str, target: &str, parameters: Value| {
+        let mut step = JobStep::new(i, kind, target);
+        step.parameters = parameters;
+        step
+    };
+    let halted_plan = [
+        step(
+            0,
+            "capability_disable",
+            "billing-api",
+            json!({"capability": "invoice-writes", "reason": "maintenance window"}),
+        ),
+        step(
+            1,
+            "configuration_change",
+            "billing-db",
+            json!({"max_connections": 200, "statement_timeout_ms": 5000}),
+        ),
+        step(
+            2,
+            "backup",
+            "billing-db",
+            json!({"argv": ["pg_dump", "--format=custom", "-f", "/backups/billing-2025-03-14.dump"]}),
+        ),
+        step(3, "migrate", "billing-db", json!({"to_version": 42})),
+        step(
+            4,
+            "capability_enable",
+            "billing-api",
+            json!({"capability": "invoice-writes"}),
+        ),
+    ];
+    let health = DemoHealth {
+        observations: vec![
+            json!({"billing-api": {"status": "up", "p99_ms": 182}, "billing-db": {"connections": 41, "replication_lag_s": 0}, "error_rate": 0.002}),
+            json!({"billing-api": {"status": "draining", "p99_ms": 95}, "billing-db": {"connections": 41, "replication_lag_s": 0}, "error_rate": 0.002}),
+            json!({"billing-api": {"status": "draining", "p99_ms": 90}, "billing-db": {"connections": 12, "replication_lag_s": 0}, "error_rate": 0.001}),
+            json!({"billing-api": {"status": "draining", "p99_ms": 91}, "billing-db": {"connections": 12, "replication_lag_s": 1}, "error_rate": 0.001}),
+            json!({"billing-api": {"status": "draining", "p99_ms": 90}, "billing-db": {"connections": 57, "replication_lag_s": 4, "locks_waiting": 9}, "error_rate": 0.013}),
+        ],
+        read: std::sync::atomic::AtomicUsize::new(0),
+    };
+    let contract: Uuid = "0b6f3a55-1f0e-4c1e-9a8b-2d7c9e4f6a10".parse().unwrap();
+    let rollout = |n: u32| -> Vec<JobStep> {
+        (0..n)
+            .map(|i| {
+                step(
+                    i,
+                    "capability_enable",
+                    &format!("region-{}", i + 1),
+                    json!({"capability": "instant-refunds"}),
+                )
+            })
+            .collect()
+    };
+    let ids: Vec<Uuid> = (1..=9u128)
+        .map(|n| {
+            Uuid::from_u128(0x7c3e_52a1_0000_4000_8000_0000_0000_0000 + n * 0x1_0000_0000_0001)
+        })
+        .collect();
+    executor
+        .execute_job(ids[0], contract, &rollout(3), None, "release-bot")
+        .unwrap();
+    executor
+        .execute_job(ids[1], contract, &rollout(12), None, "release-bot")
+        .unwrap();
+    let halted = ids[2];
+    executor
+        .execute_job(halted, contract, &halted_plan, Some(&health), "ops@billing")
+        .unwrap();
+    executor
+        .execute_job(ids[3], contract, &rollout(6), None, "release-bot")
+        .unwrap();
+    let later = |minutes: i64| clock_start + TimeDelta::minutes(minutes);
+    append_from(
+        db,
+        ids[4],
+        &common::stopped_between_steps(4, "capability_enable"),
+        later(4),
+    );
+    executor
+        .request_cancel(ids[4], "change freeze for the quarter close")
+        .unwrap();
+    append_from(
+        db,
+        ids[5],
+        &[
+            common::started_of(2, "configuration_change"),
+            common::step_started(0),
+        ],
+        later(5),
+    );
+    executor.recover().unwrap();
+    executor
+        .execute_job(ids[6], contract, &rollout(8), None, "release-bot")
+        .unwrap();
+    append_from(
+        db,
+        ids[7],
+        &common::stopped_between_steps(5, "capability_enable"),
+        later(7),
+    );
+    executor
+        .execute_job(ids[8], contract, &rollout(4), None, "release-bot")
+        .unwrap();
+    attacker(db)
+        .execute(
+            "UPDATE events SET payload = replace(payload, 'region-2', 'region-9') WHERE job_id = ?1 AND seq = 1",
+            [ids[8].to_string()],
+        )
+        .unwrap();
+    halted
+}
+
+/// A picture of the whole page at `width`, however long it is.
+async fn full_page(browser: &Browser, width: u32) -> Vec<u8> {
+    // The window is the page plus what the browser keeps for itself.
+    let height: u32 = serde_json::from_value(
+        browser
+            .eval(
+                "return document.documentElement.scrollHeight + window.outerHeight - window.innerHeight;",
+            )
+            .await,
+    )
+    .unwrap();
+    browser.client.set_window_size(width, height).await.unwrap();
+    browser.client.screenshot().await.unwrap()
+}
+
+#[tokio::test]
+#[ignore = "remakes the pictures in docs/: cargo test --test report_browser -- --ignored screenshots"]
+async fn screenshots() {
+    let Some(browser) = Browser::start("screenshots", 1280, 900).await else {
+        panic!("the pictures need chromium and chromedriver");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let halted = demo_log(&d.join("demo.db"));
+    cli_ok(
+        d,
+        &["report", "--all", "--db", "demo.db", "--out", "site"],
+        0,
+    );
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
+    for (page, picture) in [
+        (format!("site/{halted}.html"), "report-job.png"),
+        ("site/index.html".to_owned(), "report-index.png"),
+    ] {
+        browser.client.set_window_size(1280, 900).await.unwrap();
+        browser.open(&d.join(&page)).await;
+        let png = full_page(&browser, 1280).await;
+        assert!(png.starts_with(b"\x89PNG"), "{picture}");
+        std::fs::write(docs.join(picture), png).unwrap();
+    }
     browser.quit().await;
 }

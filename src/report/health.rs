@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use super::text::Cell;
+use super::text::pretty;
 
 /// Leaves compared at most; a larger observation is compared on its first
 /// leaves (in path order) and the page says so.
@@ -44,8 +44,9 @@ pub(crate) struct Difference {
 /// Health as the page shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct HealthView {
-    pub(crate) before: Option<Cell>,
-    pub(crate) after: Option<Cell>,
+    /// The observations, pretty-printed.
+    pub(crate) before: Option<String>,
+    pub(crate) after: Option<String>,
     /// Which step the "after" observation followed.
     pub(crate) after_step: Option<u32>,
     pub(crate) differences: Vec<Difference>,
@@ -107,8 +108,8 @@ impl HealthView {
             differences.sort_by(|a, b| a.path.cmp(&b.path));
         }
         HealthView {
-            before: before.map(Cell::json),
-            after: after.map(Cell::json),
+            before: before.map(pretty),
+            after: after.map(pretty),
             after_step,
             differences,
             unchanged,

@@ -7,6 +7,9 @@ use serde_json::Value;
 /// a longer one is collapsed behind its first characters.
 const INLINE_CHARS_MAX: usize = 72;
 
+/// A health observation longer than this is collapsed behind its size.
+const OBSERVATION_INLINE_CHARS_MAX: usize = 24;
+
 /// Characters of a collapsed value shown in its summary line.
 const SUMMARY_CHARS: usize = 56;
 
@@ -25,21 +28,36 @@ pub(crate) struct Cell {
     pub(crate) full: Option<String>,
     /// Bytes left out of `full` by [`SHOWN_BYTES_MAX`].
     pub(crate) omitted_bytes: usize,
+    /// JSON, shown as code; otherwise prose, such as an error message.
+    pub(crate) code: bool,
 }
 
 impl Cell {
     /// A JSON value: compact inline, pretty when collapsed.
     pub(crate) fn json(value: &Value) -> Cell {
-        let compact = value.to_string();
+        let compact = spaced(value);
         if compact.chars().count() <= INLINE_CHARS_MAX {
             return Cell {
                 short: compact,
                 full: None,
                 omitted_bytes: 0,
+                code: true,
             };
         }
-        let pretty = serde_json::to_string_pretty(value).unwrap_or_else(|_| compact.clone());
-        Cell::collapsed(&compact, pretty)
+        Cell::collapsed(&compact, pretty(value), true)
+    }
+
+    /// A health observation: the same large object after every step, so
+    /// collapsed behind how many values it holds unless it is tiny.
+    pub(crate) fn observation(value: &Value) -> Cell {
+        let compact = value.to_string();
+        if compact.chars().count() <= OBSERVATION_INLINE_CHARS_MAX {
+            return Cell::json(value);
+        }
+        let mut cell = Cell::collapsed(&compact, pretty(value), false);
+        let leaves = leaves(value);
+        cell.short = format!("{leaves} value{}", if leaves == 1 { "" } else { "s" });
+        cell
     }
 
     /// Plain text, such as an error message.
@@ -49,12 +67,13 @@ impl Cell {
                 short: text.to_owned(),
                 full: None,
                 omitted_bytes: 0,
+                code: false,
             };
         }
-        Cell::collapsed(text, text.to_owned())
+        Cell::collapsed(text, text.to_owned(), false)
     }
 
-    fn collapsed(line: &str, mut full: String) -> Cell {
+    fn collapsed(line: &str, mut full: String, code: bool) -> Cell {
         let first_line = line.lines().next().unwrap_or_default();
         let mut short: String = first_line.chars().take(SUMMARY_CHARS).collect();
         short.push('…');
@@ -64,8 +83,75 @@ impl Cell {
             short,
             omitted_bytes: whole_bytes - full.len(),
             full: Some(full),
+            code,
         }
     }
+}
+
+/// `value` on one line with a space after each `,` and `:`, so that a
+/// narrow cell can wrap it between values rather than inside them.
+pub(crate) fn spaced(value: &Value) -> String {
+    use serde::Serialize as _;
+
+    struct Spaced;
+    impl serde_json::ser::Formatter for Spaced {
+        fn begin_array_value<W: ?Sized + std::io::Write>(
+            &mut self,
+            writer: &mut W,
+            first: bool,
+        ) -> std::io::Result<()> {
+            if first {
+                Ok(())
+            } else {
+                writer.write_all(b", ")
+            }
+        }
+        fn begin_object_key<W: ?Sized + std::io::Write>(
+            &mut self,
+            writer: &mut W,
+            first: bool,
+        ) -> std::io::Result<()> {
+            if first {
+                Ok(())
+            } else {
+                writer.write_all(b", ")
+            }
+        }
+        fn begin_object_value<W: ?Sized + std::io::Write>(
+            &mut self,
+            writer: &mut W,
+        ) -> std::io::Result<()> {
+            writer.write_all(b": ")
+        }
+    }
+
+    let mut bytes = Vec::new();
+    let mut serializer = serde_json::Serializer::with_formatter(&mut bytes, Spaced);
+    // Writing a JSON value into memory cannot fail, and its bytes are UTF-8.
+    match value.serialize(&mut serializer) {
+        Ok(()) => String::from_utf8(bytes).unwrap_or_else(|_| value.to_string()),
+        Err(_) => value.to_string(),
+    }
+}
+
+/// The number of leaf values in `value` (objects and arrays are not leaves).
+fn leaves(value: &Value) -> usize {
+    match value {
+        Value::Object(map) => map.values().map(leaves).sum(),
+        Value::Array(items) => items.iter().map(leaves).sum(),
+        _ => 1,
+    }
+}
+
+/// `value` pretty-printed, at most [`SHOWN_BYTES_MAX`] of it (the log keeps
+/// the rest).
+pub(crate) fn pretty(value: &Value) -> String {
+    let mut text = serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string());
+    if text.len() > SHOWN_BYTES_MAX {
+        text.truncate(floor_char_boundary(&text, SHOWN_BYTES_MAX));
+        text.push_str("\n…");
+    }
+    text
 }
 
 /// The largest char boundary of `text` at or below `at`.
@@ -155,8 +241,8 @@ mod tests {
 
     #[test]
     fn short_values_are_inline_and_long_ones_collapse() {
-        let short = Cell::json(&json!({"argv": ["true"]}));
-        assert_eq!(short.short, r#"{"argv":["true"]}"#);
+        let short = Cell::json(&json!({"argv": ["true", "-x"], "cwd": "/"}));
+        assert_eq!(short.short, r#"{"argv": ["true", "-x"], "cwd": "/"}"#);
         assert_eq!(short.full, None);
 
         let long = Cell::json(&json!({"stdout": "x".repeat(200)}));
@@ -172,6 +258,19 @@ mod tests {
         let multiline = Cell::text("first line\nsecond line");
         assert_eq!(multiline.short, "first line…");
         assert_eq!(multiline.full.as_deref(), Some("first line\nsecond line"));
+    }
+
+    #[test]
+    fn observations_collapse_behind_their_size() {
+        let small = Cell::observation(&json!({"ok": true}));
+        assert_eq!(
+            (small.short.as_str(), small.full),
+            (r#"{"ok": true}"#, None)
+        );
+        let big =
+            Cell::observation(&json!({"db": {"lag_s": 1, "connections": 12}, "up": [true, false]}));
+        assert_eq!(big.short, "4 values");
+        assert!(big.full.unwrap().contains("\"connections\": 12"));
     }
 
     #[test]

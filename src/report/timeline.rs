@@ -21,9 +21,10 @@ pub(crate) const BARS_MAX: usize = 400;
 
 /// Width of the drawing, in SVG user units; it scales to its box.
 pub(crate) const WIDTH: u32 = 960;
-const LABEL_WIDTH: f64 = 210.0;
+const LABEL_WIDTH: f64 = 250.0;
 const RIGHT_PAD: f64 = 20.0;
 const MARKER_LANE: f64 = 30.0;
+const TOP_PAD: f64 = 6.0;
 const ROW_HEIGHT: f64 = 22.0;
 const BAR_HEIGHT: f64 = 14.0;
 const LANE_HEIGHT: f64 = 40.0;
@@ -219,7 +220,12 @@ pub(crate) fn draw(
     let rows = steps.len() <= ROWS_MAX;
     let plot_left = LABEL_WIDTH;
     let plot_right = f64::from(WIDTH) - RIGHT_PAD;
-    let plot_top = MARKER_LANE;
+    // The lane for marker labels is only there when something is marked.
+    let plot_top = if moments.is_empty() {
+        TOP_PAD
+    } else {
+        MARKER_LANE
+    };
     let lanes_height = if rows {
         ROW_HEIGHT * steps.len().max(1) as f64
     } else {
@@ -259,7 +265,7 @@ pub(crate) fn draw(
                 steps: 1,
                 label: Some(ellipsis(
                     &format!("#{} {} · {}", step.index, step.step_type, step.target),
-                    30,
+                    36,
                 )),
                 label_y: Px(plot_top + ROW_HEIGHT * row as f64 + ROW_HEIGHT / 2.0 + 4.0),
                 title: step_title(step),

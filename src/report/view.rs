@@ -529,7 +529,9 @@ fn step_row(position: usize, planned: Option<&JobStep>, result: Option<&StepResu
         failure_kind: result.and_then(|r| r.failure_kind).map(failure_name),
         error: result.and_then(|r| r.error.as_deref()).map(Cell::text),
         output: result.and_then(|r| r.output.as_ref()).map(Cell::json),
-        health_after: result.and_then(|r| r.health_after.as_ref()).map(Cell::json),
+        health_after: result
+            .and_then(|r| r.health_after.as_ref())
+            .map(Cell::observation),
         started_at: result.map(|r| format_timestamp(&r.started_at)),
         took: result.filter(|r| r.status != StepStatus::Running).map(|r| {
             duration(
