@@ -378,10 +378,17 @@ async fn a_tampered_log_shows_its_first_broken_link() {
     let sound = browser.texts("table.events tbody tr:not(.flagged)").await;
     assert_eq!(sound.len(), 3, "seq 1-3 are sound: {sound:?}");
     // The page still shows what the log holds now: the refused event stops the fold.
-    assert!(
-        browser.text("#summary .note").await.contains("seq 3"),
-        "{}",
-        browser.text("#summary").await
+    assert_eq!(browser.text(".as-of").await, "as of seq 3 of 8");
+    assert_eq!(
+        browser.text("#fold-stopped").await,
+        "Shown as of seq 3: the state machine refuses seq 4 (EXEC-001: StepStarted for step 2, \
+         but the next step in plan order is 1), so the status, summary, timeline and steps stop \
+         there. The raw events list every stored event."
+    );
+    assert_eq!(
+        browser.texts("svg .bar").await.len(),
+        1,
+        "the steps before the refusal"
     );
 
     browser
@@ -1112,12 +1119,12 @@ fn demo_log(db: &Path) -> Uuid {
     executor
         .execute_job(ids[3], contract, &rollout(6), None, "release-bot")
         .unwrap();
-    let later = |minutes: i64| clock_start + TimeDelta::minutes(minutes);
+    let later = |seconds: i64| clock_start + TimeDelta::seconds(seconds);
     append_from(
         db,
         ids[4],
         &common::stopped_between_steps(4, "capability_enable"),
-        later(4),
+        later(210),
     );
     executor
         .request_cancel(ids[4], "change freeze for the quarter close")
@@ -1129,7 +1136,7 @@ fn demo_log(db: &Path) -> Uuid {
             common::started_of(2, "configuration_change"),
             common::step_started(0),
         ],
-        later(5),
+        later(225),
     );
     executor.recover().unwrap();
     executor
@@ -1139,7 +1146,7 @@ fn demo_log(db: &Path) -> Uuid {
         db,
         ids[7],
         &common::stopped_between_steps(5, "capability_enable"),
-        later(7),
+        later(400),
     );
     executor
         .execute_job(ids[8], contract, &rollout(4), None, "release-bot")

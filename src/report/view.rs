@@ -11,7 +11,7 @@ use super::text::{Cell, duration};
 use super::timeline::{self, Moment, MomentKind, Outcome, StepSpan, Timeline};
 use crate::events::{Event, EventRecord, FailureKind, format_timestamp};
 use crate::model::{ExecutionResult, JobStatus, JobStep, StepResult, StepStatus};
-use crate::projection::Projector;
+use crate::projection::{Projector, ReplayError};
 use crate::verify::{JobReport, VerifyOptions, verify_job};
 
 /// Steps shown in one table; a longer plan is split into sections of this
@@ -161,7 +161,7 @@ pub struct JobPage {
     pub(crate) steps_failed: usize,
     pub(crate) verification: Verification,
     /// Where and why folding the events stopped, when it did before the end.
-    pub(crate) fold_stopped: Option<String>,
+    pub(crate) fold_stopped: Option<FoldStop>,
     pub(crate) timeline: Timeline,
     pub(crate) sections: Vec<StepSection>,
     pub(crate) health: HealthView,
@@ -376,11 +376,22 @@ pub(crate) fn status_class(status: Option<JobStatus>) -> &'static str {
     }
 }
 
+/// Where folding a log stopped before its end, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct FoldStop {
+    /// The last event folded.
+    pub(crate) last_folded: u64,
+    /// The first event not folded.
+    pub(crate) seq: u64,
+    /// Why it was refused.
+    pub(crate) reason: String,
+}
+
 /// Folds the events as they stand, their digests set aside: the page shows
 /// what the log says even when its chain is broken (the banner tells whether
 /// it can be trusted). Folding stops at the first event the state machine
 /// refuses; the result is then the job as of the events before it.
-fn fold(job_id: Uuid, records: &[EventRecord]) -> (Option<ExecutionResult>, Option<String>) {
+fn fold(job_id: Uuid, records: &[EventRecord]) -> (Option<ExecutionResult>, Option<FoldStop>) {
     let mut projector = Projector::new(job_id);
     let mut stopped = None;
     for record in records {
@@ -390,10 +401,21 @@ fn fold(job_id: Uuid, records: &[EventRecord]) -> (Option<ExecutionResult>, Opti
             ..record.clone()
         };
         if let Err(e) = projector.apply_record(&as_they_stand) {
-            stopped = Some(format!(
-                "the events after seq {} are not shown in the summary, the timeline or the steps: {e}",
-                projector.events()
-            ));
+            let reason = match e {
+                ReplayError::Rejected { source, .. } => {
+                    format!("{}: {source}", source.invariant())
+                }
+                ReplayError::Decode { source, .. } => source.to_string(),
+                ReplayError::SeqGap {
+                    expected, found, ..
+                } => format!("seq {expected} expected, seq {found} found"),
+                other => other.to_string(),
+            };
+            stopped = Some(FoldStop {
+                last_folded: projector.events(),
+                seq: record.seq,
+                reason,
+            });
             break;
         }
     }

@@ -168,7 +168,7 @@ impl Browser {
     /// The text a person sees in the elements matching `selector`.
     pub async fn texts(&self, selector: &str) -> Vec<String> {
         let script = format!(
-            "return [...document.querySelectorAll({})].map(e => e.innerText.trim());",
+            "return [...document.querySelectorAll({})].map(e => (e.innerText ?? e.textContent).trim());",
             json!(selector)
         );
         serde_json::from_value(self.eval(&script).await).unwrap()
