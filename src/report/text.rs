@@ -163,6 +163,19 @@ fn floor_char_boundary(text: &str, at: usize) -> usize {
     at
 }
 
+/// A count with thousands separated: `15,558`.
+pub(crate) fn count(n: impl std::fmt::Display) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
 /// Shortens `text` to `chars_max` characters, with an ellipsis when cut.
 pub(crate) fn ellipsis(text: &str, chars_max: usize) -> String {
     if text.chars().count() <= chars_max {
@@ -280,6 +293,20 @@ mod tests {
         let full = cell.full.unwrap();
         assert!(full.len() <= SHOWN_BYTES_MAX);
         assert_eq!(full.len() + cell.omitted_bytes, text.len());
+    }
+
+    #[test]
+    fn counts_are_grouped_by_thousands() {
+        let cases = [
+            (0, "0"),
+            (999, "999"),
+            (1_000, "1,000"),
+            (15_558, "15,558"),
+            (1_234_567, "1,234,567"),
+        ];
+        for (n, want) in cases {
+            assert_eq!(count(n), want);
+        }
     }
 
     #[test]

@@ -29,9 +29,10 @@
     for (const button of filters) {
       button.setAttribute("aria-pressed", String(button.dataset.filter === wanted));
     }
+    const number = (n) => n.toLocaleString("en-US");
     shown.textContent = wanted === "all"
-      ? `Showing all ${rows.length} jobs.`
-      : `Showing ${count} of ${rows.length} jobs (${wanted === "BROKEN" ? "log does not verify" : wanted}).`;
+      ? `Showing all ${number(rows.length)} jobs.`
+      : `Showing ${number(count)} of ${number(rows.length)} jobs (${wanted === "BROKEN" ? "log does not verify" : wanted}).`;
   };
   for (const button of filters) {
     button.addEventListener("click", () => filter(button.dataset.filter));
