@@ -4,7 +4,9 @@
 //! renders its page, opens it `--runs` times in headless Chromium (through
 //! chromedriver, as the browser tests do) and prints, per run and as the
 //! median: navigation start to the `load` event, and to the first frame
-//! painted after it (the page is then on screen and laid out).
+//! painted after it (the page is then on screen and laid out); then how much
+//! longer it takes to open every collapsed section (all the steps, all the
+//! raw events) and paint them.
 //!
 //! ```text
 //! cargo run --release --example report_load -- --steps 10000 --runs 7
@@ -84,7 +86,7 @@ async fn main() {
         std::process::exit(1);
     };
     let url = format!("file://{}", path.display());
-    let (mut loads, mut paints) = (Vec::new(), Vec::new());
+    let (mut loads, mut paints, mut opens) = (Vec::new(), Vec::new(), Vec::new());
     for run in 1..=runs {
         browser
             .client
@@ -105,11 +107,29 @@ async fn main() {
             .await
             .expect("timings");
         let [dom, load, painted]: [f64; 3] = serde_json::from_value(timing).expect("numbers");
+        // A reader who opens every collapsed section: every step's row and
+        // every raw event laid out and painted.
+        let expanded = browser
+            .client
+            .execute_async(
+                "const done = arguments[arguments.length - 1];
+                 const start = performance.now();
+                 for (const d of document.querySelectorAll('details:not(.cell)')) d.open = true;
+                 document.body.getBoundingClientRect();
+                 requestAnimationFrame(() => requestAnimationFrame(() =>
+                     done(performance.now() - start)));",
+                vec![],
+            )
+            .await
+            .expect("timing");
+        let expanded: f64 = serde_json::from_value(expanded).expect("a number");
         println!(
-            "run {run}: DOMContentLoaded {dom:.0} ms, load {load:.0} ms, painted {painted:.0} ms"
+            "run {run}: DOMContentLoaded {dom:.0} ms, load {load:.0} ms, painted {painted:.0} ms; \
+             every section opened and painted in {expanded:.0} ms more"
         );
         loads.push(load);
         paints.push(painted);
+        opens.push(expanded);
     }
     let rows: u64 = serde_json::from_value(
         browser
@@ -119,9 +139,10 @@ async fn main() {
     .expect("a count");
     assert_eq!(rows, u64::from(steps_total), "every step has its row");
     println!(
-        "median of {runs}: load {:.0} ms, painted {:.0} ms",
+        "median of {runs}: load {:.0} ms, painted {:.0} ms; every section opened {:.0} ms more",
         median(&mut loads),
-        median(&mut paints)
+        median(&mut paints),
+        median(&mut opens)
     );
     browser.quit().await;
 }

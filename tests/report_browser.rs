@@ -1202,3 +1202,74 @@ async fn screenshots() {
     }
     browser.quit().await;
 }
+
+#[tokio::test]
+async fn a_long_job_collapses_gracefully_and_every_row_can_still_be_read() {
+    let Some(browser) = Browser::start("long job", DESKTOP.0, DESKTOP.1).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("x.db");
+    let steps: Vec<JobStep> = (0..1_200).map(|i| JobStep::new(i, "noop", "svc")).collect();
+    let job_id = Uuid::new_v4();
+    executor(&db, 0)
+        .execute_job(job_id, Uuid::new_v4(), &steps, None, "ops")
+        .unwrap();
+    let page = report(dir.path(), "x.db", &job_id.to_string(), "long");
+    browser.open(&page).await;
+
+    // The timeline draws runs of steps, each covering its share.
+    let runs: Vec<(u64, u64, String)> = serde_json::from_value(
+        browser
+            .eval(
+                "return [...document.querySelectorAll('svg .bar')].map(b =>
+                     [Number(b.dataset.step), Number(b.dataset.steps), b.querySelector('title').textContent]);",
+            )
+            .await,
+    )
+    .unwrap();
+    assert_eq!(runs.len(), 400);
+    assert!(runs.iter().all(|(_, n, _)| *n == 3));
+    assert_eq!(runs[399].0, 1_197);
+    assert!(
+        runs[0].2.starts_with("Steps 0–2 (3 steps): 3 succeeded"),
+        "{}",
+        runs[0].2
+    );
+
+    // The steps come in sections, the first one open.
+    let sections = browser
+        .eval("return [...document.querySelectorAll('#steps details.section')].map(d => d.open);")
+        .await;
+    assert_eq!(sections, json!([true, false, false]));
+    let last_row = "#steps details.section:last-of-type tbody tr:last-child";
+    click(&browser, "#steps details.section:last-of-type > summary").await;
+    browser
+        .eval(&format!(
+            "document.querySelector({}).scrollIntoView();",
+            json!(last_row)
+        ))
+        .await;
+    let row = browser.text(last_row).await;
+    assert!(
+        row.starts_with("1199\t") && row.contains("noop") && row.contains("COMPLETED"),
+        "{row:?}"
+    );
+
+    // So do the raw events: the last one can be scrolled to and read.
+    click(&browser, "#raw-events > summary").await;
+    let tables = browser
+        .eval("return document.querySelectorAll('table.events').length;")
+        .await;
+    assert_eq!(tables, json!(3), "2,402 events in tables of 1,000");
+    let last_event = "#raw-events .scroll:last-of-type tbody tr:last-child";
+    browser
+        .eval(&format!(
+            "document.querySelector({}).scrollIntoView();",
+            json!(last_event)
+        ))
+        .await;
+    let text = browser.text(last_event).await;
+    assert!(text.starts_with("2402\tJobCompleted"), "{text:?}");
+    browser.quit().await;
+}

@@ -18,6 +18,10 @@ use crate::verify::{JobReport, VerifyOptions, verify_job};
 /// many, collapsed but for the first and any with a step that did not succeed.
 pub(crate) const STEPS_PER_SECTION: usize = 500;
 
+/// Raw events shown in one table: the page lays out only the tables on
+/// screen, so opening the events of a long job stays quick.
+pub(crate) const EVENTS_PER_TABLE: usize = 1_000;
+
 /// The checks the banner lists, in order, with what each guards.
 const CHECKS: [(&str, &str); 8] = [
     ("EXEC-001", "steps execute in declared order"),
