@@ -397,3 +397,52 @@ fn hostile_values_are_escaped_in_the_markup() {
         )
     );
 }
+
+mod any_edit {
+    //! Property: whatever an attacker edits in a stored event, the report
+    //! still renders (no panic on text that is no longer what was written)
+    //! and says the log does not verify.
+
+    use super::common;
+    use job_executor::events::EventRecord;
+    use job_executor::report::{JobPage, ReportOptions};
+    use proptest::prelude::*;
+    use uuid::Uuid;
+
+    fn edit(text: &str, offset: usize, with: char) -> String {
+        let mut chars: Vec<char> = text.chars().collect();
+        if chars.is_empty() {
+            return with.to_string();
+        }
+        let at = offset % chars.len();
+        chars[at] = with;
+        chars.into_iter().collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+        #[test]
+        fn every_edit_renders_and_is_reported(
+            event in 0usize..8,
+            field in 0u8..5,
+            offset in any::<usize>(),
+            with in prop::sample::select(&['0', 'f', 'é', '"', '<', '}', ' ', '\u{1F600}'][..]),
+        ) {
+            let job_id = Uuid::from_u128(7);
+            let mut records: Vec<EventRecord> = common::records(job_id, &common::completed_log(3));
+            let original = records.clone();
+            let record = &mut records[event];
+            match field {
+                0 => record.kind = edit(&record.kind, offset, with),
+                1 => record.recorded_at = edit(&record.recorded_at, offset, with),
+                2 => record.payload = edit(&record.payload, offset, with),
+                3 => record.digest = record.digest.as_deref().map(|d| edit(d, offset, with)),
+                _ => record.seq = record.seq.wrapping_add(offset as u64 % 3),
+            }
+            let page = JobPage::from_log(job_id, &records, &ReportOptions::default()).unwrap();
+            let html = page.render().unwrap();
+            prop_assert!(html.ends_with("</html>\n"));
+            prop_assert_eq!(page.verified(), records == original);
+        }
+    }
+}

@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use super::ReportOptions;
 use super::health::HealthView;
-use super::text::{Cell, duration};
+use super::text::{Cell, duration, ellipsis};
 use super::timeline::{self, Moment, MomentKind, Outcome, StepSpan, Timeline};
 use crate::events::{Event, EventRecord, FailureKind, format_timestamp};
 use crate::model::{ExecutionResult, JobStatus, JobStep, StepResult, StepStatus};
@@ -17,6 +17,9 @@ use crate::verify::{JobReport, VerifyOptions, verify_job};
 /// Steps shown in one table; a longer plan is split into sections of this
 /// many, collapsed but for the first and any with a step that did not succeed.
 pub(crate) const STEPS_PER_SECTION: usize = 500;
+
+/// Characters of a job's final reason an index row keeps.
+pub(crate) const REASON_CHARS_MAX: usize = 300;
 
 /// Raw events shown in one table: the page lays out only the tables on
 /// screen, so opening the events of a long job stays quick.
@@ -128,9 +131,12 @@ pub(crate) struct EventRow {
 }
 
 impl EventRow {
-    /// The first 12 hex digits: enough to tell digests apart by eye.
+    /// The first 12 hex digits: enough to tell digests apart by eye. A
+    /// digest edited into something else is cut at a character boundary.
     pub(crate) fn digest_short(&self) -> &str {
-        self.digest.as_deref().map_or("", |d| &d[..d.len().min(12)])
+        self.digest.as_deref().map_or("", |d| {
+            d.char_indices().nth(12).map_or(d, |(at, _)| &d[..at])
+        })
     }
 }
 
@@ -364,7 +370,8 @@ impl JobPage {
             duration_us: self.duration_us,
             owner: None,
             intact: self.verification.intact,
-            reason: self.reason.clone(),
+            // The index keeps a row per job: a long error is cut short there.
+            reason: ellipsis(&self.reason, REASON_CHARS_MAX),
         }
     }
 }
@@ -684,3 +691,23 @@ pub(crate) const INDEX_STATUSES: [Option<JobStatus>; 5] = [
     Some(JobStatus::Running),
     None,
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_digest_edited_into_any_text_is_shortened_safely() {
+        let row = |digest: &str| EventRow {
+            seq: 1,
+            kind: "JobStarted".into(),
+            recorded_at: String::new(),
+            digest: Some(digest.to_owned()),
+            mac: false,
+            problems: Vec::new(),
+        };
+        assert_eq!(row(&"ab".repeat(32)).digest_short(), "abababababab");
+        assert_eq!(row("éééééééééééééé").digest_short(), "éééééééééééé");
+        assert_eq!(row("short").digest_short(), "short");
+    }
+}
