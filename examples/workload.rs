@@ -117,10 +117,7 @@ fn events_per_job(steps: usize) -> u64 {
 
 /// Runs the engine; returns events/s.
 fn engine(path: &Path, sync: Synchronous, jobs: usize, steps: usize, threads: usize) -> f64 {
-    let options = SqliteOptions {
-        synchronous: sync,
-        ..SqliteOptions::default()
-    };
+    let options = SqliteOptions::default().with_synchronous(sync);
     let store = Arc::new(SqliteStore::open_with(path, &options).expect("open the log"));
     let mut executor = JobExecutor::builder().store(store).build();
     executor.register_handler("noop", NoOpHandler);
@@ -288,11 +285,7 @@ fn verify_rate(path: &Path) -> f64 {
 }
 
 fn open_read(path: &Path) -> SqliteStore {
-    let options = SqliteOptions {
-        read_only: true,
-        create: false,
-        ..SqliteOptions::default()
-    };
+    let options = SqliteOptions::reader();
     SqliteStore::open_with(path, &options).expect("open the log")
 }
 

@@ -13,8 +13,9 @@ use uuid::Uuid;
 
 use crate::chain::{Digest, HeadKey};
 use crate::events::{Event, EventRecord};
-use crate::model::{ExecutionResult, JobStep};
+use crate::model::JobStep;
 use crate::projection::{Projector, ReplayError, execution_result_to_evidence};
+use crate::result::ExecutionResult;
 use crate::store::{EventStore, StoreError};
 use crate::verify::{VerifyOptions, verify_job};
 
@@ -79,6 +80,7 @@ pub struct AuditBundle {
 
 /// Why a bundle cannot be made or does not verify.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum BundleError {
     /// The log has no events for the job.
     #[error("unknown job {job_id}: the log has no events for it")]

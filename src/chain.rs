@@ -124,6 +124,17 @@ pub fn chain(previous: &Digest, record: &EventRecord) -> Digest {
     link(previous, &leaf_hash(record))
 }
 
+/// Gives `records`, a job's next events in order after the one whose digest
+/// is `head`, their chain digests, and their MACs when a key is given.
+pub fn seal(head: Digest, records: &mut [EventRecord], key: Option<&HeadKey>) {
+    let mut head = head;
+    for record in records {
+        head = chain(&head, record);
+        record.mac = key.map(|key| key.mac(&head).to_hex());
+        record.digest = Some(head.to_hex());
+    }
+}
+
 /// An HMAC-SHA256 tag of a head, written `hmac-sha256:<64 lowercase hex>`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct HeadMac(pub [u8; 32]);
@@ -167,6 +178,7 @@ impl fmt::Debug for HeadKey {
 
 /// Why a key cannot be used.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum KeyError {
     /// The key file cannot be read.
     #[error("{}: cannot read key file: {source}", path.display())]

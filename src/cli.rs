@@ -20,9 +20,10 @@ use crate::clock::{LogicalClock, derived_job_id};
 #[cfg(unix)]
 use crate::command::CommandHandler;
 use crate::executor::{CancelRequest, ExecutorError, JobExecutor, Recovery, register_defaults};
-use crate::model::{ExecutionResult, JobStatus, PlanError, PlanFile, validate_plan};
+use crate::model::{JobStatus, PlanError, PlanFile, validate_plan};
 use crate::projection::{Projector, ReplayError, execution_result_to_evidence, replay};
 use crate::report::{JobPage, ReportError, ReportOptions, write_site};
+use crate::result::ExecutionResult;
 use crate::store::{EventStore, SqliteOptions, SqliteStore, StoreError, Synchronous};
 use crate::verify::{VerifyOptions, verify_store};
 
@@ -204,6 +205,7 @@ pub enum SyncMode {
 
 /// A failure the CLI reports with exit code 2.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum CliError {
     /// The plan file cannot be read.
     #[error("{}: cannot read plan: {source}", path.display())]
@@ -338,10 +340,9 @@ fn dispatch(command: Command) -> Result<u8, CliError> {
             match bundle {
                 Some(bundle) => verify_one_bundle(&bundle, key.as_ref()),
                 None => {
-                    let options = VerifyOptions {
-                        key,
-                        expect: parse_expectations(&expect)?,
-                    };
+                    let options = VerifyOptions::default()
+                        .with_key(key)
+                        .with_expected_heads(parse_expectations(&expect)?);
                     verify(&open_existing(&db.db)?, &options)
                 }
             }
@@ -428,9 +429,7 @@ struct ReportArgs<'a> {
 
 /// `report`: every input is read and checked before anything is written.
 fn report(args: &ReportArgs<'_>) -> Result<u8, CliError> {
-    let options = ReportOptions {
-        key: read_key(args.key_file)?,
-    };
+    let options = ReportOptions::default().with_key(read_key(args.key_file)?);
     if args.all {
         let Some(dir) = args.out else {
             unreachable!("clap requires --out with --all")
@@ -492,13 +491,10 @@ fn run(args: &RunArgs<'_>) -> Result<u8, CliError> {
         None if args.deterministic => derived_job_id(plan.contract_id, &plan.steps),
         None => Uuid::new_v4(),
     };
-    let options = SqliteOptions {
-        synchronous: match args.synchronous {
-            SyncMode::Full => Synchronous::Full,
-            SyncMode::Normal => Synchronous::Normal,
-        },
-        ..SqliteOptions::default()
-    };
+    let options = SqliteOptions::default().with_synchronous(match args.synchronous {
+        SyncMode::Full => Synchronous::Full,
+        SyncMode::Normal => Synchronous::Normal,
+    });
     let store = Arc::new(SqliteStore::open_with(args.db, &options)?);
     let mut builder = JobExecutor::builder().store(store);
     if args.deterministic {
@@ -539,11 +535,8 @@ fn register_cli_handlers(executor: &mut JobExecutor) {
 /// commands that append to jobs already in it.
 fn existing_executor(db: &Path, key_file: Option<&Path>) -> Result<JobExecutor, CliError> {
     let key = read_key(key_file)?;
-    let options = SqliteOptions {
-        create: false,
-        ..SqliteOptions::default()
-    };
-    let mut builder = JobExecutor::builder().store(Arc::new(SqliteStore::open_with(db, &options)?));
+    let store = SqliteStore::open_with(db, &SqliteOptions::existing())?;
+    let mut builder = JobExecutor::builder().store(Arc::new(store));
     if let Some(key) = key {
         builder = builder.head_key(key);
     }
@@ -557,24 +550,22 @@ fn recover(db: &Path, key_file: Option<&Path>) -> Result<u8, CliError> {
     let actions = executor.recover()?;
     let mut out = io::stdout().lock();
     for action in &actions {
-        match action {
-            Recovery::Interrupted { job_id, step_index } => writeln!(
-                out,
-                "{job_id}: step {step_index} was in doubt: recorded as failed (interrupted), job halted"
-            )?,
-            Recovery::Halted { job_id, step_index } => {
-                writeln!(out, "{job_id}: step {step_index} had failed: job halted")?
-            }
-            Recovery::Cancelled { job_id } => {
-                writeln!(out, "{job_id}: cancel request honoured: job cancelled")?
-            }
-            Recovery::Resumable { job_id, next_step } => writeln!(
-                out,
-                "{job_id}: stopped between steps; `job-executor resume {job_id}` continues at step {next_step}"
-            )?,
-        }
+        writeln!(out, "{action}")?;
     }
-    writeln!(out, "recover: {} unfinished jobs examined", actions.len())?;
+    let mut examined: Vec<Uuid> = actions.iter().map(Recovery::job_id).collect();
+    examined.dedup();
+    let unreadable = actions
+        .iter()
+        .filter(|a| matches!(a, Recovery::Unreadable { .. }))
+        .count();
+    writeln!(out, "recover: {} unfinished jobs examined", examined.len())?;
+    if unreadable > 0 {
+        writeln!(
+            out,
+            "recover: {unreadable} jobs could not be read and were left as they are; `job-executor verify` tells what is wrong with them"
+        )?;
+        return Ok(1);
+    }
     Ok(0)
 }
 
@@ -611,14 +602,7 @@ fn read_file(path: &Path) -> Result<Vec<u8>, CliError> {
 
 /// Opens an existing database for reading; never creates or migrates one.
 fn open_existing(db: &Path) -> Result<SqliteStore, StoreError> {
-    SqliteStore::open_with(
-        db,
-        &SqliteOptions {
-            read_only: true,
-            create: false,
-            ..SqliteOptions::default()
-        },
-    )
+    SqliteStore::open_with(db, &SqliteOptions::reader())
 }
 
 fn print_evidence(result: &ExecutionResult) -> Result<(), CliError> {

@@ -9,27 +9,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
+pub use crate::model::FailureKind;
 use crate::model::JobStep;
 
 /// Version of the payload shapes this build writes. Older versions are read
 /// through [`crate::upcast`].
-pub const SCHEMA_VERSION: u32 = 2;
-
-/// Why a step failed.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FailureKind {
-    /// The handler returned `success: false`.
-    HandlerFailed,
-    /// No handler is registered for the step's type.
-    NoHandler,
-    /// The handler panicked.
-    Panic,
-    /// The step ran past its deadline.
-    Timeout,
-    /// The executor stopped while the step ran; its outcome is unknown.
-    Interrupted,
-}
+pub const SCHEMA_VERSION: u32 = crate::upcast::LATEST_VERSION;
 
 /// What went wrong with a step: the kind of failure and its message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,6 +122,7 @@ pub struct JobResumed {
 
 /// One fact about a job.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub enum Event {
     /// The job began, with its frozen plan.
     JobStarted(JobStarted),
@@ -171,18 +157,24 @@ pub const EVENT_KINDS: [&str; 9] = [
     "JobResumed",
 ];
 
+/// The kinds that end a job, in their stored spelling: nothing may follow
+/// one of them in its job's log. The store knows these names (its schema
+/// closes a finished job's log, and it lists unfinished jobs) and nothing
+/// else of what events mean.
+pub const TERMINAL_KINDS: [&str; 3] = ["JobCompleted", "JobHalted", "JobCancelled"];
+
 /// An event that cannot be decoded from its stored parts.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DecodeError {
     /// An upcaster could not bring an old payload to the current shape.
-    #[error("cannot upcast {kind} from schema version {from}: {reason}")]
+    #[error("{kind}: {source}")]
     Upcast {
         /// The stored kind.
         kind: String,
-        /// The version the upcaster starts from.
-        from: u32,
-        /// What is missing or wrong.
-        reason: String,
+        /// What the upcaster found.
+        #[source]
+        source: crate::upcast::UpcastError,
     },
     /// The stored kind is not one this build knows.
     #[error("unknown event kind {0:?}")]
@@ -227,10 +219,7 @@ impl Event {
 
     /// Whether this event ends its job.
     pub fn is_terminal(&self) -> bool {
-        matches!(
-            self,
-            Event::JobCompleted(_) | Event::JobHalted(_) | Event::JobCancelled(_)
-        )
+        TERMINAL_KINDS.contains(&self.kind())
     }
 
     /// The payload as compact JSON, the stored form.
@@ -271,7 +260,14 @@ impl Event {
                 kind: "stored",
                 source,
             })?;
-            Payload::Value(crate::upcast::to_current(kind, schema_version, value)?)
+            let current =
+                crate::upcast::to_current(kind, schema_version, value).map_err(|source| {
+                    DecodeError::Upcast {
+                        kind: kind.to_owned(),
+                        source,
+                    }
+                })?;
+            Payload::Value(current)
         };
         Ok(match kind {
             "JobStarted" => Event::JobStarted(source.parse("JobStarted")?),

@@ -33,6 +33,7 @@
 
 pub mod bundle;
 pub mod chain;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod clock;
 #[cfg(unix)]
@@ -44,18 +45,20 @@ pub mod machine;
 pub mod model;
 pub mod projection;
 pub mod report;
+pub mod result;
 mod runner;
 pub mod store;
+mod sync;
 pub mod upcast;
 pub mod verify;
+mod watchdog;
 
 pub use executor::{
     CancelRequest, EXECUTOR_VERSION, ExecutorBuilder, ExecutorError, JobExecutor, Recovery,
-    create_default_executor,
+    UnrecordedOutcome, create_default_executor,
 };
 pub use handler::{FailingHandler, HealthObserver, NoOpHandler, StepHandler};
-pub use model::{
-    CancelSignal, ExecutionContext, ExecutionResult, JobStatus, JobStep, StepOutput, StepResult,
-    StepStatus,
-};
+pub use model::{CancelSignal, ExecutionContext, JobStatus, JobStep, StepOutput, StepStatus};
 pub use projection::{execution_result_to_evidence, replay};
+pub use result::{ExecutionResult, StepResult};
+pub use runner::PoolOptions;

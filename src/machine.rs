@@ -9,7 +9,7 @@
 //! accepted by all.
 
 use crate::events::Event;
-use crate::model::{JobStatus, validate_plan};
+use crate::model::{JobStatus, PlanError, validate_plan};
 
 /// Where a job is in its life.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -94,6 +94,7 @@ impl JobState {
 
 /// What the executor must do next for a job in a given state.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum NextAction {
     /// Append `JobStarted`.
     StartJob,
@@ -126,6 +127,7 @@ pub fn next_action(state: &JobState) -> NextAction {
 
 /// An event the machine refuses, and why. Each names the invariant it guards.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum TransitionError {
     /// The first event of a job must be `JobStarted`.
     #[error("{kind} before JobStarted: a job's log must begin with JobStarted")]
@@ -138,7 +140,7 @@ pub enum TransitionError {
     AlreadyStarted,
     /// The plan in `JobStarted` is not executable.
     #[error("JobStarted carries an invalid plan: {0}")]
-    InvalidPlan(String),
+    InvalidPlan(PlanError),
     /// A step was started that is not the next one in the plan.
     #[error("StepStarted for step {step_index}, but the next step in plan order is {expected}")]
     OutOfOrder {
@@ -279,8 +281,7 @@ pub fn apply(state: JobState, event: &Event) -> Result<JobState, TransitionError
         }
 
         (Phase::NotStarted, Event::JobStarted(started)) => {
-            validate_plan(&started.plan)
-                .map_err(|e| TransitionError::InvalidPlan(e.to_string()))?;
+            validate_plan(&started.plan).map_err(TransitionError::InvalidPlan)?;
             Ok(JobState {
                 phase: Phase::Idle,
                 // validate_plan bounds the plan far below u32::MAX.

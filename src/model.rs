@@ -7,8 +7,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::events::FailureKind;
-
 /// Default deadline of a step whose JSON omits `timeout_seconds`.
 pub const DEFAULT_TIMEOUT_SECONDS: u64 = 300;
 
@@ -88,6 +86,7 @@ pub struct PlanFile {
 
 /// Why a plan is not executable. Checked before anything is appended.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum PlanError {
     /// A step's `step_index` is not its position in the plan.
     #[error(
@@ -152,6 +151,7 @@ pub fn validate_plan(steps: &[JobStep]) -> Result<(), PlanError> {
 /// Status of a whole job.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[non_exhaustive]
 pub enum JobStatus {
     /// Not started.
     Pending,
@@ -187,6 +187,7 @@ impl std::fmt::Display for JobStatus {
 /// Status of one step.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[non_exhaustive]
 pub enum StepStatus {
     /// Not started.
     Pending,
@@ -234,6 +235,7 @@ impl StepOutput {
 /// What a handler may know about the step it runs. Handlers only ever get a
 /// shared reference to it: it grants no authority over governance state.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct ExecutionContext {
     /// The job being executed.
     pub job_id: Uuid,
@@ -258,6 +260,31 @@ pub struct ExecutionContext {
     pub cancel: CancelSignal,
 }
 
+impl ExecutionContext {
+    /// The context of `step` of job `job_id`, started at `started_at`, with
+    /// no deadline and a fresh cancel signal: what a handler's own tests
+    /// need to call it as the executor would.
+    pub fn new(
+        job_id: Uuid,
+        contract_id: Uuid,
+        step: &JobStep,
+        executed_by: impl Into<String>,
+        started_at: DateTime<Utc>,
+    ) -> Self {
+        ExecutionContext {
+            job_id,
+            contract_id,
+            step_index: step.step_index,
+            step_type: step.step_type.clone(),
+            target: step.target.clone(),
+            executed_by: executed_by.into(),
+            started_at,
+            deadline: None,
+            cancel: CancelSignal::new(),
+        }
+    }
+}
+
 /// A flag a handler can poll to learn that its step was given up on.
 #[derive(Clone, Debug, Default)]
 pub struct CancelSignal(std::sync::Arc<std::sync::atomic::AtomicBool>);
@@ -279,67 +306,19 @@ impl CancelSignal {
     }
 }
 
-/// The recorded outcome of one executed step.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StepResult {
-    /// Index of the step.
-    pub step_index: u32,
-    /// `Completed`, `Failed`, or `Running` for a step whose outcome is not recorded.
-    pub status: StepStatus,
-    /// When the step's `StepStarted` was recorded.
-    pub started_at: DateTime<Utc>,
-    /// When its outcome was recorded (equals `started_at` while running).
-    pub completed_at: DateTime<Utc>,
-    /// Handler output, when the handler returned one.
-    pub output: Option<Value>,
-    /// Failure message, when the step failed.
-    pub error: Option<String>,
-    /// Health observed right after the step, when an observer was given.
-    pub health_after: Option<Value>,
-    /// Why the step failed, when it did.
-    pub failure_kind: Option<FailureKind>,
-}
-
-/// The result of a job, folded from its event log.
-///
-/// `execute_job` returns exactly the fold that [`crate::replay`] computes from
-/// the stored events, so a live result and a replayed one cannot differ.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ExecutionResult {
-    /// The job.
-    pub job_id: Uuid,
-    /// The contract recorded at `JobStarted`.
-    pub contract_id: Uuid,
-    /// Who started the job.
-    pub executed_by: String,
-    /// Version of the executor that started the job.
-    pub executor_version: String,
-    /// Terminal status, or `Running` for a job whose log has no terminal event.
-    pub final_status: JobStatus,
-    /// `All steps completed successfully`, or `Step <index> failed: <error>`.
-    pub final_reason: String,
-    /// Steps started.
-    pub steps_executed: usize,
-    /// Steps that succeeded.
-    pub steps_succeeded: usize,
-    /// Steps that failed.
-    pub steps_failed: usize,
-    /// Steps in the plan.
-    pub steps_planned: usize,
-    /// One entry per started step, in order.
-    pub step_results: Vec<StepResult>,
-    /// Health observed before the first step.
-    pub health_before: Option<Value>,
-    /// Health observed after the last successful step.
-    pub health_after: Option<Value>,
-    /// When `JobStarted` was recorded.
-    pub started_at: DateTime<Utc>,
-    /// When the terminal event was recorded (the last event, for an unfinished job).
-    pub completed_at: DateTime<Utc>,
-    /// Number of events in the job's log.
-    pub events: u64,
-    /// Chain digest of the job's last event: commits to the whole log.
-    pub head: crate::chain::Digest,
-    /// HMAC of `head`, when the last event was written with a key.
-    pub head_mac: Option<crate::chain::HeadMac>,
+/// Why a step failed.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum FailureKind {
+    /// The handler returned `success: false`.
+    HandlerFailed,
+    /// No handler is registered for the step's type.
+    NoHandler,
+    /// The handler panicked.
+    Panic,
+    /// The step ran past its deadline.
+    Timeout,
+    /// The executor stopped while the step ran; its outcome is unknown.
+    Interrupted,
 }

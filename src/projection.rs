@@ -9,10 +9,11 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::chain::{self, Digest, HeadKey, HeadMac};
-use crate::events::{DecodeError, Event, EventRecord, FailureKind, format_timestamp};
+use crate::chain::{self, Digest, HeadMac};
+use crate::events::{DecodeError, Event, EventRecord, format_timestamp};
 use crate::machine::{self, JobState, Phase, TransitionError};
-use crate::model::{ExecutionResult, StepResult, StepStatus};
+use crate::model::{FailureKind, StepStatus};
+use crate::result::{ExecutionResult, StepResult};
 use crate::store::{EventStore, StoreError};
 
 /// `final_reason` of a job whose every step succeeded.
@@ -23,6 +24,7 @@ pub const REASON_UNFINISHED: &str = "Job has not finished";
 
 /// Why a job's log cannot be projected.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ReplayError {
     /// The log has no events for the job.
     #[error("unknown job {job_id}: the log has no events for it")]
@@ -139,17 +141,6 @@ impl Projector {
     /// The reason of the cancel request folded so far, if any.
     pub fn cancel_request_reason(&self) -> Option<String> {
         self.cancel_request_reason.clone()
-    }
-
-    /// Gives `records`, the job's next events in order, their chain digests,
-    /// and their MACs when a key is given. Does not fold them.
-    pub fn seal(&self, records: &mut [EventRecord], key: Option<&HeadKey>) {
-        let mut head = self.head;
-        for record in records {
-            head = chain::chain(&head, record);
-            record.mac = key.map(|key| key.mac(&head).to_hex());
-            record.digest = Some(head.to_hex());
-        }
     }
 
     /// Folds `event`, whose record the caller sealed and appended, without
@@ -358,7 +349,9 @@ pub fn replay(store: &dyn EventStore, job_id: Uuid) -> Result<ExecutionResult, R
 
 /// Replays every job of the log, streaming: each job's result (or why it
 /// cannot be replayed) goes to `on_job` as soon as its last event is read, so
-/// memory holds one job at a time, whatever the number of jobs.
+/// memory holds one job at a time, whatever the number of jobs. A row that
+/// cannot be read at all goes to `on_job` as a [`ReplayError::Store`] of its
+/// own (under the nil id when even its job id is unreadable).
 ///
 /// # Errors
 /// [`StoreError`] when the log cannot be read.
@@ -366,8 +359,11 @@ pub fn replay_all(
     store: &dyn EventStore,
     mut on_job: impl FnMut(Uuid, Result<ExecutionResult, ReplayError>),
 ) -> Result<(), StoreError> {
-    let mut current: Option<(u64, Projector, Option<ReplayError>)> = None;
-    let mut finish = |job: Option<(u64, Projector, Option<ReplayError>)>| {
+    type Job = (u64, Projector, Option<ReplayError>);
+    fn finish(
+        job: Option<Job>,
+        on_job: &mut impl FnMut(Uuid, Result<ExecutionResult, ReplayError>),
+    ) {
         if let Some((_, projector, failure)) = job {
             let job_id = projector.job_id;
             let result = match failure {
@@ -378,11 +374,25 @@ pub fn replay_all(
             };
             on_job(job_id, result);
         }
-    };
+    }
+    let mut current: Option<Job> = None;
     store.scan(&mut |group, row| {
-        let Ok(record) = row else { return };
+        let record = match row {
+            Ok(record) => record,
+            // A row that cannot be read is reported, never skipped: under
+            // the job id it has, if any can be made out.
+            Err(e) => {
+                let job_id = match &e {
+                    StoreError::BadRow { job_id, .. } => {
+                        Uuid::parse_str(job_id).unwrap_or_default()
+                    }
+                    _ => Uuid::nil(),
+                };
+                return on_job(job_id, Err(ReplayError::Store(e)));
+            }
+        };
         if current.as_ref().is_none_or(|(g, _, _)| *g != group) {
-            finish(current.take());
+            finish(current.take(), &mut on_job);
             current = Some((group, Projector::new(record.job_id), None));
         }
         if let Some((_, projector, failure @ None)) = current.as_mut()
@@ -391,7 +401,7 @@ pub fn replay_all(
             *failure = Some(e);
         }
     })?;
-    finish(current.take());
+    finish(current.take(), &mut on_job);
     Ok(())
 }
 

@@ -1,30 +1,84 @@
 //! Runs handlers off the executor's thread, against a deadline.
 //!
-//! The executor hands each step to a pooled worker thread and waits for the
-//! outcome until the step's deadline. The hand-over is a hook the store runs
-//! the moment the step's `StepStarted` is committed
-//! ([`EventStore::append_then`](crate::store::EventStore::append_then)): with
-//! group commit, the committing thread starts every handler of its batch
-//! before it wakes their executors, and the deadline runs from there.
-//!
-//! Past the deadline, the executor raises the step's
+//! A step's deadline is `timeout_seconds` after its `StepStarted` was
+//! recorded. The executor hands each step to a pooled worker thread by a
+//! hook the store runs the moment the `StepStarted` is committed
+//! ([`EventStore::append_then`](crate::store::EventStore::append_then)) —
+//! with group commit, the committing thread starts every handler of its
+//! batch before it wakes their executors — and waits for the outcome until
+//! the deadline. Past it, the executor raises the step's
 //! [`CancelSignal`](crate::model::CancelSignal) and records a timeout; the
-//! worker's late result goes nowhere. A handler that ignores the signal keeps
-//! its worker, not the job: the pool starts another worker whenever none is
-//! free, so a stuck handler never delays another step.
+//! worker's late result goes nowhere.
+//!
+//! The pool is bounded ([`PoolOptions`]): it starts a worker whenever none
+//! is free, up to `threads_max`; at the cap, a step waits for a free worker.
+//! A handler that ignores its deadline therefore holds a worker, never its
+//! job: a step still waiting for a worker at its deadline times out without
+//! its handler ever starting (and it never starts later), and a step whose
+//! handler overruns times out as any other. Workers idle for
+//! `idle_keep_alive` exit.
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::events::FailureKind;
 use crate::handler::StepHandler;
-use crate::model::{ExecutionContext, JobStep};
+use crate::model::{CancelSignal, ExecutionContext, FailureKind, JobStep};
+use crate::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use crate::sync::{Condvar, Mutex, lock, mpsc, panic_message, recv_timeout, thread, wait_timeout};
+
+/// How the handler pool is sized and whether its threads poll.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PoolOptions {
+    /// The most handler threads at once (default 64). At the cap a step
+    /// waits for a free worker, against its own deadline.
+    pub threads_max: usize,
+    /// How long an idle worker waits for more work before it exits
+    /// (default 60 s).
+    pub idle_keep_alive: Duration,
+    /// Whether idle workers and waiting executors poll briefly before they
+    /// sleep (default off). It saves a thread wake-up per step, which pays
+    /// while there are no more jobs than cores, at the price of CPU time.
+    pub polling: bool,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        PoolOptions {
+            threads_max: 64,
+            idle_keep_alive: Duration::from_secs(60),
+            polling: false,
+        }
+    }
+}
+
+/// Hands a prepared step to a worker; the store calls it once the step's
+/// `StepStarted` is committed.
+pub(crate) type Handover = Box<dyn FnOnce() + Send>;
+
+impl PoolOptions {
+    /// With at most `threads` handler threads (at least 1).
+    pub fn with_threads_max(mut self, threads: usize) -> Self {
+        self.threads_max = threads;
+        self
+    }
+
+    /// With idle workers exiting after `keep_alive`.
+    pub fn with_idle_keep_alive(mut self, keep_alive: Duration) -> Self {
+        self.idle_keep_alive = keep_alive;
+        self
+    }
+
+    /// With polling on or off.
+    pub fn with_polling(mut self, polling: bool) -> Self {
+        self.polling = polling;
+        self
+    }
+}
 
 /// What running a step's handler came to.
 #[derive(Debug)]
@@ -40,10 +94,17 @@ pub(crate) enum Outcome {
 /// An outcome, and whether it came past the step's deadline.
 type Reply = (Outcome, bool);
 
+/// Who got to a queued task first: a worker starting it, or its executor
+/// giving up on it at the deadline.
+const WAITING: u8 = 0;
+const STARTED: u8 = 1;
+const ABANDONED: u8 = 2;
+
 struct Task {
     handler: Arc<dyn StepHandler>,
     step: JobStep,
     context: ExecutionContext,
+    claim: Arc<AtomicU8>,
     reply: mpsc::SyncSender<Reply>,
 }
 
@@ -51,8 +112,10 @@ struct Task {
 /// waits on.
 pub(crate) struct Dispatch {
     outcome: mpsc::Receiver<Reply>,
-    cancel: crate::model::CancelSignal,
-    timeout: Duration,
+    claim: Arc<AtomicU8>,
+    cancel: CancelSignal,
+    deadline: Option<Instant>,
+    timeout_seconds: u64,
 }
 
 /// How long an idle worker polls for its next task before it sleeps: the
@@ -62,12 +125,25 @@ const WORKER_SPIN: Duration = Duration::from_micros(250);
 /// How long the executor polls for a quick handler's outcome before it sleeps.
 const RESULT_SPIN: Duration = Duration::from_micros(50);
 
+#[derive(Default)]
+struct PoolState {
+    queue: VecDeque<Task>,
+    /// Workers alive.
+    threads: usize,
+    /// Workers asleep, waiting for a task.
+    idle: usize,
+    /// Wake-ups sent to idle workers and not yet taken: an idle worker is
+    /// only counted free while it has not been called on.
+    wakeups: usize,
+    closed: bool,
+}
+
 struct Shared {
-    queue: Mutex<VecDeque<Task>>,
+    options: PoolOptions,
+    state: Mutex<PoolState>,
     ready: Condvar,
+    /// Tasks queued, readable without the lock (for polling workers).
     queued: AtomicUsize,
-    /// Workers available for a task and not yet promised to a submitter.
-    idle: AtomicUsize,
     /// Workers polling for a task right now; at most `spinners_max`.
     spinning: AtomicUsize,
     /// Executor threads polling for an outcome right now; at most `spinners_max`.
@@ -79,7 +155,6 @@ struct Shared {
     /// The most jobs at which threads poll: the number of cores.
     polling_jobs_max: usize,
     spinners_max: usize,
-    closed: AtomicBool,
 }
 
 /// A job being driven, counted while it lives.
@@ -91,35 +166,37 @@ impl Drop for JobGuard<'_> {
     }
 }
 
-/// A pool of handler threads that grows when every worker is busy.
+/// A bounded pool of handler threads.
 pub(crate) struct HandlerPool {
     shared: Arc<Shared>,
 }
 
 impl Drop for HandlerPool {
     fn drop(&mut self) {
-        self.shared.closed.store(true, Ordering::SeqCst);
+        lock(&self.shared.state).closed = true;
         self.shared.ready.notify_all();
     }
 }
 
 impl HandlerPool {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(options: PoolOptions) -> Self {
         // Leave a core to the executor threads: pollers beyond that only
         // steal time from the work they wait for.
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         HandlerPool {
             shared: Arc::new(Shared {
-                queue: Mutex::new(VecDeque::new()),
+                options: PoolOptions {
+                    threads_max: options.threads_max.max(1),
+                    ..options
+                },
+                state: Mutex::new(PoolState::default()),
                 ready: Condvar::new(),
                 queued: AtomicUsize::new(0),
-                idle: AtomicUsize::new(0),
                 spinning: AtomicUsize::new(0),
                 waiting: AtomicUsize::new(0),
                 jobs: AtomicUsize::new(0),
                 polling_jobs_max: cores,
                 spinners_max: cores.saturating_sub(1).max(1),
-                closed: AtomicBool::new(false),
             }),
         }
     }
@@ -130,57 +207,63 @@ impl HandlerPool {
         JobGuard(&self.shared)
     }
 
-    /// Prepares `step` for `handler`: returns the hook that hands it to a
-    /// worker — to be called once the step's start is committed; its
-    /// deadline runs from then — and what to wait on for its outcome.
+    /// Prepares `step` for `handler`, to run against `context.deadline`:
+    /// returns the hook that hands it to a worker — to be called once the
+    /// step's start is committed — and what to wait on for its outcome.
     pub(crate) fn prepare(
         &self,
         handler: Arc<dyn StepHandler>,
         step: &JobStep,
-        mut context: ExecutionContext,
-    ) -> (Box<dyn FnOnce() + Send>, Dispatch) {
+        context: ExecutionContext,
+    ) -> (Handover, Dispatch) {
         let (reply, outcome) = mpsc::sync_channel(1);
-        let timeout = Duration::from_secs(step.timeout_seconds);
+        let claim = Arc::new(AtomicU8::new(WAITING));
         let dispatch = Dispatch {
             outcome,
+            claim: claim.clone(),
             cancel: context.cancel.clone(),
-            timeout,
+            deadline: context.deadline,
+            timeout_seconds: step.timeout_seconds,
         };
-        let step = step.clone();
+        let task = Task {
+            handler,
+            step: step.clone(),
+            context,
+            claim,
+            reply,
+        };
         let shared = self.shared.clone();
-        let hook = Box::new(move || {
-            context.deadline = Instant::now().checked_add(timeout);
-            submit(
-                &shared,
-                Task {
-                    handler,
-                    step,
-                    context,
-                    reply,
-                },
-            );
-        });
-        (hook, dispatch)
+        (Box::new(move || submit(&shared, task)), dispatch)
     }
 
     /// Waits for the outcome of a step handed to a worker, until its
-    /// deadline (counted from when this wait starts, which is after the
-    /// hand-over, so never before the handler's own); past it, raises the
-    /// step's cancel signal and returns a timeout.
+    /// deadline; past it, raises the step's cancel signal and returns a
+    /// timeout.
     pub(crate) fn wait(&self, dispatch: Dispatch) -> Outcome {
-        let deadline = Instant::now().checked_add(dispatch.timeout);
-        match receive(&self.shared, &dispatch.outcome, deadline) {
+        let timed_out = |detail: &str| Outcome::Failed {
+            failure: FailureKind::Timeout,
+            error: format!("timed out after {} s{detail}", dispatch.timeout_seconds),
+            output: None,
+        };
+        match receive(&self.shared, &dispatch.outcome, dispatch.deadline) {
             Ok((outcome, false)) => outcome,
             // A result that comes in after the deadline is as late as none.
-            Ok((_, true)) | Err(RecvTimeoutError::Timeout) => {
+            Ok((_, true)) | Err(mpsc::RecvTimeoutError::Timeout) => {
                 dispatch.cancel.cancel();
-                Outcome::Failed {
-                    failure: FailureKind::Timeout,
-                    error: format!("timed out after {} s", dispatch.timeout.as_secs()),
-                    output: None,
+                let never_started = dispatch
+                    .claim
+                    .compare_exchange(WAITING, ABANDONED, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok();
+                if never_started {
+                    timed_out(&format!(
+                        " (the handler never started: all {} handler threads were busy)",
+                        self.shared.options.threads_max
+                    ))
+                } else {
+                    timed_out("")
                 }
             }
-            Err(RecvTimeoutError::Disconnected) => Outcome::Failed {
+            Err(mpsc::RecvTimeoutError::Disconnected) => Outcome::Failed {
                 failure: FailureKind::Panic,
                 error: "Execution error: the handler's thread stopped without an outcome".into(),
                 output: None,
@@ -189,39 +272,46 @@ impl HandlerPool {
     }
 }
 
-/// Hands `task` to an idle worker, or starts a new one for it, so that no
-/// task ever queues behind a busy (or stuck) handler.
+/// Queues `task` and makes sure a worker will take it: an idle one is woken,
+/// or, while under the cap, a new one is started. At the cap it waits for
+/// the first worker to finish.
 fn submit(shared: &Arc<Shared>, task: Task) {
-    let promised = shared
-        .idle
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-        .is_ok();
-    if promised {
-        lock(&shared.queue).push_back(task);
-        shared.queued.fetch_add(1, Ordering::SeqCst);
+    let mut state = lock(&shared.state);
+    state.queue.push_back(task);
+    shared.queued.fetch_add(1, Ordering::SeqCst);
+    if state.idle > state.wakeups {
+        state.wakeups += 1;
+        drop(state);
         shared.ready.notify_one();
         return;
     }
-    let shared = shared.clone();
-    let spawned = std::thread::Builder::new()
+    if state.threads >= shared.options.threads_max {
+        return;
+    }
+    state.threads += 1;
+    drop(state);
+    let worker_shared = shared.clone();
+    let spawned = thread::Builder::new()
         .name("job-executor-handler".into())
-        .spawn(move || worker(task, &shared));
+        .spawn(move || worker(&worker_shared));
     if let Err(e) = spawned {
-        // Without a thread the step cannot run; its reply channel is
-        // dropped with the closure and the step fails as disconnected.
+        // Without a thread the task stays queued for the next free worker;
+        // if there is none, its executor times out at the deadline.
+        lock(&shared.state).threads -= 1;
         eprintln!("job-executor: cannot start a handler thread: {e}");
     }
 }
-/// Waits for a handler's outcome: polls briefly (most handlers are quick),
-/// then sleeps until the outcome or the deadline.
+
+/// Waits for a handler's outcome: with polling, briefly polls first (most
+/// handlers are quick), then sleeps until the outcome or the deadline.
 fn receive<T>(
     shared: &Shared,
     outcome: &mpsc::Receiver<T>,
     deadline: Option<Instant>,
-) -> Result<T, RecvTimeoutError> {
+) -> Result<T, mpsc::RecvTimeoutError> {
     // Executors poll under a cap of their own: with many jobs on few cores,
     // pollers would only take the cores the handlers need.
-    if polling_pays(shared) && claim(&shared.waiting, shared.spinners_max) {
+    if polling_pays(shared) && claim_place(&shared.waiting, shared.spinners_max) {
         let polling_until = Instant::now() + RESULT_SPIN;
         while Instant::now() < polling_until {
             match outcome.try_recv() {
@@ -236,17 +326,19 @@ fn receive<T>(
         shared.waiting.fetch_sub(1, Ordering::SeqCst);
     }
     match deadline {
-        Some(deadline) => outcome.recv_timeout(deadline.saturating_duration_since(Instant::now())),
-        None => outcome.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        Some(deadline) => recv_timeout(outcome, deadline.saturating_duration_since(Instant::now())),
+        None => outcome
+            .recv()
+            .map_err(|_| mpsc::RecvTimeoutError::Disconnected),
     }
 }
 
 fn polling_pays(shared: &Shared) -> bool {
-    shared.jobs.load(Ordering::SeqCst) <= shared.polling_jobs_max
+    shared.options.polling && shared.jobs.load(Ordering::SeqCst) <= shared.polling_jobs_max
 }
 
 /// Takes one of `max` polling places, if one is free.
-fn claim(pollers: &AtomicUsize, max: usize) -> bool {
+fn claim_place(pollers: &AtomicUsize, max: usize) -> bool {
     pollers
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
             (n < max).then_some(n + 1)
@@ -254,77 +346,64 @@ fn claim(pollers: &AtomicUsize, max: usize) -> bool {
         .is_ok()
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Tasks are pushed and popped whole: a poisoned queue is still consistent.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn worker(first: Task, shared: &Shared) {
-    let mut task = first;
-    loop {
-        let (outcome, reply) = run_task(task);
-        // Idle before replying: the executor hands its next step over the
-        // moment it has this outcome, and must find this worker free rather
-        // than start another one.
-        shared.idle.fetch_add(1, Ordering::SeqCst);
-        // After a timeout nobody listens: the late outcome is dropped here.
-        let _ = reply.send(outcome);
-        match next_task(shared) {
-            Some(next) => task = next,
-            // The pool is gone.
-            None => return,
-        }
+fn worker(shared: &Shared) {
+    while let Some(task) = next_task(shared) {
+        run_task(task);
     }
 }
 
-fn try_pop(shared: &Shared) -> Option<Task> {
-    if shared.queued.load(Ordering::SeqCst) == 0 {
-        return None;
-    }
-    let task = lock(&shared.queue).pop_front();
-    if task.is_some() {
-        shared.queued.fetch_sub(1, Ordering::SeqCst);
-    }
-    task
-}
-
+/// The next task for a worker, or `None` when it should exit: the pool is
+/// gone, or it stayed idle for the keep-alive.
 fn next_task(shared: &Shared) -> Option<Task> {
-    if polling_pays(shared) && claim(&shared.spinning, shared.spinners_max) {
+    if polling_pays(shared) && claim_place(&shared.spinning, shared.spinners_max) {
         let polling_until = Instant::now() + WORKER_SPIN;
-        while Instant::now() < polling_until && !shared.closed.load(Ordering::SeqCst) {
-            if let Some(task) = try_pop(shared) {
-                shared.spinning.fetch_sub(1, Ordering::SeqCst);
-                return Some(task);
-            }
+        while Instant::now() < polling_until && shared.queued.load(Ordering::SeqCst) == 0 {
             std::hint::spin_loop();
         }
         shared.spinning.fetch_sub(1, Ordering::SeqCst);
     }
-    let mut queue = lock(&shared.queue);
+    let keep_alive = shared.options.idle_keep_alive;
+    let mut state = lock(&shared.state);
     loop {
-        if let Some(task) = queue.pop_front() {
+        if let Some(task) = state.queue.pop_front() {
             shared.queued.fetch_sub(1, Ordering::SeqCst);
             return Some(task);
         }
-        if shared.closed.load(Ordering::SeqCst) {
+        if state.closed {
+            state.threads -= 1;
             return None;
         }
-        queue = shared
-            .ready
-            .wait(queue)
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        state.idle += 1;
+        let slept = Instant::now();
+        state = wait_timeout(&shared.state, &shared.ready, state, keep_alive);
+        state.idle -= 1;
+        if state.wakeups > 0 {
+            // Called on (if not this worker, another one that also woke):
+            // look at the queue again.
+            state.wakeups -= 1;
+        } else if slept.elapsed() >= keep_alive && state.queue.is_empty() && !state.closed {
+            state.threads -= 1;
+            return None;
+        }
     }
 }
 
-fn run_task(task: Task) -> (Reply, mpsc::SyncSender<Reply>) {
+fn run_task(task: Task) {
     let Task {
         handler,
         step,
         context,
+        claim,
         reply,
     } = task;
+    if claim
+        .compare_exchange(WAITING, STARTED, Ordering::SeqCst, Ordering::SeqCst)
+        .is_err()
+    {
+        // Its executor gave up at the deadline before a worker was free:
+        // the step is recorded timed out, and its handler never runs.
+        return;
+    }
     // The handler only gets shared references, so a panic cannot leave
     // anything half-changed: asserting unwind safety is sound.
     let outcome = match catch_unwind(AssertUnwindSafe(|| handler.execute(&step, &context))) {
@@ -341,34 +420,103 @@ fn run_task(task: Task) -> (Reply, mpsc::SyncSender<Reply>) {
         },
     };
     let late = context.deadline.is_some_and(|d| Instant::now() >= d);
-    ((outcome, late), reply)
+    // After a timeout nobody listens: the late outcome is dropped here.
+    let _ = reply.send((outcome, late));
 }
 
-/// The message a panic was raised with.
-pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(text) = payload.downcast_ref::<&str>() {
-        (*text).to_owned()
-    } else if let Some(text) = payload.downcast_ref::<String>() {
-        text.clone()
-    } else {
-        "handler panicked".to_owned()
-    }
-}
-
-#[cfg(test)]
+#[cfg(all(test, not(feature = "shuttle")))]
 mod tests {
     use super::*;
 
     #[test]
     fn a_refused_polling_place_is_not_counted() {
         let pollers = AtomicUsize::new(0);
-        assert!(claim(&pollers, 1));
+        assert!(claim_place(&pollers, 1));
         // Refused while taken, without raising the count: a leak here
         // would stop every later poller for good.
-        assert!(!claim(&pollers, 1));
-        assert!(!claim(&pollers, 1));
+        assert!(!claim_place(&pollers, 1));
+        assert!(!claim_place(&pollers, 1));
         assert_eq!(pollers.load(Ordering::SeqCst), 1);
         pollers.fetch_sub(1, Ordering::SeqCst);
-        assert!(claim(&pollers, 1));
+        assert!(claim_place(&pollers, 1));
+    }
+}
+
+#[cfg(all(test, feature = "shuttle"))]
+mod model_check {
+    //! The hand-off of steps to the pool under the model checker: three
+    //! executors hand a step each to a pool capped at two threads whose idle
+    //! workers exit at once, and wait — the scheduler decides when a wait
+    //! times out. In every interleaving each handler runs at most once, a
+    //! step reported never started is never started later, a success is
+    //! reported only for a handler that ran, and nothing deadlocks.
+
+    use shuttle::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::model::StepOutput;
+
+    const EXECUTORS: usize = 3;
+
+    fn scenario() {
+        let options = PoolOptions::default()
+            .with_threads_max(2)
+            .with_idle_keep_alive(Duration::ZERO);
+        let pool = Arc::new(HandlerPool::new(options));
+        let calls: Arc<Vec<AtomicUsize>> =
+            Arc::new((0..EXECUTORS).map(|_| AtomicUsize::new(0)).collect());
+        let executors: Vec<_> = (0..EXECUTORS)
+            .map(|n| {
+                let (pool, calls) = (pool.clone(), calls.clone());
+                thread::spawn(move || {
+                    let handler_calls = calls.clone();
+                    let handler: Arc<dyn StepHandler> =
+                        Arc::new(move |_: &JobStep, _: &ExecutionContext| {
+                            handler_calls[n].fetch_add(1, Ordering::SeqCst);
+                            StepOutput::succeeded(Value::Null)
+                        });
+                    let step = JobStep::new(0, "model", "t");
+                    let mut context = ExecutionContext::new(
+                        uuid::Uuid::nil(),
+                        uuid::Uuid::nil(),
+                        &step,
+                        "model",
+                        chrono::DateTime::default(),
+                    );
+                    context.deadline = Instant::now().checked_add(Duration::from_secs(300));
+                    let (hand_over, dispatch) = pool.prepare(handler, &step, context);
+                    hand_over();
+                    let outcome = pool.wait(dispatch);
+                    let ran = calls[n].load(Ordering::SeqCst);
+                    match &outcome {
+                        Outcome::Succeeded(_) => assert_eq!(ran, 1),
+                        Outcome::Failed { error, .. } if error.contains("never started") => {
+                            assert_eq!(ran, 0)
+                        }
+                        Outcome::Failed { failure, .. } => {
+                            assert_eq!(*failure, FailureKind::Timeout);
+                            assert!(ran <= 1);
+                        }
+                    }
+                    outcome
+                })
+            })
+            .collect();
+        let outcomes: Vec<Outcome> = executors.into_iter().map(|e| e.join().unwrap()).collect();
+        drop(pool);
+        for (n, outcome) in outcomes.iter().enumerate() {
+            let ran = calls[n].load(Ordering::SeqCst);
+            assert!(ran <= 1, "handler {n} ran {ran} times");
+            if let Outcome::Failed { error, .. } = outcome
+                && error.contains("never started")
+            {
+                assert_eq!(ran, 0, "handler {n} started after it was given up");
+            }
+        }
+    }
+
+    #[test]
+    fn handler_hand_off_model_check() {
+        shuttle::check_pct(scenario, 3_000, 3);
     }
 }

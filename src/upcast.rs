@@ -8,13 +8,37 @@
 
 use serde_json::{Map, Value};
 
-use crate::events::{DecodeError, SCHEMA_VERSION};
-
 /// One version step: takes a payload of version `n` and returns version `n + 1`.
 type Upcaster = fn(kind: &str, payload: Map<String, Value>) -> Result<Map<String, Value>, String>;
 
 /// `UPCASTERS[n - 1]` brings version `n` to `n + 1`.
-const UPCASTERS: [Upcaster; SCHEMA_VERSION as usize - 1] = [v1_to_v2];
+const UPCASTERS: &[Upcaster] = &[v1_to_v2];
+
+/// The newest payload version: the one every upcast ends at, and the one
+/// this build writes (`events::LATEST_VERSION`).
+pub const LATEST_VERSION: u32 = UPCASTERS.len() as u32 + 1;
+
+/// Why an old payload cannot be brought to the current shape.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum UpcastError {
+    /// The version is outside 1..=[`LATEST_VERSION`].
+    #[error(
+        "event schema version {found} is not supported (this build reads up to {LATEST_VERSION})"
+    )]
+    UnsupportedVersion {
+        /// The stored version.
+        found: u32,
+    },
+    /// A version step found the payload lacking what it needs.
+    #[error("cannot upcast from schema version {from}: {reason}")]
+    Step {
+        /// The version the failing step starts from.
+        from: u32,
+        /// What is missing or wrong.
+        reason: String,
+    },
+}
 
 /// Version 1 → 2: `StepFailed` carried the failure kind and its message as two
 /// flat fields, `"failure": "<kind>"` and `"error": "<message>"`. Version 2
@@ -33,21 +57,20 @@ pub fn v1_to_v2(kind: &str, mut payload: Map<String, Value>) -> Result<Map<Strin
     Ok(payload)
 }
 
-/// Brings a payload stored at `schema_version` to [`SCHEMA_VERSION`].
+/// Brings a payload stored at `schema_version` to [`LATEST_VERSION`].
 ///
 /// # Errors
-/// [`DecodeError::Upcast`] when the payload is not an object or lacks what
-/// a step needs; [`DecodeError::UnsupportedSchemaVersion`] for a version
-/// outside 1..=[`SCHEMA_VERSION`].
-pub fn to_current(kind: &str, schema_version: u32, payload: Value) -> Result<Value, DecodeError> {
-    if schema_version == 0 || schema_version > SCHEMA_VERSION {
-        return Err(DecodeError::UnsupportedSchemaVersion {
+/// [`UpcastError::Step`] when the payload is not an object or lacks what a
+/// step needs; [`UpcastError::UnsupportedVersion`] for a version outside
+/// 1..=[`LATEST_VERSION`].
+pub fn to_current(kind: &str, schema_version: u32, payload: Value) -> Result<Value, UpcastError> {
+    if schema_version == 0 || schema_version > LATEST_VERSION {
+        return Err(UpcastError::UnsupportedVersion {
             found: schema_version,
         });
     }
     let Value::Object(mut map) = payload else {
-        return Err(DecodeError::Upcast {
-            kind: kind.to_owned(),
+        return Err(UpcastError::Step {
             from: schema_version,
             reason: "payload is not a JSON object".into(),
         });
@@ -57,8 +80,7 @@ pub fn to_current(kind: &str, schema_version: u32, payload: Value) -> Result<Val
         .enumerate()
         .skip(schema_version as usize - 1)
     {
-        map = upcaster(kind, map).map_err(|reason| DecodeError::Upcast {
-            kind: kind.to_owned(),
+        map = upcaster(kind, map).map_err(|reason| UpcastError::Step {
             from: step as u32 + 1,
             reason,
         })?;
@@ -86,7 +108,7 @@ mod tests {
         let v1 = json!({"step_index": 0});
         assert_eq!(to_current("StepStarted", 1, v1.clone()).unwrap(), v1);
         assert_eq!(
-            to_current("StepStarted", SCHEMA_VERSION, v1.clone()).unwrap(),
+            to_current("StepStarted", LATEST_VERSION, v1.clone()).unwrap(),
             v1
         );
     }
@@ -97,6 +119,6 @@ mod tests {
         assert!(err.to_string().contains("missing field `failure`"), "{err}");
         assert!(to_current("StepFailed", 1, json!([1])).is_err());
         assert!(to_current("StepFailed", 0, json!({})).is_err());
-        assert!(to_current("StepFailed", SCHEMA_VERSION + 1, json!({})).is_err());
+        assert!(to_current("StepFailed", LATEST_VERSION + 1, json!({})).is_err());
     }
 }

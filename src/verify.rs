@@ -26,6 +26,7 @@ pub const VIOLATIONS_PER_JOB_MAX: usize = 100;
 
 /// One broken rule in a stored log.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Violation {
     /// The job.
     pub job_id: Uuid,
@@ -52,6 +53,7 @@ impl std::fmt::Display for Violation {
 
 /// The verdict on one job's log.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct JobReport {
     /// The job.
     pub job_id: Uuid,
@@ -80,12 +82,27 @@ impl JobReport {
 
 /// What to check beyond the chain and the invariants.
 #[derive(Clone, Debug, Default)]
+#[non_exhaustive]
 pub struct VerifyOptions {
     /// Check every event's MAC under this key.
     pub key: Option<HeadKey>,
     /// Heads an auditor kept: each job's log must contain its head, which
     /// detects a tail cut off after the head was taken.
     pub expect: HashMap<Uuid, Digest>,
+}
+
+impl VerifyOptions {
+    /// Also checks every event's MAC under `key`.
+    pub fn with_key(mut self, key: Option<HeadKey>) -> Self {
+        self.key = key;
+        self
+    }
+
+    /// Also checks that each job's log contains the head kept for it.
+    pub fn with_expected_heads(mut self, expect: HashMap<Uuid, Digest>) -> Self {
+        self.expect = expect;
+        self
+    }
 }
 
 /// A link that did not hold, waiting for the next event to tell what happened.
@@ -407,6 +424,7 @@ pub fn verify_job(job_id: Uuid, records: &[EventRecord], options: &VerifyOptions
 
 /// Totals of a whole-log verification.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Summary {
     /// Jobs checked.
     pub jobs: u64,

@@ -320,18 +320,13 @@ fn step_output_constructors() {
     assert!(!failed.success);
     assert_eq!(failed.output, json!({}));
     assert_eq!(failed.error.as_deref(), Some("nope"));
-    let ctx = ExecutionContext {
-        job_id: Uuid::nil(),
-        contract_id: Uuid::nil(),
-        step_index: 0,
-        step_type: "x".into(),
-        target: "t".into(),
-        executed_by: "me".into(),
-        started_at: chrono::Utc::now(),
-        deadline: None,
-        cancel: job_executor::CancelSignal::new(),
-    };
     let step = JobStep::new(0, "x", "t");
+    let ctx = ExecutionContext::new(Uuid::nil(), Uuid::nil(), &step, "me", chrono::Utc::now());
+    assert_eq!(
+        (ctx.step_index, ctx.step_type.as_str(), ctx.target.as_str()),
+        (0, "x", "t")
+    );
+    assert!(ctx.deadline.is_none() && !ctx.cancel.is_cancelled());
     assert_eq!(
         FailingHandler::new("custom")
             .execute(&step, &ctx)

@@ -403,10 +403,7 @@ fn expect_detects_a_cut_tail() {
         .into_iter()
         .map(|j| (j, replay(&read_only(&path), j).unwrap().head))
         .collect();
-    let options = VerifyOptions {
-        expect: heads.clone(),
-        ..VerifyOptions::default()
-    };
+    let options = VerifyOptions::default().with_expected_heads(heads.clone());
     assert!(
         reports(&read_only(&path), &options)
             .iter()
@@ -435,10 +432,7 @@ fn expect_detects_a_cut_tail() {
 fn a_log_rechained_without_the_key_fails_keyed_verification() {
     let dir = tempfile::tempdir().unwrap();
     let (path, a, b) = two_jobs(dir.path(), Some(key()));
-    let keyed = VerifyOptions {
-        key: Some(key()),
-        ..VerifyOptions::default()
-    };
+    let keyed = VerifyOptions::default().with_key(Some(key()));
     assert!(
         reports(&read_only(&path), &keyed)
             .iter()
@@ -483,10 +477,9 @@ fn a_log_rechained_without_the_key_fails_keyed_verification() {
         (seq, what.as_str()),
         (1, "MAC: no MAC: the event was not written with the key")
     );
-    let wrong = VerifyOptions {
-        key: Some(HeadKey::new(*b"some other key, also 32 bytes...").unwrap()),
-        ..VerifyOptions::default()
-    };
+    let wrong = VerifyOptions::default().with_key(Some(
+        HeadKey::new(*b"some other key, also 32 bytes...").unwrap(),
+    ));
     assert!(first_violation(&path, a, &wrong).is_some());
 }
 

@@ -136,9 +136,19 @@ proptest! {
 
         // The doomed process: runs jobs until its store dies.
         let doomed = executor(crashing.clone(), &calls);
+        let mut known = Vec::new();
         for (job, kinds) in ids.iter().zip(&jobs) {
             if let Err(e) = doomed.execute_job(*job, Uuid::nil(), &plan(kinds), None, "prop") {
-                let simulated = matches!(&e, ExecutorError::Store { source, .. } if source.to_string().contains(SIMULATED_FAULT));
+                let simulated = match &e {
+                    ExecutorError::Store { source, .. } => source.to_string().contains(SIMULATED_FAULT),
+                    // A step's outcome that could not be appended comes back
+                    // with the error, to be recorded by recovery.
+                    ExecutorError::OutcomeNotRecorded { outcome, source } => {
+                        known.push((**outcome).clone());
+                        source.to_string().contains(SIMULATED_FAULT)
+                    }
+                    _ => false,
+                };
                 prop_assert!(simulated, "unexpected error: {}", e);
                 break;
             }
@@ -148,7 +158,22 @@ proptest! {
 
         // A new process on the same log recovers, then resumes.
         let survivor = executor(inner.clone(), &calls);
-        let recovered = survivor.recover().unwrap();
+        let recovered = survivor.recover_with(&known).unwrap();
+        // A known outcome of a step left in doubt is recorded, never
+        // replaced by `interrupted`.
+        for outcome in &known {
+            let in_doubt = recovered.iter().any(|a| {
+                matches!(a, Recovery::OutcomeRecorded { job_id, step_index }
+                    if *job_id == outcome.job_id && *step_index == outcome.step_index)
+            });
+            let interrupted = recovered.iter().any(|a| {
+                matches!(a, Recovery::Interrupted { job_id, step_index }
+                    if *job_id == outcome.job_id && *step_index == outcome.step_index)
+            });
+            prop_assert!(!interrupted, "{:?} declared interrupted though known", outcome);
+            let stored = events(inner.as_ref(), outcome.job_id);
+            prop_assert!(in_doubt || stored.contains(&outcome.event), "{:?} lost", outcome);
+        }
         for action in &recovered {
             if let Recovery::Resumable { job_id, .. } = action {
                 survivor.resume(*job_id, None, "prop").unwrap();

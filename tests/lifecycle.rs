@@ -424,7 +424,7 @@ fn stopped_after(appends: usize) -> (Arc<dyn EventStore>, Uuid, Arc<AtomicUsize>
     let err = executor
         .execute_job(job, Uuid::nil(), &steps, None, "t")
         .unwrap_err();
-    assert!(matches!(err, ExecutorError::Store { .. }), "{err}");
+    assert!(err.store_error().is_some(), "{err}");
     (inner, job, calls)
 }
 
@@ -559,10 +559,7 @@ fn a_full_database_fails_cleanly_and_recovers() {
         .unwrap()
         .query_row("PRAGMA page_count", [], |r| r.get(0))
         .unwrap();
-    let capped = SqliteOptions {
-        max_pages: Some(pages as u64 + 4),
-        ..SqliteOptions::default()
-    };
+    let capped = SqliteOptions::default().with_max_pages(pages as u64 + 4);
     let store = Arc::new(SqliteStore::open_with(&path, &capped).unwrap());
     let calls = Arc::new(AtomicUsize::new(0));
     let executor = survivor(store, &calls);
@@ -595,13 +592,7 @@ fn a_full_database_fails_cleanly_and_recovers() {
         .execute_job(job, Uuid::nil(), &small, None, "t")
         .unwrap_err();
     assert!(
-        matches!(
-            &err,
-            ExecutorError::Store {
-                source: StoreError::Full { .. },
-                ..
-            }
-        ),
+        matches!(err.store_error(), Some(StoreError::Full { .. })),
         "{err}"
     );
     drop(executor);
@@ -621,10 +612,7 @@ fn a_full_database_fails_cleanly_and_recovers() {
 fn a_database_locked_past_the_busy_timeout_fails_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("log.db");
-    let options = SqliteOptions {
-        busy_timeout: Duration::from_millis(200),
-        ..SqliteOptions::default()
-    };
+    let options = SqliteOptions::default().with_busy_timeout(Duration::from_millis(200));
     let store = Arc::new(SqliteStore::open_with(&path, &options).unwrap());
     let calls = Arc::new(AtomicUsize::new(0));
     let executor = survivor(store.clone(), &calls);

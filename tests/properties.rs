@@ -372,10 +372,7 @@ fn step_index_mut(event: &mut Event) -> Option<&mut u32> {
         Event::StepFailed(e) => Some(&mut e.step_index),
         Event::JobHalted(e) => Some(&mut e.step_index),
         Event::JobStarted(e) => e.plan.first_mut().map(|s| &mut s.step_index),
-        Event::JobCompleted(_)
-        | Event::JobCancelRequested(_)
-        | Event::JobCancelled(_)
-        | Event::JobResumed(_) => None,
+        _ => None,
     }
 }
 

@@ -235,10 +235,7 @@ fn synchronous_is_full_by_default_and_normal_on_request() {
         SqliteStore::open(&path).unwrap().synchronous().unwrap(),
         Synchronous::Full
     );
-    let options = SqliteOptions {
-        synchronous: Synchronous::Normal,
-        ..SqliteOptions::default()
-    };
+    let options = SqliteOptions::default().with_synchronous(Synchronous::Normal);
     let store = SqliteStore::open_with(&path, &options).unwrap();
     assert_eq!(store.synchronous().unwrap(), Synchronous::Normal);
 }
@@ -349,11 +346,7 @@ fn a_newer_schema_is_refused() {
 #[test]
 fn read_only_open_never_creates() {
     let (_dir, path) = fresh();
-    let options = SqliteOptions {
-        read_only: true,
-        create: false,
-        ..SqliteOptions::default()
-    };
+    let options = SqliteOptions::reader();
     let err = SqliteStore::open_with(&path, &options).unwrap_err();
     assert!(matches!(err, StoreError::NotFound { .. }), "{err}");
     assert!(!path.exists());
@@ -405,10 +398,7 @@ fn threads_running_jobs_on_one_sqlite_file_lose_nothing() {
     let store = Arc::new(
         SqliteStore::open_with(
             &path,
-            &SqliteOptions {
-                synchronous: Synchronous::Normal,
-                ..SqliteOptions::default()
-            },
+            &SqliteOptions::default().with_synchronous(Synchronous::Normal),
         )
         .unwrap(),
     );

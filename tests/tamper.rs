@@ -92,10 +92,7 @@ fn jobs() -> impl Strategy<Value = Vec<Vec<bool>>> {
 }
 
 fn write_log(path: &Path, jobs: &[Vec<bool>], keyed: bool) -> Vec<Uuid> {
-    let options = SqliteOptions {
-        synchronous: Synchronous::Normal,
-        ..SqliteOptions::default()
-    };
+    let options = SqliteOptions::default().with_synchronous(Synchronous::Normal);
     let store = Arc::new(SqliteStore::open_with(path, &options).unwrap());
     let mut builder = JobExecutor::builder()
         .store(store)
@@ -309,8 +306,8 @@ proptest! {
             .iter()
             .map(|&j| (j, replay(&reopen(&path), j).unwrap().head))
             .collect();
-        let plain = VerifyOptions { key: keyed.then(key), ..VerifyOptions::default() };
-        let with_heads = VerifyOptions { expect: heads, ..plain.clone() };
+        let plain = VerifyOptions::default().with_key(keyed.then(key));
+        let with_heads = plain.clone().with_expected_heads(heads);
 
         // Untouched: everything passes, with or without the kept heads.
         prop_assert!(verify(&path, &plain).iter().all(JobReport::is_ok));

@@ -60,14 +60,24 @@ pub const INDEX_FILE: &str = "index.html";
 
 /// What a report is made with, besides the events.
 #[derive(Clone, Debug, Default)]
+#[non_exhaustive]
 pub struct ReportOptions {
     /// Check every event's MAC under this key; without it, the banner says
     /// MACs were not checked.
     pub key: Option<HeadKey>,
 }
 
+impl ReportOptions {
+    /// Also checks every event's MAC under `key`.
+    pub fn with_key(mut self, key: Option<HeadKey>) -> Self {
+        self.key = key;
+        self
+    }
+}
+
 /// Why a report cannot be made.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ReportError {
     /// The log has no events for the job.
     #[error("unknown job {job_id}: the log has no events for it")]
@@ -171,6 +181,7 @@ pub fn page_file_name(job_id: Uuid) -> String {
 
 /// What [`write_site`] wrote.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SiteSummary {
     /// Job pages written (besides the index).
     pub jobs: usize,

@@ -10,8 +10,9 @@ use super::health::HealthView;
 use super::text::{Cell, duration, ellipsis};
 use super::timeline::{self, Moment, MomentKind, Outcome, StepSpan, Timeline};
 use crate::events::{Event, EventRecord, FailureKind, format_timestamp};
-use crate::model::{ExecutionResult, JobStatus, JobStep, StepResult, StepStatus};
+use crate::model::{JobStatus, JobStep, StepStatus};
 use crate::projection::{Projector, ReplayError};
+use crate::result::{ExecutionResult, StepResult};
 use crate::verify::{JobReport, VerifyOptions, verify_job};
 
 /// Steps shown in one table; a longer plan is split into sections of this
@@ -192,10 +193,7 @@ impl JobPage {
         let report = verify_job(
             job_id,
             records,
-            &VerifyOptions {
-                key: options.key.clone(),
-                ..VerifyOptions::default()
-            },
+            &VerifyOptions::default().with_key(options.key.clone()),
         );
         let verification = verification(&report, records, options, source);
         let (result, fold_stopped) = fold(job_id, records);
@@ -648,6 +646,7 @@ fn verification(
 /// A job's line in the index: small, so that an index of many jobs is
 /// written while only one job's events are in memory at a time.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct IndexRow {
     /// The job.
     pub job_id: Uuid,

@@ -11,13 +11,14 @@ mod memory;
 mod sqlite;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use uuid::Uuid;
 
 pub use memory::MemoryStore;
 pub use sqlite::{APPLICATION_ID, DB_SCHEMA_VERSION, SqliteOptions, SqliteStore, Synchronous};
 
-use crate::events::EventRecord;
+use crate::events::{EventRecord, TERMINAL_KINDS};
 
 /// An append-only log of events, shared by every thread of an executor.
 pub trait EventStore: Send + Sync {
@@ -129,11 +130,12 @@ pub trait EventStore: Send + Sync {
     fn job_ids(&self) -> Result<Vec<Uuid>, StoreError>;
 }
 
-/// The kinds that end a job.
-pub const TERMINAL_KINDS: [&str; 3] = ["JobCompleted", "JobHalted", "JobCancelled"];
-
 /// A failure of the event log itself.
-#[derive(Debug, thiserror::Error)]
+///
+/// Errors are plain data (`Clone`): a group commit hands the same failure to
+/// every append it served, and no database driver's type leaks through.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     /// Another writer appended to the job first (optimistic concurrency).
     #[error(
@@ -150,6 +152,24 @@ pub enum StoreError {
     /// The records passed to `append` are not one job's consecutive events.
     #[error("invalid append: {0}")]
     InvalidAppend(String),
+    /// Whether the append was committed cannot be known: the commit was
+    /// interrupted (a panic inside it, or the connection was lost during
+    /// COMMIT). Read the job's log to learn what it holds; a step whose
+    /// `StepStarted` may or may not be stored is never started.
+    #[error(
+        "outcome unknown: {detail}; read the job's log to learn whether the append was committed"
+    )]
+    OutcomeUnknown {
+        /// What interrupted the commit.
+        detail: String,
+    },
+    /// The append was not committed because the commit was abandoned (a
+    /// panic inside it); nothing of it is in the log.
+    #[error("not committed: {detail}")]
+    NotCommitted {
+        /// Why.
+        detail: String,
+    },
     /// The database file does not exist and the store was asked not to create it.
     #[error("{}: no such database", path.display())]
     NotFound {
@@ -179,7 +199,7 @@ pub enum StoreError {
     ReadOnly {
         /// The path given.
         path: PathBuf,
-        /// What SQLite reported.
+        /// What the database reported.
         detail: String,
     },
     /// The disk (or the database's page limit) is full.
@@ -187,15 +207,16 @@ pub enum StoreError {
     Full {
         /// The path given.
         path: PathBuf,
-        /// What SQLite reported.
+        /// What the database reported.
         detail: String,
     },
     /// Another connection held the database lock past the busy timeout.
+    /// Nothing was written; the append may be tried again.
     #[error("{}: the database stayed locked by another process past the busy timeout: {detail}", path.display())]
     Busy {
         /// The path given.
         path: PathBuf,
-        /// What SQLite reported.
+        /// What the database reported.
         detail: String,
     },
     /// The database is damaged.
@@ -203,15 +224,15 @@ pub enum StoreError {
     Corrupt {
         /// The path given.
         path: PathBuf,
-        /// What SQLite reported.
+        /// What the database reported.
         detail: String,
     },
     /// A stored row cannot be read as an event record.
     #[error("job {job_id} seq {seq}: unreadable row: {detail}")]
     BadRow {
-        /// The job.
+        /// The job (as stored, which may not be a UUID).
         job_id: String,
-        /// The seq.
+        /// The seq (as stored).
         seq: i64,
         /// What is wrong.
         detail: String,
@@ -223,94 +244,41 @@ pub enum StoreError {
         path: PathBuf,
         /// The I/O error.
         #[source]
-        source: std::io::Error,
+        source: Arc<std::io::Error>,
     },
-    /// SQLite refused or failed an operation.
+    /// The database refused or failed an operation.
     #[error("{context}: {source}")]
-    Sqlite {
+    Database {
         /// What the store was doing.
         context: &'static str,
-        /// SQLite's error.
+        /// The database's error.
         #[source]
-        source: rusqlite::Error,
+        source: DatabaseError,
     },
 }
 
-impl StoreError {
-    /// An equal error, for each append of a group commit that failed as one.
-    pub(crate) fn duplicate(&self) -> StoreError {
-        match self {
-            StoreError::Sqlite { context, source } => StoreError::Sqlite {
-                context,
-                source: match source {
-                    rusqlite::Error::SqliteFailure(code, message) => {
-                        rusqlite::Error::SqliteFailure(*code, message.clone())
-                    }
-                    other => rusqlite::Error::SqliteFailure(
-                        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
-                        Some(other.to_string()),
-                    ),
-                },
-            },
-            StoreError::Io { path, source } => StoreError::Io {
-                path: path.clone(),
-                source: std::io::Error::new(source.kind(), source.to_string()),
-            },
-            StoreError::Conflict {
-                job_id,
-                expected,
-                found,
-            } => StoreError::Conflict {
-                job_id: *job_id,
-                expected: *expected,
-                found: *found,
-            },
-            StoreError::InvalidAppend(m) => StoreError::InvalidAppend(m.clone()),
-            StoreError::NotFound { path } => StoreError::NotFound { path: path.clone() },
-            StoreError::NotOurs { path, reason } => StoreError::NotOurs {
-                path: path.clone(),
-                reason: reason.clone(),
-            },
-            StoreError::SchemaTooNew {
-                path,
-                found,
-                supported,
-            } => StoreError::SchemaTooNew {
-                path: path.clone(),
-                found: *found,
-                supported: *supported,
-            },
-            StoreError::ReadOnly { path, detail } => StoreError::ReadOnly {
-                path: path.clone(),
-                detail: detail.clone(),
-            },
-            StoreError::Full { path, detail } => StoreError::Full {
-                path: path.clone(),
-                detail: detail.clone(),
-            },
-            StoreError::Busy { path, detail } => StoreError::Busy {
-                path: path.clone(),
-                detail: detail.clone(),
-            },
-            StoreError::Corrupt { path, detail } => StoreError::Corrupt {
-                path: path.clone(),
-                detail: detail.clone(),
-            },
-            StoreError::BadRow {
-                job_id,
-                seq,
-                detail,
-            } => StoreError::BadRow {
-                job_id: job_id.clone(),
-                seq: *seq,
-                detail: detail.clone(),
-            },
-        }
-    }
+/// An error the database engine reported, as text: the store's errors carry
+/// no driver's type.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct DatabaseError {
+    /// The engine's code for it (SQLite's result code name, PostgreSQL's
+    /// SQLSTATE), when it gave one.
+    pub code: Option<String>,
+    /// The engine's message.
+    pub message: String,
+}
 
+impl StoreError {
     /// Whether this is an optimistic-concurrency conflict.
     pub fn is_conflict(&self) -> bool {
         matches!(self, StoreError::Conflict { .. })
+    }
+
+    /// Whether the failure is passing: nothing was written, and the same
+    /// append may succeed if tried again (the database was busy or locked).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Busy { .. })
     }
 }
 

@@ -9,14 +9,14 @@
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior, params};
 use uuid::Uuid;
 
 use super::group::{GroupCommit, Hook};
-use super::{EventStore, StoreError, check_batch};
+use super::{DatabaseError, EventStore, StoreError, check_batch};
 use crate::chain::{self, Digest};
 use crate::events::EventRecord;
 
@@ -144,6 +144,7 @@ pub enum Synchronous {
 
 /// How to open a SQLite event log.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct SqliteOptions {
     /// Durability of each commit.
     pub synchronous: Synchronous,
@@ -171,7 +172,55 @@ impl Default for SqliteOptions {
     }
 }
 
+impl SqliteOptions {
+    /// Options for reading an existing log: nothing is ever written, and a
+    /// missing file is [`StoreError::NotFound`].
+    pub fn reader() -> Self {
+        SqliteOptions {
+            create: false,
+            read_only: true,
+            ..SqliteOptions::default()
+        }
+    }
+
+    /// Options for appending to an existing log, never creating one.
+    pub fn existing() -> Self {
+        SqliteOptions {
+            create: false,
+            ..SqliteOptions::default()
+        }
+    }
+
+    /// With this durability.
+    pub fn with_synchronous(mut self, synchronous: Synchronous) -> Self {
+        self.synchronous = synchronous;
+        self
+    }
+
+    /// With this busy timeout.
+    pub fn with_busy_timeout(mut self, busy_timeout: Duration) -> Self {
+        self.busy_timeout = busy_timeout;
+        self
+    }
+
+    /// With the database capped at `pages` pages.
+    pub fn with_max_pages(mut self, pages: u64) -> Self {
+        self.max_pages = Some(pages);
+        self
+    }
+}
+
 /// An event log in a SQLite database.
+///
+/// Appends go through one writing connection (many threads' appends share
+/// its commits); reads use connections of their own, so a long scan in one
+/// thread never holds up appends in another, and code handed rows by a scan
+/// or a visit runs under no lock of the store's (it may call the store).
+///
+/// Any number of processes and threads may open, create and migrate the
+/// same file at once: each schema step is applied inside a `BEGIN IMMEDIATE`
+/// transaction that first re-reads the schema version, so a step a peer
+/// already applied is skipped.
 ///
 /// ```
 /// use job_executor::store::{SqliteStore, EventStore};
@@ -183,9 +232,17 @@ impl Default for SqliteOptions {
 pub struct SqliteStore {
     path: PathBuf,
     conn: Mutex<Connection>,
+    /// Idle reading connections, reused; `None` for an in-memory database,
+    /// which only its own connection can see.
+    readers: Option<Mutex<Vec<Connection>>>,
+    busy_timeout: Duration,
     layout: Layout,
     group: GroupCommit,
 }
+
+/// Reading connections kept open for reuse; more are opened when needed and
+/// closed when given back past this.
+const IDLE_READERS_MAX: usize = 4;
 
 impl SqliteStore {
     /// Opens (creating when absent) the log at `path` with default options:
@@ -203,36 +260,29 @@ impl SqliteStore {
     ///
     /// # Errors
     /// As [`SqliteStore::open`], plus [`StoreError::NotFound`] when the file is
-    /// absent and `options.create` is false or `options.read_only` is true.
+    /// absent (or removed while being opened) and `options.create` is false
+    /// or `options.read_only` is true.
     pub fn open_with(path: impl AsRef<Path>, options: &SqliteOptions) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
-        let exists = check_header(&path)?;
-        if !exists && (options.read_only || !options.create) {
+        let create = options.create && !options.read_only;
+        if !check_header(&path)? && !create {
             return Err(StoreError::NotFound { path });
         }
-        // Readers open read-write too (SQLite falls back to read-only for a
-        // write-protected file) but with `query_only`: a read-only connection
-        // to a WAL database would leave its -wal and -shm files behind.
-        let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        if !options.read_only {
-            flags |= OpenFlags::SQLITE_OPEN_CREATE;
-        }
-        let conn = Connection::open_with_flags(&path, flags)
-            .map_err(|e| classify(&path, "opening the database", e))?;
-        if options.read_only {
-            conn.pragma_update(None, "query_only", true)
-                .map_err(|e| classify(&path, "opening the database for reading", e))?;
-        }
-        conn.busy_timeout(options.busy_timeout)
-            .map_err(|e| classify(&path, "setting the busy timeout", e))?;
-        let version = check_ours(&path, &conn)?;
-        if version == 0 && options.read_only {
-            // An empty file: there is no log to read yet.
-            return Err(StoreError::NotFound { path });
-        }
-        if !options.read_only {
-            configure(&path, &conn, options.synchronous)?;
-        }
+        let conn = open_connection(&path, create, options.read_only, options.busy_timeout)?;
+        // A file of another program is refused before anything is written to
+        // it (even the journal mode); a peer creating the file reads as empty.
+        let version = read_header(&path, &conn)?;
+        let layout = if options.read_only {
+            if version == 0 {
+                // An empty file: there is no log to read yet.
+                return Err(StoreError::NotFound { path });
+            }
+            // Readers read what is there, whatever its schema.
+            Layout::for_version(version)
+        } else {
+            configure(&path, &conn, options.synchronous, options.busy_timeout)?;
+            Layout::clustered()
+        };
         if let Some(pages) = options.max_pages {
             conn.pragma_update(None, "max_page_count", pages.min(i64::MAX as u64) as i64)
                 .map_err(|e| classify(&path, "setting the page limit", e))?;
@@ -240,22 +290,21 @@ impl SqliteStore {
         let mut store = SqliteStore {
             path,
             conn: Mutex::new(conn),
-            // Writers migrate to the current schema; readers read what is there.
-            layout: if options.read_only {
-                Layout::for_version(version)
-            } else {
-                Layout::clustered()
-            },
+            readers: Some(Mutex::new(Vec::new())),
+            busy_timeout: options.busy_timeout,
+            layout,
             group: GroupCommit::default(),
         };
         if !options.read_only {
-            store.migrate(version)?;
+            store.migrate()?;
         }
         Ok(store)
     }
 
     /// A log in a private in-memory SQLite database, with the full schema.
-    /// For tests and short-lived embeddings.
+    /// For tests and short-lived embeddings. Its reads share the one
+    /// connection an in-memory database has (a scan reads its rows before it
+    /// hands them over, so that no lock is held meanwhile).
     ///
     /// # Errors
     /// The SQLite failure, if the schema cannot be applied.
@@ -266,10 +315,12 @@ impl SqliteStore {
         let mut store = SqliteStore {
             path,
             conn: Mutex::new(conn),
+            readers: None,
+            busy_timeout: SqliteOptions::default().busy_timeout,
             layout: Layout::clustered(),
             group: GroupCommit::default(),
         };
-        store.migrate(0)?;
+        store.migrate()?;
         Ok(store)
     }
 
@@ -313,6 +364,12 @@ impl SqliteStore {
         };
         let mut results: Vec<Option<Result<Vec<u64>, StoreError>>> =
             batch.iter().map(|_| None).collect();
+        // A commit that panicked mid-way left its transaction open (and the
+        // lock poisoned): nothing of it was committed, and it must not
+        // block every commit after it.
+        if !conn.is_autocommit() {
+            let _ = run(&conn, "ROLLBACK");
+        }
         'attempt: loop {
             // IMMEDIATE takes the write lock up front: no other process can
             // slip an event in between.
@@ -389,17 +446,28 @@ impl SqliteStore {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn migrate(&mut self, from_version: u32) -> Result<(), StoreError> {
+    /// Brings the schema to [`DB_SCHEMA_VERSION`], one step per
+    /// transaction. Each step takes the write lock (`BEGIN IMMEDIATE`) and
+    /// only then reads the version and checks the file is ours, so peers
+    /// migrating the same file at the same moment never apply a step twice
+    /// and never see one half-applied.
+    fn migrate(&mut self) -> Result<(), StoreError> {
         let path = self.path.clone();
         let conn = self
             .conn
             .get_mut()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        for (index, migration) in MIGRATIONS.iter().enumerate().skip(from_version as usize) {
-            let version = index as u32 + 1;
+        loop {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(|e| classify(&path, "starting a schema migration", e))?;
+            let version = check_ours(&path, &tx)?;
+            let Some(migration) = MIGRATIONS.get(version as usize) else {
+                // Up to date (a peer may have done the work): nothing written.
+                return tx
+                    .commit()
+                    .map_err(|e| classify(&path, "reading the schema version", e));
+            };
             tx.execute_batch(migration.sql)
                 .map_err(|e| classify(&path, "applying a schema migration", e))?;
             if let Some(then) = migration.then {
@@ -407,13 +475,93 @@ impl SqliteStore {
             }
             tx.pragma_update(None, "application_id", APPLICATION_ID)
                 .map_err(|e| classify(&path, "recording the application id", e))?;
-            tx.pragma_update(None, "user_version", version)
+            tx.pragma_update(None, "user_version", version + 1)
                 .map_err(|e| classify(&path, "recording the schema version", e))?;
             tx.commit()
                 .map_err(|e| classify(&path, "committing a schema migration", e))?;
         }
-        Ok(())
     }
+
+    /// Runs `read` on a reading connection of its own — taken from the idle
+    /// ones or newly opened, given back after — so that it holds no lock
+    /// of the store's while it runs.
+    fn with_reader<T>(
+        &self,
+        context: &'static str,
+        read: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let Some(readers) = &self.readers else {
+            return read(&self.lock());
+        };
+        let idle = lock_readers(readers).pop();
+        let conn = match idle {
+            Some(conn) => conn,
+            None => open_connection(&self.path, false, true, self.busy_timeout)
+                .map_err(|e| reopen_error(e, context))?,
+        };
+        let result = read(&conn);
+        let mut idle = lock_readers(readers);
+        if idle.len() < IDLE_READERS_MAX {
+            idle.push(conn);
+        }
+        result
+    }
+}
+
+fn lock_readers(readers: &Mutex<Vec<Connection>>) -> MutexGuard<'_, Vec<Connection>> {
+    // Connections are pushed and popped whole: a poisoned list is consistent.
+    readers
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A failure to open a reading connection to a store already open: the
+/// file was removed or replaced meanwhile.
+fn reopen_error(error: StoreError, context: &'static str) -> StoreError {
+    match error {
+        StoreError::NotFound { path } => StoreError::Io {
+            path,
+            source: Arc::new(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("the database file was removed while {context}"),
+            )),
+        },
+        other => other,
+    }
+}
+
+/// Opens one connection. Without `create`, a missing file is
+/// [`StoreError::NotFound`], even one removed since it was looked at: it is
+/// never silently created again. Readers open read-write too (SQLite falls
+/// back to read-only for a write-protected file) but with `query_only`: a
+/// read-only connection to a WAL database would leave its -wal and -shm
+/// files behind.
+fn open_connection(
+    path: &Path,
+    create: bool,
+    query_only: bool,
+    busy_timeout: Duration,
+) -> Result<Connection, StoreError> {
+    let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    if create {
+        flags |= OpenFlags::SQLITE_OPEN_CREATE;
+    }
+    let conn = Connection::open_with_flags(path, flags).map_err(|e| {
+        if !create && e.sqlite_error_code() == Some(ErrorCode::CannotOpen) && !path.exists() {
+            StoreError::NotFound {
+                path: path.to_path_buf(),
+            }
+        } else {
+            classify(path, "opening the database", e)
+        }
+    })?;
+    if query_only {
+        conn.pragma_update(None, "query_only", true)
+            .map_err(|e| classify(path, "opening the database for reading", e))?;
+    }
+    conn.busy_timeout(busy_timeout)
+        .map_err(|e| classify(path, "setting the busy timeout", e))?;
+    Ok(conn)
 }
 
 /// Seals events written before the hash chain existed: computes each job's
@@ -459,7 +607,7 @@ fn check_header(path: &Path) -> Result<bool, StoreError> {
         Err(source) => {
             return Err(StoreError::Io {
                 path: path.to_path_buf(),
-                source,
+                source: Arc::new(source),
             });
         }
     };
@@ -469,10 +617,11 @@ fn check_header(path: &Path) -> Result<bool, StoreError> {
         .read_to_end(&mut header)
         .map_err(|source| StoreError::Io {
             path: path.to_path_buf(),
-            source,
+            source: Arc::new(source),
         })?;
-    // An empty file is an empty database, as SQLite itself treats it.
-    if !header.is_empty() && header.as_slice() != SQLITE_HEADER {
+    // An empty file is an empty database, as SQLite itself treats it; a
+    // short prefix of the header is a database a peer is creating now.
+    if !SQLITE_HEADER.starts_with(&header) {
         return Err(StoreError::NotOurs {
             path: path.to_path_buf(),
             reason: "not a SQLite database".into(),
@@ -481,7 +630,20 @@ fn check_header(path: &Path) -> Result<bool, StoreError> {
     Ok(true)
 }
 
-/// Checks that an opened database is ours (or empty) and returns its schema version.
+/// Checks, in one read transaction (a consistent snapshot, even while a
+/// peer creates or migrates the file), that an opened database is ours (or
+/// empty) and returns its schema version.
+fn read_header(path: &Path, conn: &Connection) -> Result<u32, StoreError> {
+    let read = |e| classify(path, "reading the database header", e);
+    conn.execute_batch("BEGIN DEFERRED").map_err(read)?;
+    let version = check_ours(path, conn);
+    conn.execute_batch("COMMIT").map_err(read)?;
+    version
+}
+
+/// Checks that an opened database is ours (or empty) and returns its schema
+/// version. Callers run it inside a transaction: its reads must see one
+/// state of the file.
 fn check_ours(path: &Path, conn: &Connection) -> Result<u32, StoreError> {
     let read = |e| classify(path, "reading the database header", e);
     let application_id: i32 = conn
@@ -518,10 +680,29 @@ fn check_ours(path: &Path, conn: &Connection) -> Result<u32, StoreError> {
     Ok(version)
 }
 
-fn configure(path: &Path, conn: &Connection, synchronous: Synchronous) -> Result<(), StoreError> {
-    let mode: String = conn
-        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
-        .map_err(|e| classify(path, "enabling WAL", e))?;
+fn configure(
+    path: &Path,
+    conn: &Connection,
+    synchronous: Synchronous,
+    busy_timeout: Duration,
+) -> Result<(), StoreError> {
+    // Switching a new file to WAL takes an exclusive lock, and SQLite
+    // reports a peer doing the same as busy without waiting: wait here, up to
+    // the busy timeout, as for any other lock.
+    let give_up = std::time::Instant::now() + busy_timeout;
+    let mode: String = loop {
+        match conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0)) {
+            Err(e)
+                if matches!(
+                    e.sqlite_error_code(),
+                    Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+                ) && std::time::Instant::now() < give_up =>
+            {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            other => break other.map_err(|e| classify(path, "enabling WAL", e))?,
+        }
+    };
     // In-memory and some special files cannot use WAL; a file that can must.
     if !mode.eq_ignore_ascii_case("wal") && !mode.eq_ignore_ascii_case("memory") {
         return Err(StoreError::Corrupt {
@@ -560,9 +741,12 @@ fn classify(path: &Path, context: &'static str, error: rusqlite::Error) -> Store
             path: path.to_path_buf(),
             detail: error.to_string(),
         },
-        _ => StoreError::Sqlite {
+        _ => StoreError::Database {
             context,
-            source: error,
+            source: DatabaseError {
+                code: error.sqlite_error_code().map(|code| format!("{code:?}")),
+                message: error.to_string(),
+            },
         },
     }
 }
@@ -594,7 +778,7 @@ fn fill(
 ) -> Vec<Result<Vec<u64>, StoreError>> {
     results
         .into_iter()
-        .map(|r| r.unwrap_or_else(|| Err(error.duplicate())))
+        .map(|r| r.unwrap_or_else(|| Err(error.clone())))
         .collect()
 }
 
@@ -707,12 +891,13 @@ impl EventStore for SqliteStore {
     }
 
     fn last_seq(&self, job_id: Uuid) -> Result<u64, StoreError> {
-        let conn = self.lock();
-        let last: i64 = conn
-            .prepare_cached(self.layout.last_seq)
-            .and_then(|mut stmt| stmt.query_row([job_id.to_string()], |row| row.get(0)))
-            .map_err(|e| classify(&self.path, "reading a job's last seq", e))?;
-        Ok(last.max(0) as u64)
+        self.with_reader("reading a job's last seq", |conn| {
+            let last: i64 = conn
+                .prepare_cached(self.layout.last_seq)
+                .and_then(|mut stmt| stmt.query_row([job_id.to_string()], |row| row.get(0)))
+                .map_err(|e| classify(&self.path, "reading a job's last seq", e))?;
+            Ok(last.max(0) as u64)
+        })
     }
 
     fn visit_job(
@@ -720,15 +905,19 @@ impl EventStore for SqliteStore {
         job_id: Uuid,
         visit: &mut dyn FnMut(&EventRecord) -> bool,
     ) -> Result<(), StoreError> {
-        let conn = self.lock();
-        let read = |e| classify(&self.path, "reading a job's events", e);
-        let mut stmt = conn.prepare_cached(&self.layout.job_events).map_err(read)?;
-        let mut rows = stmt.query([job_id.to_string()]).map_err(read)?;
-        // One record, refilled row after row: no allocation per event.
-        let mut record = EventRecord::default();
-        while let Some(row) = rows.next().map_err(read)? {
-            read_row_into(row, &mut record).map_err(read)??;
-            if !visit(&record) {
+        const CONTEXT: &str = "reading a job's events";
+        if self.readers.is_some() {
+            return self.with_reader(CONTEXT, |conn| self.read_job(conn, job_id, visit));
+        }
+        // In memory, the only connection is the writer's: read first, then
+        // hand the rows over with its lock released.
+        let mut held = Vec::new();
+        self.read_job(&self.lock(), job_id, &mut |record| {
+            held.push(record.clone());
+            true
+        })?;
+        for record in &held {
+            if !visit(record) {
                 break;
             }
         }
@@ -745,19 +934,81 @@ impl EventStore for SqliteStore {
     }
 
     fn job_ids(&self) -> Result<Vec<Uuid>, StoreError> {
-        let conn = self.lock();
-        let read = |e| classify(&self.path, "listing jobs", e);
-        let mut stmt = conn.prepare_cached(self.layout.job_ids).map_err(read)?;
-        job_id_column(&mut stmt, read)
+        self.with_reader("listing jobs", |conn| {
+            let read = |e| classify(&self.path, "listing jobs", e);
+            let mut stmt = conn.prepare_cached(self.layout.job_ids).map_err(read)?;
+            job_id_column(&mut stmt, read)
+        })
     }
 
     fn scan(
         &self,
         visit: &mut dyn FnMut(u64, Result<&EventRecord, StoreError>),
     ) -> Result<(), StoreError> {
-        let conn = self.lock();
+        if self.readers.is_some() {
+            return self.with_reader("scanning the log", |conn| self.read_all(conn, visit));
+        }
+        // In memory: as in `visit_job`, no lock is held while `visit` runs.
+        let mut held: Vec<(u64, Result<EventRecord, StoreError>)> = Vec::new();
+        self.read_all(&self.lock(), &mut |group, row| {
+            held.push((group, row.cloned()));
+        })?;
+        for (group, row) in &held {
+            visit(*group, row.as_ref().map_err(Clone::clone));
+        }
+        Ok(())
+    }
+
+    fn unfinished_jobs(&self) -> Result<Vec<Uuid>, StoreError> {
+        self.with_reader("listing unfinished jobs", |conn| {
+            let read = |e| classify(&self.path, "listing unfinished jobs", e);
+            let mut stmt = conn.prepare_cached(self.layout.unfinished).map_err(read)?;
+            job_id_column(&mut stmt, read)
+        })
+    }
+
+    fn last_position(&self) -> Result<u64, StoreError> {
+        self.with_reader("reading the log's length", |conn| {
+            let last: i64 = conn
+                .query_row("SELECT coalesce(max(position), 0) FROM events", [], |row| {
+                    row.get(0)
+                })
+                .map_err(|e| classify(&self.path, "reading the log's length", e))?;
+            Ok(last.max(0) as u64)
+        })
+    }
+}
+
+impl SqliteStore {
+    /// Hands one job's rows, read on `conn`, to `visit` in seq order.
+    fn read_job(
+        &self,
+        conn: &Connection,
+        job_id: Uuid,
+        visit: &mut dyn FnMut(&EventRecord) -> bool,
+    ) -> Result<(), StoreError> {
+        let read = |e| classify(&self.path, "reading a job's events", e);
+        let mut stmt = conn.prepare_cached(&self.layout.job_events).map_err(read)?;
+        let mut rows = stmt.query([job_id.to_string()]).map_err(read)?;
+        // One record, refilled row after row: no allocation per event.
+        let mut record = EventRecord::default();
+        while let Some(row) = rows.next().map_err(read)? {
+            read_row_into(row, &mut record).map_err(read)??;
+            if !visit(&record) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands every row, read on `conn`, to `visit` with its job's group.
+    fn read_all(
+        &self,
+        conn: &Connection,
+        visit: &mut dyn FnMut(u64, Result<&EventRecord, StoreError>),
+    ) -> Result<(), StoreError> {
         let read = |e| classify(&self.path, "scanning the log", e);
-        let mut stmt = conn.prepare(&self.layout.scan).map_err(read)?;
+        let mut stmt = conn.prepare_cached(&self.layout.scan).map_err(read)?;
         let mut rows = stmt.query([]).map_err(read)?;
         // One record, refilled row after row: memory stays flat.
         let mut record = EventRecord::default();
@@ -768,33 +1019,16 @@ impl EventStore for SqliteStore {
             match read_row_into(row, &mut record).map_err(read)? {
                 Ok(()) => {
                     group = match job_no {
-                        Some(job_no) => job_no as u64,
+                        Some(job_no) => job_no.cast_unsigned(),
                         None if last_job == Some(record.job_id) => group,
-                        None => group + 1,
+                        None => group.saturating_add(1),
                     };
                     last_job = Some(record.job_id);
                     visit(group, Ok(&record));
                 }
-                Err(e) => visit(job_no.map_or(u64::MAX, |n| n as u64), Err(e)),
+                Err(e) => visit(job_no.map_or(u64::MAX, i64::cast_unsigned), Err(e)),
             }
         }
         Ok(())
-    }
-
-    fn unfinished_jobs(&self) -> Result<Vec<Uuid>, StoreError> {
-        let conn = self.lock();
-        let read = |e| classify(&self.path, "listing unfinished jobs", e);
-        let mut stmt = conn.prepare_cached(self.layout.unfinished).map_err(read)?;
-        job_id_column(&mut stmt, read)
-    }
-
-    fn last_position(&self) -> Result<u64, StoreError> {
-        let conn = self.lock();
-        let last: i64 = conn
-            .query_row("SELECT coalesce(max(position), 0) FROM events", [], |row| {
-                row.get(0)
-            })
-            .map_err(|e| classify(&self.path, "reading the log's length", e))?;
-        Ok(last.max(0) as u64)
     }
 }

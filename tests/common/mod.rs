@@ -237,10 +237,6 @@ pub fn cli(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
 
 /// The log at `path`, opened for reading only, as the read commands open it.
 pub fn reader(path: &std::path::Path) -> job_executor::store::SqliteStore {
-    let options = job_executor::store::SqliteOptions {
-        read_only: true,
-        create: false,
-        ..job_executor::store::SqliteOptions::default()
-    };
-    job_executor::store::SqliteStore::open_with(path, &options).unwrap()
+    job_executor::store::SqliteStore::open_with(path, &job_executor::store::SqliteOptions::reader())
+        .unwrap()
 }

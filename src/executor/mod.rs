@@ -11,38 +11,43 @@
 //! in and honoured before the next step; anything else means another
 //! executor is running the job, and this one stops.
 
+mod run;
+
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-use serde_json::Value;
 use uuid::Uuid;
 
 use crate::chain::HeadKey;
 use crate::clock::{Clock, SystemClock};
 use crate::events::{
-    Event, EventRecord, Failure, FailureKind, JobCancelRequested, JobCancelled, JobCompleted,
-    JobHalted, JobResumed, JobStarted, StepFailed, StepStarted, StepSucceeded, truncate_to_micros,
+    Event, EventRecord, Failure, JobCancelRequested, JobResumed, JobStarted, StepFailed,
 };
 use crate::handler::{DEFAULT_STEP_TYPES, HealthObserver, NoOpHandler, StepHandler};
-use crate::machine::{self, NextAction, Phase, TransitionError, next_action};
-use crate::model::{
-    CancelSignal, ExecutionContext, ExecutionResult, JobStep, PlanError, validate_plan,
-};
+use crate::machine::{NextAction, Phase, TransitionError, next_action};
+use crate::model::{FailureKind, JobStep, PlanError, validate_plan};
 use crate::projection::{self, Projector, ReplayError};
-use crate::runner::{Dispatch, HandlerPool, Outcome, panic_message};
+use crate::result::ExecutionResult;
+use crate::runner::{HandlerPool, PoolOptions};
 use crate::store::{EventStore, MemoryStore, StoreError};
+use crate::watchdog::Watchdog;
+pub use run::APPEND_RETRIES_MAX;
+use run::Run;
 
 /// Version of this executor, recorded in every `JobStarted`.
 pub const EXECUTOR_VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// How often a conflicting append is retried after catching up with the log.
-const CONFLICT_RETRIES_MAX: usize = 16;
+/// How often a cancel request is tried again when the job moved on meanwhile.
+const CANCEL_RETRIES_MAX: usize = 16;
+
+/// How long a health observer has to answer, unless the builder says otherwise.
+pub const HEALTH_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 
 /// Why the executor did not do what it was asked.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ExecutorError {
     /// The job id already has events: a job is executed at most once (EXEC-006).
     /// Nothing was appended and no handler ran.
@@ -126,24 +131,64 @@ pub enum ExecutorError {
     /// A stored job cannot be replayed.
     #[error(transparent)]
     Replay(#[from] ReplayError),
-    /// The health observer panicked. Before the job's first step (or a
-    /// resumed job's next one), nothing was appended. After a step, the
-    /// step's outcome was recorded without health and the job stopped
-    /// before its next step: `resume` goes on (`recover` first, to halt it,
-    /// if the step failed).
+    /// The health observer panicked, or did not answer within the health
+    /// deadline. Before the job's first step (or a resumed job's next one),
+    /// nothing was appended. After a step, the step's outcome was recorded
+    /// without health — by the executor's watchdog at the deadline, if the
+    /// observer was still running then — and the job stopped before its next
+    /// step: `resume` goes on (`recover` first, to halt it, if the step
+    /// failed).
     #[error(
-        "job {job_id}: the health observer panicked ({message}); any step outcome is recorded, and the job stopped before its next step"
+        "job {job_id}: the health observer failed ({message}); any step outcome is recorded, and the job stopped before its next step"
     )]
     HealthObserver {
         /// The job.
         job_id: Uuid,
-        /// The panic's message.
+        /// What went wrong: a panic and its message, or the deadline.
         message: String,
     },
+    /// A step's outcome is known but could not be appended, even after
+    /// [`APPEND_RETRIES_MAX`] tries. The outcome is in the error, and the
+    /// executor keeps it: its `recover` records it (rather than declaring
+    /// the step interrupted); another executor's `recover_with` can be given
+    /// it.
+    #[error("job {}: the outcome of step {} could not be recorded: {source}", outcome.job_id, outcome.step_index)]
+    OutcomeNotRecorded {
+        /// The outcome, ready to be recorded.
+        outcome: Box<UnrecordedOutcome>,
+        /// Why the append failed.
+        #[source]
+        source: StoreError,
+    },
+}
+
+impl ExecutorError {
+    /// The event log's failure behind this error, if it is one
+    /// ([`ExecutorError::Store`] or [`ExecutorError::OutcomeNotRecorded`]).
+    pub fn store_error(&self) -> Option<&StoreError> {
+        match self {
+            ExecutorError::Store { source, .. }
+            | ExecutorError::OutcomeNotRecorded { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// A step's outcome that is known but not in the log yet.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct UnrecordedOutcome {
+    /// The job.
+    pub job_id: Uuid,
+    /// The step.
+    pub step_index: u32,
+    /// The outcome: `StepSucceeded` or `StepFailed`.
+    pub event: Event,
 }
 
 /// What `recover` did to one job.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Recovery {
     /// The step was in doubt: recorded as failed (interrupted), and the job halted.
     Interrupted {
@@ -171,10 +216,69 @@ pub enum Recovery {
         /// The step `resume` would start.
         next_step: u32,
     },
+    /// A step's outcome, known but not recorded when it came, was recorded
+    /// (then the job is halted, or left to be resumed, as it goes on).
+    OutcomeRecorded {
+        /// The job.
+        job_id: Uuid,
+        /// The step.
+        step_index: u32,
+    },
+    /// The job's log could not be read or replayed; it was left untouched.
+    Unreadable {
+        /// The job.
+        job_id: Uuid,
+        /// Why.
+        error: String,
+    },
+}
+
+impl Recovery {
+    /// The job this is about.
+    pub fn job_id(&self) -> Uuid {
+        match self {
+            Recovery::Interrupted { job_id, .. }
+            | Recovery::Halted { job_id, .. }
+            | Recovery::Cancelled { job_id }
+            | Recovery::Resumable { job_id, .. }
+            | Recovery::OutcomeRecorded { job_id, .. }
+            | Recovery::Unreadable { job_id, .. } => *job_id,
+        }
+    }
+}
+
+/// One line, as `job-executor recover` prints it.
+impl std::fmt::Display for Recovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Recovery::Interrupted { job_id, step_index } => write!(
+                f,
+                "{job_id}: step {step_index} was in doubt: recorded as failed (interrupted), job halted"
+            ),
+            Recovery::Halted { job_id, step_index } => {
+                write!(f, "{job_id}: step {step_index} had failed: job halted")
+            }
+            Recovery::Cancelled { job_id } => {
+                write!(f, "{job_id}: cancel request honoured: job cancelled")
+            }
+            Recovery::Resumable { job_id, next_step } => write!(
+                f,
+                "{job_id}: stopped between steps; `job-executor resume {job_id}` continues at step {next_step}"
+            ),
+            Recovery::OutcomeRecorded { job_id, step_index } => write!(
+                f,
+                "{job_id}: step {step_index}'s known outcome, not recorded when it came, is now recorded"
+            ),
+            Recovery::Unreadable { job_id, error } => {
+                write!(f, "{job_id}: cannot be read, left as it is: {error}")
+            }
+        }
+    }
 }
 
 /// What `request_cancel` did.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CancelRequest {
     /// The request was recorded at this seq.
     Recorded {
@@ -209,6 +313,10 @@ pub struct JobExecutor {
     clock: Arc<dyn Clock>,
     head_key: Option<HeadKey>,
     pool: HandlerPool,
+    health_timeout: Duration,
+    watchdog: Watchdog,
+    /// Step outcomes known but not recorded, for `recover`.
+    unrecorded: Mutex<HashMap<(Uuid, u32), UnrecordedOutcome>>,
     version: String,
 }
 
@@ -244,6 +352,8 @@ pub struct ExecutorBuilder {
     store: Option<Arc<dyn EventStore>>,
     clock: Option<Arc<dyn Clock>>,
     head_key: Option<HeadKey>,
+    pool: PoolOptions,
+    health_timeout: Duration,
 }
 
 impl ExecutorBuilder {
@@ -266,6 +376,24 @@ impl ExecutorBuilder {
         self
     }
 
+    /// How the handler threads are pooled: their cap, how long an idle one
+    /// lives, and whether they poll (see [`PoolOptions`] for the defaults
+    /// and what happens at the cap).
+    pub fn handler_pool(mut self, options: PoolOptions) -> Self {
+        self.pool = options;
+        self
+    }
+
+    /// How long the health observer has to answer
+    /// ([`HEALTH_TIMEOUT_DEFAULT`]). Past it after a step, the step's
+    /// outcome is recorded without health, and the job stops before its
+    /// next step with [`ExecutorError::HealthObserver`] (once the observer
+    /// returns: it runs on the caller's thread, which nothing can interrupt).
+    pub fn health_timeout(mut self, timeout: Duration) -> Self {
+        self.health_timeout = timeout;
+        self
+    }
+
     /// The executor, with no handlers registered.
     pub fn build(self) -> JobExecutor {
         JobExecutor {
@@ -273,7 +401,10 @@ impl ExecutorBuilder {
             store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
             clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
             head_key: self.head_key,
-            pool: HandlerPool::new(),
+            pool: HandlerPool::new(self.pool),
+            health_timeout: self.health_timeout,
+            watchdog: Watchdog::new(),
+            unrecorded: Mutex::new(HashMap::new()),
             version: EXECUTOR_VERSION.to_owned(),
         }
     }
@@ -291,6 +422,8 @@ impl JobExecutor {
             store: None,
             clock: None,
             head_key: None,
+            pool: PoolOptions::default(),
+            health_timeout: HEALTH_TIMEOUT_DEFAULT,
         }
     }
 
@@ -369,7 +502,7 @@ impl JobExecutor {
             plan: steps.to_vec(),
             executed_by: executed_by.to_owned(),
             executor_version: self.version.clone(),
-            health_before: run.observe()?,
+            health_before: run.observe_before()?,
         });
         match run.drive(vec![started]) {
             Ok(result) => Ok(result),
@@ -414,7 +547,7 @@ impl JobExecutor {
         let resumed = Event::JobResumed(JobResumed {
             executed_by: executed_by.to_owned(),
             executor_version: self.version.clone(),
-            health_before: run.observe()?,
+            health_before: run.observe_before()?,
         });
         run.drive(vec![resumed])
     }
@@ -426,14 +559,32 @@ impl JobExecutor {
     /// a cancel request is cancelled. Jobs stopped between steps otherwise are
     /// left to `resume`. Calls no handler.
     ///
+    /// A step whose outcome this executor knows but could not record
+    /// ([`ExecutorError::OutcomeNotRecorded`]) gets that outcome instead of
+    /// `interrupted`. A job whose log cannot be read or replayed is left
+    /// untouched and reported ([`Recovery::Unreadable`]); the others are
+    /// still recovered.
+    ///
     /// Run it when no executor is running jobs on this log: a step still
     /// running elsewhere would be declared interrupted (that executor then
     /// stops on a conflict instead of recording its outcome).
     ///
     /// # Errors
-    /// Store failures; [`ExecutorError::Replay`] for a job whose log does
-    /// not replay.
+    /// Store failures listing or appending to the jobs.
     pub fn recover(&self) -> Result<Vec<Recovery>, ExecutorError> {
+        let known: Vec<UnrecordedOutcome> = self.unrecorded().values().cloned().collect();
+        self.recover_with(&known)
+    }
+
+    /// As [`recover`](Self::recover), with outcomes known elsewhere (taken
+    /// from [`ExecutorError::OutcomeNotRecorded`] errors of other executors).
+    ///
+    /// # Errors
+    /// As [`recover`](Self::recover).
+    pub fn recover_with(
+        &self,
+        known: &[UnrecordedOutcome],
+    ) -> Result<Vec<Recovery>, ExecutorError> {
         let unfinished = self
             .store
             .unfinished_jobs()
@@ -443,39 +594,72 @@ impl JobExecutor {
             })?;
         let mut recovered = Vec::new();
         for job_id in unfinished {
-            let mut run = self.stored_run(job_id, None, None)?;
-            let state = run.projector.state();
-            let action = match state.phase {
-                Phase::StepRunning { step_index } => {
-                    run.drive(vec![Event::StepFailed(StepFailed {
-                        step_index,
-                        failure: Failure {
-                            kind: FailureKind::Interrupted,
-                            message: format!(
-                                "outcome unknown: the executor stopped while step {step_index} ran; it is not run again"
-                            ),
-                        },
-                        output: None,
-                        health_after: None,
-                    })])?;
-                    Recovery::Interrupted { job_id, step_index }
-                }
-                Phase::StepFailed { step_index } => {
-                    run.drive(Vec::new())?;
-                    Recovery::Halted { job_id, step_index }
-                }
-                Phase::Idle if next_action(&state) == NextAction::Cancel => {
-                    run.drive(Vec::new())?;
-                    Recovery::Cancelled { job_id }
-                }
-                _ => Recovery::Resumable {
-                    job_id,
-                    next_step: state.next_step,
-                },
-            };
-            recovered.push(action);
+            self.recover_job(job_id, known, &mut recovered)?;
         }
         Ok(recovered)
+    }
+
+    /// Recovers one unfinished job, saying what was done in `recovered`.
+    fn recover_job(
+        &self,
+        job_id: Uuid,
+        known: &[UnrecordedOutcome],
+        recovered: &mut Vec<Recovery>,
+    ) -> Result<(), ExecutorError> {
+        let mut run = match self.stored_run(job_id, None, None) {
+            Ok(run) => run,
+            Err(e) => {
+                recovered.push(Recovery::Unreadable {
+                    job_id,
+                    error: e.to_string(),
+                });
+                return Ok(());
+            }
+        };
+        let mut state = run.projector.state();
+        if let Phase::StepRunning { step_index } = state.phase
+            && let Some(outcome) = known
+                .iter()
+                .find(|o| o.job_id == job_id && o.step_index == step_index)
+        {
+            run.record(std::slice::from_ref(&outcome.event))?;
+            self.unrecorded().remove(&(job_id, step_index));
+            recovered.push(Recovery::OutcomeRecorded { job_id, step_index });
+            state = run.projector.state();
+        }
+        let action = match state.phase {
+            Phase::StepRunning { step_index } => {
+                run.drive(vec![interrupted(step_index)])?;
+                Recovery::Interrupted { job_id, step_index }
+            }
+            Phase::StepFailed { step_index } => {
+                run.drive(Vec::new())?;
+                Recovery::Halted { job_id, step_index }
+            }
+            Phase::Idle if next_action(&state) == NextAction::Cancel => {
+                run.drive(Vec::new())?;
+                Recovery::Cancelled { job_id }
+            }
+            _ => Recovery::Resumable {
+                job_id,
+                next_step: state.next_step,
+            },
+        };
+        recovered.push(action);
+        Ok(())
+    }
+
+    /// Remembers an outcome that could not be recorded, for `recover`.
+    fn remember(&self, outcome: UnrecordedOutcome) {
+        self.unrecorded()
+            .insert((outcome.job_id, outcome.step_index), outcome);
+    }
+
+    fn unrecorded(&self) -> std::sync::MutexGuard<'_, HashMap<(Uuid, u32), UnrecordedOutcome>> {
+        // Entries are inserted and removed whole: a poisoned map is consistent.
+        self.unrecorded
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Records a request to cancel `job_id`. An executor running the job
@@ -491,7 +675,7 @@ impl JobExecutor {
         job_id: Uuid,
         reason: &str,
     ) -> Result<CancelRequest, ExecutorError> {
-        for _ in 0..CONFLICT_RETRIES_MAX {
+        for _ in 0..CANCEL_RETRIES_MAX {
             let mut run = self.stored_run(job_id, None, None)?;
             let state = run.projector.state();
             if state.is_terminal() {
@@ -506,7 +690,7 @@ impl JobExecutor {
             let event = Event::JobCancelRequested(JobCancelRequested {
                 reason: reason.to_owned(),
             });
-            match run.append_now(std::slice::from_ref(&event)) {
+            match run.append(std::slice::from_ref(&event)) {
                 Ok(_) => {
                     return Ok(CancelRequest::Recorded {
                         seq: run.projector.events(),
@@ -560,294 +744,20 @@ impl JobExecutor {
     }
 }
 
-/// A step whose start was just recorded; its handler, if it has one, has
-/// been handed to a worker.
-struct Started {
-    step_index: u32,
-    dispatch: Option<Dispatch>,
-}
-
-/// One job's run: the events recorded so far, folded, and what it needs to
-/// go on.
-struct Run<'a> {
-    executor: &'a JobExecutor,
-    job_id: Uuid,
-    projector: Projector,
-    plan: Cow<'a, [JobStep]>,
-    contract_id: Uuid,
-    executed_by: String,
-    observer: Option<&'a dyn HealthObserver>,
-}
-
-impl Run<'_> {
-    /// Observes health, if there is an observer. An observer that panics
-    /// is reported as [`ExecutorError::HealthObserver`].
-    fn observe(&self) -> Result<Option<Value>, ExecutorError> {
-        let Some(observer) = self.observer else {
-            return Ok(None);
-        };
-        // The observer only gets `&self`: a panic cannot leave anything of
-        // the executor half-changed.
-        catch_unwind(AssertUnwindSafe(|| observer.observe_health()))
-            .map(Some)
-            .map_err(|payload| ExecutorError::HealthObserver {
-                job_id: self.job_id,
-                message: panic_message(payload.as_ref()),
-            })
-    }
-
-    /// Drives the job until the machine says it is done, starting with
-    /// `first` (events the caller has decided, such as `JobStarted`).
-    ///
-    /// Each append carries what the machine decides up to the next point
-    /// where something outside must happen: a step's outcome goes in one
-    /// commit with the next step's start (or the job's end), and a handler
-    /// runs only once its `StepStarted` is committed. So every step costs
-    /// one commit, and nothing about at-most-once changes.
-    fn drive(&mut self, first: Vec<Event>) -> Result<ExecutionResult, ExecutorError> {
-        let _running = self.executor.pool.job();
-        let mut batch = first;
-        loop {
-            self.decide_more(&mut batch);
-            if batch.is_empty() {
-                break;
-            }
-            let started = self.record(&batch)?;
-            batch.clear();
-            if let Some(started) = started {
-                let (outcome, observed) = self.outcome(started);
-                if let Err(e) = observed {
-                    // The step's outcome is a fact: record it (without
-                    // health), then stop before the next step.
-                    self.record(std::slice::from_ref(&outcome))?;
-                    return Err(e);
-                }
-                batch.push(outcome);
-            }
-        }
-        Ok(self
-            .projector
-            .result()
-            .expect("a job that ran has a JobStarted event"))
-    }
-
-    /// Appends to `batch` what the machine decides after it, up to the next
-    /// step's start or the job's end.
-    fn decide_more(&self, batch: &mut Vec<Event>) {
-        let mut state = self.projector.state();
-        for event in batch.iter() {
-            match machine::apply(state, event) {
-                Ok(next) => state = next,
-                // `record` reports the refusal.
-                Err(_) => return,
-            }
-        }
-        let next = match next_action(&state) {
-            NextAction::StartStep(step_index) => Event::StepStarted(StepStarted { step_index }),
-            NextAction::Complete => Event::JobCompleted(JobCompleted {}),
-            NextAction::Halt(step_index) => Event::JobHalted(JobHalted { step_index }),
-            NextAction::Cancel => Event::JobCancelled(JobCancelled {
-                reason: self.projector.cancel_request_reason().unwrap_or_default(),
-            }),
-            NextAction::StartJob | NextAction::RecordOutcome(_) | NextAction::Done => return,
-        };
-        batch.push(next);
-    }
-
-    /// Prepares the handler of a step about to start at `started_at`: the
-    /// hook that hands it to a worker once its start is committed, and what
-    /// to wait on. `None` when no handler is registered for its type.
-    fn prepare_step(
-        &self,
-        step_index: u32,
-        started_at: DateTime<Utc>,
-    ) -> Option<(Box<dyn FnOnce() + Send>, Dispatch)> {
-        let step = &self.plan[step_index as usize];
-        let handler = self.executor.handlers.get(&step.step_type)?;
-        let context = ExecutionContext {
-            job_id: self.job_id,
-            contract_id: self.contract_id,
-            step_index,
-            step_type: step.step_type.clone(),
-            target: step.target.clone(),
-            executed_by: self.executed_by.clone(),
-            started_at,
-            // Set when the step is handed over.
-            deadline: None,
-            cancel: CancelSignal::new(),
-        };
-        Some(self.executor.pool.prepare(handler.clone(), step, context))
-    }
-
-    /// Waits for a started step's outcome (its handler runs off-thread
-    /// against its deadline) and returns its outcome event, with health
-    /// observed after it — or without, and why, when the observer panicked.
-    fn outcome(&self, started: Started) -> (Event, Result<(), ExecutorError>) {
-        let outcome = match started.dispatch {
-            Some(dispatch) => self.executor.pool.wait(dispatch),
-            None => Outcome::Failed {
-                failure: FailureKind::NoHandler,
-                error: format!(
-                    "No handler registered for step type: {}",
-                    self.plan[started.step_index as usize].step_type
-                ),
-                output: None,
-            },
-        };
-        let (health_after, observed) = match self.observe() {
-            Ok(health) => (health, Ok(())),
-            Err(e) => (None, Err(e)),
-        };
-        (
-            outcome_event(outcome, started.step_index, health_after),
-            observed,
-        )
-    }
-
-    /// Judges, appends (in one commit) and folds `events`. On a conflict,
-    /// catches up with what others appended (a cancel request) and tries
-    /// again with what the machine still accepts: all of `events`, or the
-    /// prefix that a caught-up cancel request left valid. Returns the step
-    /// started, when the events recorded end with a `StepStarted`.
-    fn record(&mut self, events: &[Event]) -> Result<Option<Started>, ExecutorError> {
-        let mut caught_up = false;
-        for _ in 0..CONFLICT_RETRIES_MAX {
-            let mut state = self.projector.state();
-            let mut accepted = 0;
-            for event in events {
-                match machine::apply(state, event) {
-                    Ok(next) => {
-                        state = next;
-                        accepted += 1;
-                    }
-                    Err(_) if caught_up => break,
-                    Err(source) => {
-                        return Err(ExecutorError::Transition {
-                            job_id: self.job_id,
-                            kind: event.kind(),
-                            source,
-                        });
-                    }
-                }
-            }
-            match self.append_now(&events[..accepted]) {
-                Ok(started) => return Ok(started),
-                Err(ExecutorError::Store { source, .. }) if source.is_conflict() => {
-                    self.catch_up()?;
-                    caught_up = true;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(ExecutorError::Conflict {
-            job_id: self.job_id,
-            seq: self.projector.events() + 1,
-            kind: "events, faster than this executor could append".into(),
-        })
-    }
-
-    /// Appends `events` (which the machine has accepted) in one commit and
-    /// folds them. When they end with a `StepStarted`, its handler is handed
-    /// to a worker as soon as they are committed; returns that step.
-    fn append_now(&mut self, events: &[Event]) -> Result<Option<Started>, ExecutorError> {
-        if events.is_empty() {
-            return Ok(None);
-        }
-        let job_id = self.job_id;
-        let first_seq = self.projector.events() + 1;
-        let mut records = Vec::with_capacity(events.len());
-        let mut last_at = None;
-        for (offset, event) in events.iter().enumerate() {
-            let recorded_at = truncate_to_micros(self.executor.clock.now());
-            last_at = Some(recorded_at);
-            records.push(EventRecord::encode(
-                job_id,
-                first_seq + offset as u64,
-                recorded_at,
-                event,
-            ));
-        }
-        self.projector
-            .seal(&mut records, self.executor.head_key.as_ref());
-        let started = match (events.last(), last_at) {
-            (Some(Event::StepStarted(s)), Some(at)) => Some((s.step_index, at)),
-            _ => None,
-        };
-        let (hook, started) = match started {
-            Some((step_index, at)) => {
-                let (hook, dispatch) = self.prepare_step(step_index, at).unzip();
-                (
-                    hook,
-                    Some(Started {
-                        step_index,
-                        dispatch,
-                    }),
-                )
-            }
-            None => (None, None),
-        };
-        let store = &self.executor.store;
-        match hook {
-            Some(hook) => store.append_then(&records, hook),
-            None => store.append(&records),
-        }
-        .map_err(|source| ExecutorError::Store { job_id, source })?;
-        for (record, event) in records.iter().zip(events) {
-            self.projector
-                .apply_sealed(record, event)
-                .map_err(|source| ExecutorError::Transition {
-                    job_id,
-                    kind: event.kind(),
-                    source,
-                })?;
-        }
-        Ok(started)
-    }
-
-    /// Folds in what others appended to the job since this run last looked.
-    /// Only a cancel request may come from elsewhere.
-    fn catch_up(&mut self) -> Result<(), ExecutorError> {
-        let job_id = self.job_id;
-        let records = self
-            .executor
-            .store
-            .load_job(job_id)
-            .map_err(|source| ExecutorError::Store { job_id, source })?;
-        for record in records.iter().skip(self.projector.events() as usize) {
-            if record.kind != "JobCancelRequested" {
-                return Err(ExecutorError::Conflict {
-                    job_id,
-                    seq: record.seq,
-                    kind: record.kind.clone(),
-                });
-            }
-            self.projector.apply_record(record)?;
-        }
-        Ok(())
-    }
-}
-
-fn outcome_event(outcome: Outcome, step_index: u32, health_after: Option<Value>) -> Event {
-    match outcome {
-        Outcome::Succeeded(output) => Event::StepSucceeded(StepSucceeded {
-            step_index,
-            output,
-            health_after,
-        }),
-        Outcome::Failed {
-            failure,
-            error,
-            output,
-        } => Event::StepFailed(StepFailed {
-            step_index,
-            failure: Failure {
-                kind: failure,
-                message: error,
-            },
-            output,
-            health_after,
-        }),
-    }
+/// The failure recorded for a step in doubt: its outcome is unknown, and it
+/// is never run again.
+fn interrupted(step_index: u32) -> Event {
+    Event::StepFailed(StepFailed {
+        step_index,
+        failure: Failure {
+            kind: FailureKind::Interrupted,
+            message: format!(
+                "outcome unknown: the executor stopped while step {step_index} ran; it is not run again"
+            ),
+        },
+        output: None,
+        health_after: None,
+    })
 }
 
 /// An executor with the no-op handler registered for the default step types
