@@ -303,32 +303,9 @@ fn dispatch(command: Command) -> Result<u8, CliError> {
             key_file: key_file.as_deref(),
         }),
         Command::Replay { job_id, db, bundle } => {
-            let result = match (bundle, job_id) {
-                (Some(bundle), _) => verify_bundle(&read_file(&bundle)?, None)?,
-                (None, Some(job_id)) => {
-                    let job_id = parse_job_id(&job_id)?;
-                    replay(&open_existing(&db.db)?, job_id)?
-                }
-                // clap requires one of the two.
-                (None, None) => unreachable!("clap requires JOB_ID or --bundle"),
-            };
-            print_evidence(&result)?;
-            Ok(0)
+            replay_command(job_id.as_deref(), &db.db, bundle.as_deref())
         }
-        Command::Events { job_id, db } => {
-            let job_id = parse_job_id(&job_id)?;
-            let store = open_existing(&db.db)?;
-            let records = store.load_job(job_id)?;
-            if records.is_empty() {
-                return Err(ReplayError::UnknownJob { job_id }.into());
-            }
-            let mut out = io::BufWriter::new(io::stdout().lock());
-            for record in &records {
-                writeln!(out, "{}", record.to_json_line())?;
-            }
-            out.flush()?;
-            Ok(0)
-        }
+        Command::Events { job_id, db } => events(&job_id, &db.db),
         Command::Jobs { db } => jobs(&open_existing(&db.db)?),
         Command::Verify {
             db,
@@ -353,32 +330,13 @@ fn dispatch(command: Command) -> Result<u8, CliError> {
             db,
             executed_by,
             key_file,
-        } => {
-            let job_id = parse_job_id(&job_id)?;
-            let executor = existing_executor(&db.db, key_file.as_deref())?;
-            let result = executor.resume(job_id, None, &executed_by)?;
-            print_evidence(&result)?;
-            Ok(exit_code(&result))
-        }
+        } => resume(&job_id, &db.db, &executed_by, key_file.as_deref()),
         Command::Cancel {
             job_id,
             db,
             reason,
             key_file,
-        } => {
-            let job_id = parse_job_id(&job_id)?;
-            let executor = existing_executor(&db.db, key_file.as_deref())?;
-            let mut out = io::stdout().lock();
-            match executor.request_cancel(job_id, &reason)? {
-                CancelRequest::Recorded { seq } => {
-                    writeln!(out, "cancel requested for job {job_id} (seq {seq})")?
-                }
-                CancelRequest::AlreadyRequested => {
-                    writeln!(out, "cancel already requested for job {job_id}")?
-                }
-            }
-            Ok(0)
-        }
+        } => cancel(&job_id, &db.db, &reason, key_file.as_deref()),
         Command::Report {
             job_id,
             db,
@@ -399,23 +357,97 @@ fn dispatch(command: Command) -> Result<u8, CliError> {
             db,
             out,
             key_file,
-        } => {
-            let job_id = parse_job_id(&job_id)?;
-            let key = read_key(key_file.as_deref())?;
-            let bundle = export(&open_existing(&db.db)?, job_id, key.as_ref())?;
-            let bytes = bundle.to_bytes();
-            match out {
-                Some(path) => std::fs::write(&path, &bytes)
-                    .map_err(|source| CliError::File { path, source })?,
-                None => {
-                    let mut stdout = io::stdout().lock();
-                    stdout.write_all(&bytes)?;
-                    stdout.flush()?;
-                }
-            }
-            Ok(0)
+        } => export_command(&job_id, &db.db, out.as_deref(), key_file.as_deref()),
+    }
+}
+
+fn replay_command(job_id: Option<&str>, db: &Path, bundle: Option<&Path>) -> Result<u8, CliError> {
+    let result = match (bundle, job_id) {
+        (Some(bundle), _) => verify_bundle(&read_file(bundle)?, None)?,
+        (None, Some(job_id)) => {
+            // The argument is checked before the database is touched.
+            let job_id = parse_job_id(job_id)?;
+            replay(&open_existing(db)?, job_id)?
+        }
+        // clap requires one of the two.
+        (None, None) => unreachable!("clap requires JOB_ID or --bundle"),
+    };
+    print_evidence(&result)?;
+    Ok(0)
+}
+
+fn events(job_id: &str, db: &Path) -> Result<u8, CliError> {
+    let job_id = parse_job_id(job_id)?;
+    let store = open_existing(db)?;
+    let mut out = io::BufWriter::new(io::stdout().lock());
+    let mut events = 0;
+    let mut write_error = None;
+    store.visit_job(job_id, &mut |record| {
+        events += 1;
+        if let Err(e) = writeln!(out, "{}", record.to_json_line()) {
+            write_error = Some(e);
+        }
+        write_error.is_none()
+    })?;
+    if let Some(e) = write_error {
+        return Err(e.into());
+    }
+    if events == 0 {
+        return Err(ReplayError::UnknownJob { job_id }.into());
+    }
+    out.flush()?;
+    Ok(0)
+}
+
+fn resume(
+    job_id: &str,
+    db: &Path,
+    executed_by: &str,
+    key_file: Option<&Path>,
+) -> Result<u8, CliError> {
+    let job_id = parse_job_id(job_id)?;
+    let executor = existing_executor(db, key_file)?;
+    let result = executor.resume(job_id, None, executed_by)?;
+    print_evidence(&result)?;
+    Ok(exit_code(&result))
+}
+
+fn cancel(job_id: &str, db: &Path, reason: &str, key_file: Option<&Path>) -> Result<u8, CliError> {
+    let job_id = parse_job_id(job_id)?;
+    let executor = existing_executor(db, key_file)?;
+    let mut out = io::stdout().lock();
+    match executor.request_cancel(job_id, reason)? {
+        CancelRequest::Recorded { seq } => {
+            writeln!(out, "cancel requested for job {job_id} (seq {seq})")?
+        }
+        CancelRequest::AlreadyRequested => {
+            writeln!(out, "cancel already requested for job {job_id}")?
         }
     }
+    Ok(0)
+}
+
+fn export_command(
+    job_id: &str,
+    db: &Path,
+    out: Option<&Path>,
+    key_file: Option<&Path>,
+) -> Result<u8, CliError> {
+    let job_id = parse_job_id(job_id)?;
+    let key = read_key(key_file)?;
+    let bytes = export(&open_existing(db)?, job_id, key.as_ref())?.to_bytes();
+    match out {
+        Some(path) => std::fs::write(path, &bytes).map_err(|source| CliError::File {
+            path: path.to_path_buf(),
+            source,
+        })?,
+        None => {
+            let mut stdout = io::stdout().lock();
+            stdout.write_all(&bytes)?;
+            stdout.flush()?;
+        }
+    }
+    Ok(0)
 }
 
 struct ReportArgs<'a> {

@@ -137,7 +137,7 @@ impl JobPage {
         };
         // verify_bundle has parsed these bytes already.
         let bundle = AuditBundle::from_bytes(bytes)?;
-        let records = bundle.records();
+        let records = bundle.event_records();
         Ok(JobPage::build(
             bundle.job_id,
             &records,

@@ -282,6 +282,9 @@ impl StoreError {
     }
 }
 
+/// The largest seq a store holds: what a signed 64-bit database integer can.
+pub const SEQ_MAX: u64 = i64::MAX as u64;
+
 /// Checks the shape `append` requires: one job, consecutive seqs.
 fn check_batch(records: &[EventRecord]) -> Result<(Uuid, u64), StoreError> {
     let first = records
@@ -293,21 +296,27 @@ fn check_batch(records: &[EventRecord]) -> Result<(Uuid, u64), StoreError> {
             first.job_id
         )));
     }
-    for (offset, record) in records.iter().enumerate() {
+    let mut previous = first.seq - 1;
+    for record in records {
         if record.job_id != first.job_id {
             return Err(StoreError::InvalidAppend(format!(
                 "events of jobs {} and {} in one append",
                 first.job_id, record.job_id
             )));
         }
-        if record.seq != first.seq + offset as u64 {
+        if record.seq > SEQ_MAX {
             return Err(StoreError::InvalidAppend(format!(
-                "job {}: seq {} does not follow seq {}",
-                first.job_id,
-                record.seq,
-                first.seq + offset as u64 - 1
+                "job {}: seq {} is beyond the largest a log holds ({SEQ_MAX})",
+                first.job_id, record.seq
             )));
         }
+        if record.seq != previous + 1 {
+            return Err(StoreError::InvalidAppend(format!(
+                "job {}: seq {} does not follow seq {previous}",
+                first.job_id, record.seq
+            )));
+        }
+        previous = record.seq;
     }
     Ok((first.job_id, first.seq))
 }

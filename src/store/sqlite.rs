@@ -426,7 +426,7 @@ impl SqliteStore {
                 .and_then(|mut stmt| stmt.query_row([first.job_id.to_string()], |row| row.get(0)));
             if let Ok(last) = last {
                 let last = last.max(0) as u64;
-                if last + 1 != first.seq {
+                if last.checked_add(1) != Some(first.seq) {
                     return StoreError::Conflict {
                         job_id: first.job_id,
                         expected: first.seq,
