@@ -189,6 +189,21 @@ pub fn export(
 }
 
 impl AuditBundle {
+    /// Parses a bundle file, checking its format but not what it holds
+    /// ([`verify_bundle`] does).
+    ///
+    /// # Errors
+    /// [`BundleError::Malformed`] for a file that is not a bundle.
+    pub fn from_bytes(bytes: &[u8]) -> Result<AuditBundle, BundleError> {
+        parse(bytes)
+    }
+
+    /// The bundle's events in their stored form, as the log held them; a
+    /// digest or MAC not in its written form is kept, to fail verification.
+    pub fn event_records(&self) -> Vec<EventRecord> {
+        self.records(&mut Vec::new())
+    }
+
     /// The canonical bytes of the bundle: pretty JSON and a final newline.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut bytes =

@@ -22,6 +22,7 @@ use crate::command::CommandHandler;
 use crate::executor::{CancelRequest, ExecutorError, JobExecutor, Recovery, register_defaults};
 use crate::model::{JobStatus, PlanError, PlanFile, validate_plan};
 use crate::projection::{Projector, ReplayError, execution_result_to_evidence, replay};
+use crate::report::{JobPage, ReportError, ReportOptions, write_site};
 use crate::result::ExecutionResult;
 use crate::store::{EventStore, SqliteOptions, SqliteStore, StoreError, Synchronous};
 use crate::verify::{VerifyOptions, verify_store};
@@ -155,6 +156,28 @@ pub enum Command {
         #[arg(long)]
         key_file: Option<PathBuf>,
     },
+    /// Write a self-contained HTML audit report: of one job, of an audit
+    /// bundle, or of every job (an index and a page per job).
+    Report {
+        /// The job id.
+        #[arg(required_unless_present_any = ["bundle", "all"], conflicts_with_all = ["bundle", "all"])]
+        job_id: Option<String>,
+        /// The event log database.
+        #[command(flatten)]
+        db: DbArg,
+        /// Report on an audit bundle instead of the database.
+        #[arg(long, conflicts_with = "all")]
+        bundle: Option<PathBuf>,
+        /// Every job: index.html and one page per job, into the --out directory.
+        #[arg(long, requires = "out")]
+        all: bool,
+        /// Write the page here (with --all, the directory) instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Also check every event's MAC under the key in this file.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
     /// Write a job's self-contained audit bundle (JSON).
     Export {
         /// The job id.
@@ -242,6 +265,9 @@ pub enum CliError {
     /// A bundle cannot be made or read.
     #[error(transparent)]
     Bundle(#[from] BundleError),
+    /// A report cannot be made or written.
+    #[error(transparent)]
+    Report(#[from] ReportError),
     /// Writing to stdout failed.
     #[error("cannot write output: {0}")]
     Output(#[from] io::Error),
@@ -311,6 +337,21 @@ fn dispatch(command: Command) -> Result<u8, CliError> {
             reason,
             key_file,
         } => cancel(&job_id, &db.db, &reason, key_file.as_deref()),
+        Command::Report {
+            job_id,
+            db,
+            bundle,
+            all,
+            out,
+            key_file,
+        } => report(&ReportArgs {
+            job_id: job_id.as_deref(),
+            db: &db.db,
+            bundle: bundle.as_deref(),
+            all,
+            out: out.as_deref(),
+            key_file: key_file.as_deref(),
+        }),
         Command::Export {
             job_id,
             db,
@@ -403,6 +444,49 @@ fn export_command(
         None => {
             let mut stdout = io::stdout().lock();
             stdout.write_all(&bytes)?;
+            stdout.flush()?;
+        }
+    }
+    Ok(0)
+}
+
+struct ReportArgs<'a> {
+    job_id: Option<&'a str>,
+    db: &'a Path,
+    bundle: Option<&'a Path>,
+    all: bool,
+    out: Option<&'a Path>,
+    key_file: Option<&'a Path>,
+}
+
+/// `report`: every input is read and checked before anything is written.
+fn report(args: &ReportArgs<'_>) -> Result<u8, CliError> {
+    let options = ReportOptions::default().with_key(read_key(args.key_file)?);
+    if args.all {
+        let Some(dir) = args.out else {
+            unreachable!("clap requires --out with --all")
+        };
+        write_site(&open_existing(args.db)?, dir, &options)?;
+        return Ok(0);
+    }
+    let page = match (args.bundle, args.job_id) {
+        (Some(bundle), _) => JobPage::from_bundle(&read_file(bundle)?, &options)?,
+        (None, Some(job_id)) => {
+            let job_id = parse_job_id(job_id)?;
+            let records = open_existing(args.db)?.load_job(job_id)?;
+            JobPage::from_log(job_id, &records, &options)?
+        }
+        (None, None) => unreachable!("clap requires JOB_ID, --bundle or --all"),
+    };
+    let html = page.render()?;
+    match args.out {
+        Some(path) => std::fs::write(path, html).map_err(|source| CliError::File {
+            path: path.to_path_buf(),
+            source,
+        })?,
+        None => {
+            let mut stdout = io::stdout().lock();
+            stdout.write_all(html.as_bytes())?;
             stdout.flush()?;
         }
     }

@@ -74,12 +74,18 @@ pub fn at(n: u64) -> DateTime<Utc> {
 
 /// `events` encoded and chained as job `job_id`'s records, seq 1, 2, ….
 pub fn records(job_id: Uuid, events: &[Event]) -> Vec<EventRecord> {
+    records_from(job_id, events, at(0))
+}
+
+/// [`records`], recorded one millisecond apart from `start`.
+pub fn records_from(job_id: Uuid, events: &[Event], start: DateTime<Utc>) -> Vec<EventRecord> {
     let mut head = Digest::GENESIS;
     events
         .iter()
         .enumerate()
         .map(|(i, e)| {
-            let mut record = EventRecord::encode(job_id, i as u64 + 1, at(i as u64), e);
+            let recorded_at = start + TimeDelta::milliseconds(i as i64);
+            let mut record = EventRecord::encode(job_id, i as u64 + 1, recorded_at, e);
             head = chain(&head, &record);
             record.digest = Some(head.to_hex());
             record
