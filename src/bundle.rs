@@ -189,6 +189,21 @@ pub fn export(
 }
 
 impl AuditBundle {
+    /// Parses a bundle file, checking its format but not what it holds
+    /// ([`verify_bundle`] does).
+    ///
+    /// # Errors
+    /// [`BundleError::Malformed`] for a file that is not a bundle.
+    pub fn from_bytes(bytes: &[u8]) -> Result<AuditBundle, BundleError> {
+        parse(bytes)
+    }
+
+    /// The bundle's events in their stored form, as the log held them; a
+    /// digest or MAC not in its written form is kept, to fail verification.
+    pub fn event_records(&self) -> Vec<EventRecord> {
+        self.records(&mut Vec::new())
+    }
+
     /// The canonical bytes of the bundle: pretty JSON and a final newline.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut bytes =
@@ -210,85 +225,22 @@ impl AuditBundle {
 /// [`BundleError::Malformed`] for a file that is not a bundle;
 /// [`BundleError::Broken`] listing what was changed.
 pub fn verify_bundle(bytes: &[u8], key: Option<&HeadKey>) -> Result<ExecutionResult, BundleError> {
-    let bundle: AuditBundle =
-        serde_json::from_slice(bytes).map_err(|e| BundleError::Malformed(e.to_string()))?;
-    if bundle.format != BUNDLE_FORMAT || bundle.format_version != BUNDLE_FORMAT_VERSION {
-        return Err(BundleError::Malformed(format!(
-            "format {:?} version {}, expected {BUNDLE_FORMAT:?} version {BUNDLE_FORMAT_VERSION}",
-            bundle.format, bundle.format_version
-        )));
-    }
-    let job_id = bundle.job_id;
+    let bundle = parse(bytes)?;
     let mut problems = Vec::new();
-    let records: Vec<EventRecord> = bundle
-        .events
-        .iter()
-        .enumerate()
-        .map(|(index, event)| {
-            let digest = event.digest.strip_prefix("sha256:");
-            let mac = event.mac.as_deref().map(|m| m.strip_prefix("hmac-sha256:"));
-            if digest.is_none() || mac == Some(None) {
-                problems.push(format!(
-                    "event {index}: digest or MAC is not in its written form"
-                ));
-            }
-            EventRecord {
-                position: index as u64 + 1,
-                job_id,
-                seq: event.seq,
-                kind: event.kind.clone(),
-                schema_version: event.schema_version,
-                recorded_at: event.recorded_at.clone(),
-                payload: event.payload.clone(),
-                digest: Some(digest.unwrap_or(&event.digest).to_owned()),
-                mac: mac.map(|m| m.unwrap_or_default().to_owned()),
-            }
-        })
-        .collect();
-    let options = VerifyOptions {
-        key: key.cloned(),
-        ..VerifyOptions::default()
-    };
-    let report = verify_job(job_id, &records, &options);
+    let records = bundle.records(&mut problems);
+    let options = VerifyOptions::default().with_key(key.cloned());
+    let report = verify_job(bundle.job_id, &records, &options);
     problems.extend(report.violations.iter().map(ToString::to_string));
-    if records.is_empty() {
-        problems.push("the bundle has no events".to_owned());
-    }
-    let last = bundle.events.last();
-    if last.map(|e| &e.digest) != Some(&bundle.head) {
-        problems.push(format!(
-            "head {} is not the digest of the last event",
-            bundle.head
-        ));
-    }
-    if last.and_then(|e| e.mac.as_ref()) != bundle.head_mac.as_ref() {
-        problems.push("head_mac is not the MAC of the last event".to_owned());
-    }
+    bundle.check_head(&mut problems);
     let result = if problems.is_empty() {
-        match project(job_id, &records) {
-            Ok(result) => Some(result),
-            Err(e) => {
-                problems.push(e.to_string());
-                None
-            }
-        }
+        project(bundle.job_id, &records)
+            .map_err(|e| problems.push(e.to_string()))
+            .ok()
     } else {
         None
     };
     if let Some(result) = &result {
-        if let Ok(Event::JobStarted(started)) = records[0].decode().map(|r| r.event)
-            && (started.contract_id != bundle.plan.contract_id || started.plan != bundle.plan.steps)
-        {
-            problems.push("plan does not match the one recorded in JobStarted".to_owned());
-        }
-        let evidence = execution_result_to_evidence(result);
-        if evidence != bundle.evidence {
-            let differing = differing_keys(&evidence, &bundle.evidence);
-            problems.push(format!(
-                "evidence does not match what the events replay to (differs at: {})",
-                differing.join(", ")
-            ));
-        }
+        bundle.check_against(&records, result, &mut problems);
     }
     if problems.is_empty() && bundle.to_bytes() != bytes {
         problems.push(
@@ -299,6 +251,91 @@ pub fn verify_bundle(bytes: &[u8], key: Option<&HeadKey>) -> Result<ExecutionRes
     match result {
         Some(result) if problems.is_empty() => Ok(result),
         _ => Err(BundleError::Broken { problems }),
+    }
+}
+
+/// Reads a bundle of this format and version.
+fn parse(bytes: &[u8]) -> Result<AuditBundle, BundleError> {
+    let bundle: AuditBundle =
+        serde_json::from_slice(bytes).map_err(|e| BundleError::Malformed(e.to_string()))?;
+    if bundle.format != BUNDLE_FORMAT || bundle.format_version != BUNDLE_FORMAT_VERSION {
+        return Err(BundleError::Malformed(format!(
+            "format {:?} version {}, expected {BUNDLE_FORMAT:?} version {BUNDLE_FORMAT_VERSION}",
+            bundle.format, bundle.format_version
+        )));
+    }
+    Ok(bundle)
+}
+
+impl AuditBundle {
+    /// The bundle's events as stored records, noting any digest or MAC not
+    /// in its written form.
+    fn records(&self, problems: &mut Vec<String>) -> Vec<EventRecord> {
+        self.events
+            .iter()
+            .enumerate()
+            .map(|(index, event)| {
+                let digest = event.digest.strip_prefix("sha256:");
+                let mac = event.mac.as_deref().map(|m| m.strip_prefix("hmac-sha256:"));
+                if digest.is_none() || mac == Some(None) {
+                    problems.push(format!(
+                        "event {index}: digest or MAC is not in its written form"
+                    ));
+                }
+                EventRecord {
+                    position: index as u64 + 1,
+                    job_id: self.job_id,
+                    seq: event.seq,
+                    kind: event.kind.clone(),
+                    schema_version: event.schema_version,
+                    recorded_at: event.recorded_at.clone(),
+                    payload: event.payload.clone(),
+                    digest: Some(digest.unwrap_or(&event.digest).to_owned()),
+                    mac: mac.map(|m| m.unwrap_or_default().to_owned()),
+                }
+            })
+            .collect()
+    }
+
+    /// The head and its MAC are the last event's.
+    fn check_head(&self, problems: &mut Vec<String>) {
+        let Some(last) = self.events.last() else {
+            problems.push("the bundle has no events".to_owned());
+            return;
+        };
+        if last.digest != self.head {
+            problems.push(format!(
+                "head {} is not the digest of the last event",
+                self.head
+            ));
+        }
+        if last.mac != self.head_mac {
+            problems.push("head_mac is not the MAC of the last event".to_owned());
+        }
+    }
+
+    /// The plan is the one `JobStarted` recorded, and the evidence the one
+    /// the events replay to.
+    fn check_against(
+        &self,
+        records: &[EventRecord],
+        result: &ExecutionResult,
+        problems: &mut Vec<String>,
+    ) {
+        if let Some(Ok(Event::JobStarted(started))) =
+            records.first().map(|r| r.decode().map(|r| r.event))
+            && (started.contract_id != self.plan.contract_id || started.plan != self.plan.steps)
+        {
+            problems.push("plan does not match the one recorded in JobStarted".to_owned());
+        }
+        let evidence = execution_result_to_evidence(result);
+        if evidence != self.evidence {
+            let differing = differing_keys(&evidence, &self.evidence);
+            problems.push(format!(
+                "evidence does not match what the events replay to (differs at: {})",
+                differing.join(", ")
+            ));
+        }
     }
 }
 

@@ -85,8 +85,9 @@ fn parse_hex32(text: &str) -> Option<[u8; 32]> {
 }
 
 fn put_str(hasher: &mut Sha256, text: &str) {
-    // Stored fields are far below 4 GiB; a longer one would not fit the table.
-    hasher.update((text.len() as u32).to_be_bytes());
+    // Stored fields are far below 4 GiB (SQLite's limit is 1 GB); the cap
+    // keeps a longer one from wrapping to a short length.
+    hasher.update(u32::try_from(text.len()).unwrap_or(u32::MAX).to_be_bytes());
     hasher.update(text.as_bytes());
 }
 

@@ -22,6 +22,7 @@ use crate::command::CommandHandler;
 use crate::executor::{CancelRequest, ExecutorError, JobExecutor, Recovery, register_defaults};
 use crate::model::{JobStatus, PlanError, PlanFile, validate_plan};
 use crate::projection::{Projector, ReplayError, execution_result_to_evidence, replay};
+use crate::report::{JobPage, ReportError, ReportOptions, write_site};
 use crate::result::ExecutionResult;
 use crate::store::{EventStore, SqliteOptions, SqliteStore, StoreError, Synchronous};
 use crate::verify::{VerifyOptions, verify_store};
@@ -155,6 +156,28 @@ pub enum Command {
         #[arg(long)]
         key_file: Option<PathBuf>,
     },
+    /// Write a self-contained HTML audit report: of one job, of an audit
+    /// bundle, or of every job (an index and a page per job).
+    Report {
+        /// The job id.
+        #[arg(required_unless_present_any = ["bundle", "all"], conflicts_with_all = ["bundle", "all"])]
+        job_id: Option<String>,
+        /// The event log database.
+        #[command(flatten)]
+        db: DbArg,
+        /// Report on an audit bundle instead of the database.
+        #[arg(long, conflicts_with = "all")]
+        bundle: Option<PathBuf>,
+        /// Every job: index.html and one page per job, into the --out directory.
+        #[arg(long, requires = "out")]
+        all: bool,
+        /// Write the page here (with --all, the directory) instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Also check every event's MAC under the key in this file.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
     /// Write a job's self-contained audit bundle (JSON).
     Export {
         /// The job id.
@@ -242,6 +265,9 @@ pub enum CliError {
     /// A bundle cannot be made or read.
     #[error(transparent)]
     Bundle(#[from] BundleError),
+    /// A report cannot be made or written.
+    #[error(transparent)]
+    Report(#[from] ReportError),
     /// Writing to stdout failed.
     #[error("cannot write output: {0}")]
     Output(#[from] io::Error),
@@ -277,32 +303,9 @@ fn dispatch(command: Command) -> Result<u8, CliError> {
             key_file: key_file.as_deref(),
         }),
         Command::Replay { job_id, db, bundle } => {
-            let result = match (bundle, job_id) {
-                (Some(bundle), _) => verify_bundle(&read_file(&bundle)?, None)?,
-                (None, Some(job_id)) => {
-                    let job_id = parse_job_id(&job_id)?;
-                    replay(&open_existing(&db.db)?, job_id)?
-                }
-                // clap requires one of the two.
-                (None, None) => unreachable!("clap requires JOB_ID or --bundle"),
-            };
-            print_evidence(&result)?;
-            Ok(0)
+            replay_command(job_id.as_deref(), &db.db, bundle.as_deref())
         }
-        Command::Events { job_id, db } => {
-            let job_id = parse_job_id(&job_id)?;
-            let store = open_existing(&db.db)?;
-            let records = store.load_job(job_id)?;
-            if records.is_empty() {
-                return Err(ReplayError::UnknownJob { job_id }.into());
-            }
-            let mut out = io::BufWriter::new(io::stdout().lock());
-            for record in &records {
-                writeln!(out, "{}", record.to_json_line())?;
-            }
-            out.flush()?;
-            Ok(0)
-        }
+        Command::Events { job_id, db } => events(&job_id, &db.db),
         Command::Jobs { db } => jobs(&open_existing(&db.db)?),
         Command::Verify {
             db,
@@ -327,54 +330,167 @@ fn dispatch(command: Command) -> Result<u8, CliError> {
             db,
             executed_by,
             key_file,
-        } => {
-            let job_id = parse_job_id(&job_id)?;
-            let executor = existing_executor(&db.db, key_file.as_deref())?;
-            let result = executor.resume(job_id, None, &executed_by)?;
-            print_evidence(&result)?;
-            Ok(exit_code(&result))
-        }
+        } => resume(&job_id, &db.db, &executed_by, key_file.as_deref()),
         Command::Cancel {
             job_id,
             db,
             reason,
             key_file,
-        } => {
-            let job_id = parse_job_id(&job_id)?;
-            let executor = existing_executor(&db.db, key_file.as_deref())?;
-            let mut out = io::stdout().lock();
-            match executor.request_cancel(job_id, &reason)? {
-                CancelRequest::Recorded { seq } => {
-                    writeln!(out, "cancel requested for job {job_id} (seq {seq})")?
-                }
-                CancelRequest::AlreadyRequested => {
-                    writeln!(out, "cancel already requested for job {job_id}")?
-                }
-            }
-            Ok(0)
-        }
+        } => cancel(&job_id, &db.db, &reason, key_file.as_deref()),
+        Command::Report {
+            job_id,
+            db,
+            bundle,
+            all,
+            out,
+            key_file,
+        } => report(&ReportArgs {
+            job_id: job_id.as_deref(),
+            db: &db.db,
+            bundle: bundle.as_deref(),
+            all,
+            out: out.as_deref(),
+            key_file: key_file.as_deref(),
+        }),
         Command::Export {
             job_id,
             db,
             out,
             key_file,
-        } => {
-            let job_id = parse_job_id(&job_id)?;
-            let key = read_key(key_file.as_deref())?;
-            let bundle = export(&open_existing(&db.db)?, job_id, key.as_ref())?;
-            let bytes = bundle.to_bytes();
-            match out {
-                Some(path) => std::fs::write(&path, &bytes)
-                    .map_err(|source| CliError::File { path, source })?,
-                None => {
-                    let mut stdout = io::stdout().lock();
-                    stdout.write_all(&bytes)?;
-                    stdout.flush()?;
-                }
-            }
-            Ok(0)
+        } => export_command(&job_id, &db.db, out.as_deref(), key_file.as_deref()),
+    }
+}
+
+fn replay_command(job_id: Option<&str>, db: &Path, bundle: Option<&Path>) -> Result<u8, CliError> {
+    let result = match (bundle, job_id) {
+        (Some(bundle), _) => verify_bundle(&read_file(bundle)?, None)?,
+        (None, Some(job_id)) => {
+            // The argument is checked before the database is touched.
+            let job_id = parse_job_id(job_id)?;
+            replay(&open_existing(db)?, job_id)?
+        }
+        // clap requires one of the two.
+        (None, None) => unreachable!("clap requires JOB_ID or --bundle"),
+    };
+    print_evidence(&result)?;
+    Ok(0)
+}
+
+fn events(job_id: &str, db: &Path) -> Result<u8, CliError> {
+    let job_id = parse_job_id(job_id)?;
+    let store = open_existing(db)?;
+    let mut out = io::BufWriter::new(io::stdout().lock());
+    let mut events = 0;
+    let mut write_error = None;
+    store.visit_job(job_id, &mut |record| {
+        events += 1;
+        if let Err(e) = writeln!(out, "{}", record.to_json_line()) {
+            write_error = Some(e);
+        }
+        write_error.is_none()
+    })?;
+    if let Some(e) = write_error {
+        return Err(e.into());
+    }
+    if events == 0 {
+        return Err(ReplayError::UnknownJob { job_id }.into());
+    }
+    out.flush()?;
+    Ok(0)
+}
+
+fn resume(
+    job_id: &str,
+    db: &Path,
+    executed_by: &str,
+    key_file: Option<&Path>,
+) -> Result<u8, CliError> {
+    let job_id = parse_job_id(job_id)?;
+    let executor = existing_executor(db, key_file)?;
+    let result = executor.resume(job_id, None, executed_by)?;
+    print_evidence(&result)?;
+    Ok(exit_code(&result))
+}
+
+fn cancel(job_id: &str, db: &Path, reason: &str, key_file: Option<&Path>) -> Result<u8, CliError> {
+    let job_id = parse_job_id(job_id)?;
+    let executor = existing_executor(db, key_file)?;
+    let mut out = io::stdout().lock();
+    match executor.request_cancel(job_id, reason)? {
+        CancelRequest::Recorded { seq } => {
+            writeln!(out, "cancel requested for job {job_id} (seq {seq})")?
+        }
+        CancelRequest::AlreadyRequested => {
+            writeln!(out, "cancel already requested for job {job_id}")?
         }
     }
+    Ok(0)
+}
+
+fn export_command(
+    job_id: &str,
+    db: &Path,
+    out: Option<&Path>,
+    key_file: Option<&Path>,
+) -> Result<u8, CliError> {
+    let job_id = parse_job_id(job_id)?;
+    let key = read_key(key_file)?;
+    let bytes = export(&open_existing(db)?, job_id, key.as_ref())?.to_bytes();
+    match out {
+        Some(path) => std::fs::write(path, &bytes).map_err(|source| CliError::File {
+            path: path.to_path_buf(),
+            source,
+        })?,
+        None => {
+            let mut stdout = io::stdout().lock();
+            stdout.write_all(&bytes)?;
+            stdout.flush()?;
+        }
+    }
+    Ok(0)
+}
+
+struct ReportArgs<'a> {
+    job_id: Option<&'a str>,
+    db: &'a Path,
+    bundle: Option<&'a Path>,
+    all: bool,
+    out: Option<&'a Path>,
+    key_file: Option<&'a Path>,
+}
+
+/// `report`: every input is read and checked before anything is written.
+fn report(args: &ReportArgs<'_>) -> Result<u8, CliError> {
+    let options = ReportOptions::default().with_key(read_key(args.key_file)?);
+    if args.all {
+        let Some(dir) = args.out else {
+            unreachable!("clap requires --out with --all")
+        };
+        write_site(&open_existing(args.db)?, dir, &options)?;
+        return Ok(0);
+    }
+    let page = match (args.bundle, args.job_id) {
+        (Some(bundle), _) => JobPage::from_bundle(&read_file(bundle)?, &options)?,
+        (None, Some(job_id)) => {
+            let job_id = parse_job_id(job_id)?;
+            let records = open_existing(args.db)?.load_job(job_id)?;
+            JobPage::from_log(job_id, &records, &options)?
+        }
+        (None, None) => unreachable!("clap requires JOB_ID, --bundle or --all"),
+    };
+    let html = page.render()?;
+    match args.out {
+        Some(path) => std::fs::write(path, html).map_err(|source| CliError::File {
+            path: path.to_path_buf(),
+            source,
+        })?,
+        None => {
+            let mut stdout = io::stdout().lock();
+            stdout.write_all(html.as_bytes())?;
+            stdout.flush()?;
+        }
+    }
+    Ok(0)
 }
 
 struct RunArgs<'a> {

@@ -66,7 +66,11 @@ impl Clock for LogicalClock {
     fn now(&self) -> DateTime<Utc> {
         let n = self.readings.fetch_add(1, Ordering::Relaxed);
         let micros = n.saturating_mul(self.tick_micros).min(i64::MAX as u64) as i64;
-        self.start + TimeDelta::microseconds(micros)
+        // Far past the end of time, the clock stays at the last instant it
+        // can tell rather than panicking.
+        self.start
+            .checked_add_signed(TimeDelta::microseconds(micros))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC)
     }
 }
 

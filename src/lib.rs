@@ -44,6 +44,7 @@ pub mod handler;
 pub mod machine;
 pub mod model;
 pub mod projection;
+pub mod report;
 pub mod result;
 mod runner;
 pub mod store;

@@ -1,5 +1,5 @@
 //! The result of a job, as users read it: a projection of its event log,
-//! never assembled by hand (see [`crate::projection`]).
+//! never assembled by hand (the `projection` module folds it).
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -32,7 +32,7 @@ pub struct StepResult {
 
 /// The result of a job, folded from its event log.
 ///
-/// `execute_job` returns exactly the fold that [`crate::replay`] computes from
+/// `execute_job` returns exactly the fold that `replay` computes from
 /// the stored events, so a live result and a replayed one cannot differ.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]

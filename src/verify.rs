@@ -11,7 +11,7 @@
 //! [`verify_store`] streams the whole log: memory stays bounded whatever the
 //! number of jobs or events.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use uuid::Uuid;
 
@@ -195,7 +195,9 @@ impl<'a> JobVerifier<'a> {
                 self.flag(at, "LOG", message);
             }
         }
-        self.expected_seq = seq + 1;
+        // A stored seq is untrusted: at the very top it saturates, and the
+        // next event is flagged, rather than wrapping to 0.
+        self.expected_seq = seq.saturating_add(1);
         self.check_chain(record);
         self.check_decode_and_machine(record);
     }
@@ -303,88 +305,149 @@ fn stored_digest(record: &EventRecord) -> Option<Digest> {
     record.digest.as_deref().and_then(Digest::from_hex)
 }
 
-/// Tells what happened at a broken link, looking at the event after it.
+/// Tells what happened at a broken link, looking at the event after it:
+/// the first explanation that the digests bear out.
 fn classify(pending: &PendingBreak, next: Option<&EventRecord>) -> (u64, String) {
-    let record = &pending.record;
-    let seq = record.seq;
-    let previous = &pending.previous;
-    let generic = (
-        seq,
-        "chain broken: the event or its digest was changed".to_owned(),
-    );
-    let Some(stored) = stored_digest(record) else {
+    let seq = pending.record.seq;
+    let Some(stored) = stored_digest(&pending.record) else {
         return (seq, "event edited: its digest is malformed".to_owned());
     };
-    // This event belongs one place earlier: the one before it was inserted
-    // (with a well-formed digest) and the rest renumbered.
-    if seq > 1 && link(&pending.before_previous, &leaf_hash_at(record, seq - 1)) == stored {
-        return (
-            seq - 1,
+    let link = BrokenLink {
+        pending,
+        stored,
+        next: next.and_then(|next| Some((next, stored_digest(next)?))),
+    };
+    if let Some(explained) = link.inserted_before() {
+        return explained;
+    }
+    let Some((next, _)) = link.next else {
+        let what = if next.is_some() {
+            "chain broken: the event or its digest was changed"
+        } else {
+            "event edited: the last event does not match its digest"
+        };
+        return (seq, what.to_owned());
+    };
+    let explanation = [
+        link.edited_content(),
+        link.edited_digest(),
+        link.swapped(next.seq),
+        link.inserted_here(),
+        link.deleted_here(),
+    ]
+    .into_iter()
+    .flatten()
+    .next();
+    (
+        seq,
+        explanation
+            .unwrap_or_else(|| "chain broken: the event or its digest was changed".to_owned()),
+    )
+}
+
+/// A broken link and what the digests around it say.
+struct BrokenLink<'a> {
+    pending: &'a PendingBreak,
+    /// The broken event's stored digest.
+    stored: Digest,
+    /// The event after it, with its stored digest.
+    next: Option<(&'a EventRecord, Digest)>,
+}
+
+/// Whether `record`, put at `at` after the digest `previous`, has `digest`.
+fn follows(previous: &Digest, record: &EventRecord, at: u64, digest: &Digest) -> bool {
+    link(previous, &leaf_hash_at(record, at)) == *digest
+}
+
+impl BrokenLink<'_> {
+    /// This event belongs one place earlier: the one before it was
+    /// inserted (with a well-formed digest) and the rest renumbered.
+    fn inserted_before(&self) -> Option<(u64, String)> {
+        let seq = self.pending.record.seq;
+        (seq > 1
+            && follows(
+                &self.pending.before_previous,
+                &self.pending.record,
+                seq - 1,
+                &self.stored,
+            ))
+        .then(|| {
+            (
+                seq - 1,
+                format!(
+                    "event inserted at seq {}: later events were renumbered",
+                    seq - 1
+                ),
+            )
+        })
+    }
+
+    /// The next event links to this one's stored digest: this event's
+    /// bytes were changed after its digest was taken.
+    fn edited_content(&self) -> Option<String> {
+        let (next, next_stored) = self.next?;
+        follows(&self.stored, next, next.seq, &next_stored)
+            .then(|| "event edited: its content does not match its digest".to_owned())
+    }
+
+    /// This event's bytes are intact and the next one links to them: only
+    /// the stored digest was changed.
+    fn edited_digest(&self) -> Option<String> {
+        let (next, next_stored) = self.next?;
+        let intact = link(
+            &self.pending.previous,
+            &chain::leaf_hash(&self.pending.record),
+        );
+        follows(&intact, next, next.seq, &next_stored)
+            .then(|| "event edited: its stored digest was changed".to_owned())
+    }
+
+    /// The next event belongs at this one's place.
+    fn next_belongs_here(&self) -> bool {
+        let Some((next, next_stored)) = self.next else {
+            return false;
+        };
+        let (previous, seq) = (&self.pending.previous, self.pending.record.seq);
+        follows(previous, next, seq, &next_stored) || follows(previous, next, seq, &self.stored)
+    }
+
+    /// The two events traded places (with or without their digests).
+    fn swapped(&self, next_seq: u64) -> Option<String> {
+        let (next, next_stored) = self.next?;
+        let record = &self.pending.record;
+        let this_belongs_next = follows(&next_stored, record, next.seq, &self.stored)
+            || follows(&self.stored, record, next.seq, &next_stored);
+        (self.next_belongs_here() && this_belongs_next).then(|| {
+            format!(
+                "events reordered: seq {} and seq {next_seq} swapped",
+                record.seq
+            )
+        })
+    }
+
+    /// The next event is the one that belongs here: this one was inserted
+    /// and the ones after it renumbered.
+    fn inserted_here(&self) -> Option<String> {
+        self.next_belongs_here().then(|| {
             format!(
                 "event inserted at seq {}: later events were renumbered",
-                seq - 1
-            ),
-        );
+                self.pending.record.seq
+            )
+        })
     }
-    let Some(next) = next else {
-        return (
-            seq,
-            "event edited: the last event does not match its digest".to_owned(),
-        );
-    };
-    let Some(next_stored) = stored_digest(next) else {
-        return generic;
-    };
-    let follows = |prev: &Digest, record: &EventRecord, at: u64, digest: &Digest| {
-        link(prev, &leaf_hash_at(record, at)) == *digest
-    };
-    // The next event links to this one's stored digest: this event's bytes
-    // were changed after its digest was taken.
-    if follows(&stored, next, next.seq, &next_stored) {
-        return (
-            seq,
-            "event edited: its content does not match its digest".to_owned(),
-        );
-    }
-    // This event's bytes are intact and the next one links to them: only the
-    // stored digest was changed.
-    let intact = link(previous, &chain::leaf_hash(record));
-    if follows(&intact, next, next.seq, &next_stored) {
-        return (
-            seq,
-            "event edited: its stored digest was changed".to_owned(),
-        );
-    }
-    // The two events traded places (with or without their digests).
-    let next_belongs_here =
-        follows(previous, next, seq, &next_stored) || follows(previous, next, seq, &stored);
-    let this_belongs_next = follows(&next_stored, record, next.seq, &stored)
-        || follows(&stored, record, next.seq, &next_stored);
-    if next_belongs_here && this_belongs_next {
-        return (
-            seq,
-            format!("events reordered: seq {seq} and seq {} swapped", next.seq),
-        );
-    }
-    // The next event is the one that belongs here: this one was inserted
-    // and the ones after it renumbered.
-    if next_belongs_here {
-        return (
-            seq,
-            format!("event inserted at seq {seq}: later events were renumbered"),
-        );
-    }
-    // The events from here on are the original ones shifted down by one:
-    // the event at this seq was deleted and the rest renumbered.
-    if follows(&stored, next, next.seq + 1, &next_stored) {
-        return (
-            seq,
+
+    /// The events from here on are the original ones shifted down by one:
+    /// the event at this seq was deleted and the rest renumbered.
+    fn deleted_here(&self) -> Option<String> {
+        let (next, next_stored) = self.next?;
+        let shifted = next.seq.checked_add(1)?;
+        follows(&self.stored, next, shifted, &next_stored).then(|| {
             format!(
-                "event deleted: the original seq {seq} is gone and later events were renumbered"
-            ),
-        );
+                "event deleted: the original seq {} is gone and later events were renumbered",
+                self.pending.record.seq
+            )
+        })
     }
-    generic
 }
 
 /// The job a group of rows belongs to: its first row's job id, unless that
@@ -445,91 +508,121 @@ pub struct Summary {
 pub fn verify_store(
     store: &dyn EventStore,
     options: &VerifyOptions,
-    mut on_report: impl FnMut(JobReport),
+    on_report: impl FnMut(JobReport),
     mut on_progress: impl FnMut(u64),
 ) -> Result<Summary, StoreError> {
-    let mut summary = Summary::default();
-    let mut seen_expected = std::collections::HashSet::new();
-    let mut finish = |verifier: JobVerifier<'_>, summary: &mut Summary| {
-        let report = verifier.finish();
-        summary.jobs += 1;
-        summary.unsealed += report.unsealed;
-        if !report.is_ok() {
-            summary.failed_jobs += 1;
-        }
-        on_report(report);
-    };
-    // A job's first row waits for its second, to tell which job id is the
-    // job's when the first row's was changed.
-    let mut first: Option<(u64, EventRecord)> = None;
-    let mut current: Option<(u64, JobVerifier<'_>)> = None;
-    let mut unreadable = Vec::new();
-    let mut start = |first: EventRecord, second: Option<&EventRecord>| {
-        let job_id = job_of(&first, second);
-        // Only the jobs with a kept head are remembered: memory stays
-        // independent of the number of jobs.
-        if options.expect.contains_key(&job_id) {
-            seen_expected.insert(job_id);
-        }
-        let mut verifier = JobVerifier::new(job_id, options);
-        verifier.push(&first);
-        verifier
+    let mut walk = LogWalk {
+        options,
+        on_report,
+        summary: Summary::default(),
+        seen_expected: HashSet::new(),
+        first: None,
+        current: None,
+        unreadable: Vec::new(),
     };
     store.scan(&mut |group, row| {
-        summary.events += 1;
-        if summary.events % 4096 == 0 {
-            on_progress(summary.events);
+        walk.summary.events += 1;
+        if walk.summary.events.is_multiple_of(4096) {
+            on_progress(walk.summary.events);
         }
-        let record = match row {
-            Ok(record) => record,
-            Err(e) => {
-                unreadable.push(e.to_string());
-                return;
-            }
-        };
-        if let Some((g, verifier)) = current.as_mut()
+        match row {
+            Ok(record) => walk.record(group, record),
+            Err(e) => walk.unreadable.push(e.to_string()),
+        }
+    })?;
+    Ok(walk.finish())
+}
+
+/// A walk through the whole log, one group of rows (a job) after another.
+struct LogWalk<'a, R> {
+    options: &'a VerifyOptions,
+    on_report: R,
+    summary: Summary,
+    /// The jobs with a kept head seen so far: memory stays independent of
+    /// the number of jobs.
+    seen_expected: HashSet<Uuid>,
+    /// A job's first row waits for its second, to tell which job id is the
+    /// job's when the first row's was changed.
+    first: Option<(u64, EventRecord)>,
+    current: Option<(u64, JobVerifier<'a>)>,
+    /// Rows that could not be read at all.
+    unreadable: Vec<String>,
+}
+
+impl<'a, R: FnMut(JobReport)> LogWalk<'a, R> {
+    fn record(&mut self, group: u64, record: &EventRecord) {
+        if let Some((g, verifier)) = self.current.as_mut()
             && *g == group
         {
             verifier.push(record);
             return;
         }
-        if let Some((g, pending)) = first.take() {
+        if let Some((g, pending)) = self.first.take() {
             if g == group {
-                let mut verifier = start(pending, Some(record));
+                let mut verifier = self.start(pending, Some(record));
                 verifier.push(record);
-                current = Some((group, verifier));
+                self.current = Some((group, verifier));
                 return;
             }
-            finish(start(pending, None), &mut summary);
+            let verifier = self.start(pending, None);
+            self.report(verifier);
         }
-        if let Some((_, done)) = current.take() {
-            finish(done, &mut summary);
+        if let Some((_, done)) = self.current.take() {
+            self.report(done);
         }
-        first = Some((group, record.clone()));
-    })?;
-    if let Some((_, pending)) = first.take() {
-        finish(start(pending, None), &mut summary);
+        self.first = Some((group, record.clone()));
     }
-    if let Some((_, done)) = current.take() {
-        finish(done, &mut summary);
-    }
-    // Rows whose job id itself is unreadable belong to no job; report them
-    // under the nil id so that they are not lost.
-    for detail in unreadable {
-        let mut verifier = JobVerifier::new(Uuid::nil(), options);
-        verifier.flag(0, "LOG", detail);
-        finish(verifier, &mut summary);
-    }
-    for (job_id, head) in &options.expect {
-        if !seen_expected.contains(job_id) {
-            let mut verifier = JobVerifier::new(*job_id, options);
-            verifier.flag(
-                1,
-                "EXPECT",
-                format!("the log has no events for this job, expected head {head}"),
-            );
-            finish(verifier, &mut summary);
+
+    /// A verifier for the job whose first row is `first`.
+    fn start(&mut self, first: EventRecord, second: Option<&EventRecord>) -> JobVerifier<'a> {
+        let job_id = job_of(&first, second);
+        if self.options.expect.contains_key(&job_id) {
+            self.seen_expected.insert(job_id);
         }
+        let mut verifier = JobVerifier::new(job_id, self.options);
+        verifier.push(&first);
+        verifier
     }
-    Ok(summary)
+
+    fn report(&mut self, verifier: JobVerifier<'_>) {
+        let report = verifier.finish();
+        self.summary.jobs += 1;
+        self.summary.unsealed += report.unsealed;
+        if !report.is_ok() {
+            self.summary.failed_jobs += 1;
+        }
+        (self.on_report)(report);
+    }
+
+    /// Reports the jobs still open, the unreadable rows and the kept heads
+    /// of jobs the log does not have.
+    fn finish(mut self) -> Summary {
+        if let Some((_, pending)) = self.first.take() {
+            let verifier = self.start(pending, None);
+            self.report(verifier);
+        }
+        if let Some((_, done)) = self.current.take() {
+            self.report(done);
+        }
+        // Rows whose job id itself is unreadable belong to no job; report
+        // them under the nil id so that they are not lost.
+        for detail in std::mem::take(&mut self.unreadable) {
+            let mut verifier = JobVerifier::new(Uuid::nil(), self.options);
+            verifier.flag(0, "LOG", detail);
+            self.report(verifier);
+        }
+        let options = self.options;
+        for (job_id, head) in &options.expect {
+            if !self.seen_expected.contains(job_id) {
+                let mut verifier = JobVerifier::new(*job_id, options);
+                verifier.flag(
+                    1,
+                    "EXPECT",
+                    format!("the log has no events for this job, expected head {head}"),
+                );
+                self.report(verifier);
+            }
+        }
+        self.summary
+    }
 }

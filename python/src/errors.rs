@@ -82,7 +82,9 @@ pub fn executor_error(error: &Error) -> PyErr {
         Error::JobEnded { .. } => JobEndedError::new_err(message),
         Error::StepInDoubt { .. } => StepInDoubtError::new_err(message),
         Error::Conflict { .. } => ConflictError::new_err(message),
-        Error::Store { .. } | Error::Replay(Replay::Store(_)) => EventLogError::new_err(message),
+        Error::Store { .. }
+        | Error::OutcomeNotRecorded { .. }
+        | Error::Replay(Replay::Store(_)) => EventLogError::new_err(message),
         Error::Replay(_) => ReplayError::new_err(message),
         Error::HealthObserver { .. } => HealthObserverError::new_err(message),
         _ => ExecutorError::new_err(message),

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use super::StoreError;
+use super::{Fence, StoreError};
 use crate::events::{EventRecord, TERMINAL_KINDS};
 use crate::sync::{Condvar, Mutex, MutexGuard, lock, mpsc, panic_message, wait_timeout};
 
@@ -77,8 +77,25 @@ struct State {
 #[derive(Debug)]
 struct Pending {
     records: Vec<EventRecord>,
+    fence: Option<Fence>,
     committed: Option<Hook>,
     reply: mpsc::SyncSender<Reply>,
+}
+
+/// One append of a batch, as the commit writes it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Batched<'a> {
+    pub(crate) records: &'a [EventRecord],
+    pub(crate) fence: Option<Fence>,
+}
+
+impl Pending {
+    fn batched(&self) -> Batched<'_> {
+        Batched {
+            records: &self.records,
+            fence: self.fence,
+        }
+    }
 }
 
 enum Reply {
@@ -164,8 +181,9 @@ impl GroupCommit {
     pub(crate) fn append(
         &self,
         records: &[EventRecord],
+        fence: Option<Fence>,
         committed: Option<Hook>,
-        commit: impl Fn(&[&[EventRecord]]) -> Vec<AppendResult>,
+        commit: impl Fn(&[Batched<'_>]) -> Vec<AppendResult>,
     ) -> AppendResult {
         let mut state = self.lock();
         if !state.leading {
@@ -177,8 +195,8 @@ impl GroupCommit {
                 group: self,
                 pending: self.gather(state, job, continuing),
             };
-            let mut slices = vec![records];
-            slices.extend(batch.pending.iter().map(|p| p.records.as_slice()));
+            let mut slices = vec![Batched { records, fence }];
+            slices.extend(batch.pending.iter().map(Pending::batched));
             let mut results = self.commit_guarded(&slices, &commit).into_iter();
             let own = results
                 .next()
@@ -194,6 +212,7 @@ impl GroupCommit {
         let (reply, replies) = mpsc::sync_channel(1);
         state.queue.push(Pending {
             records: records.to_vec(),
+            fence,
             committed,
             reply,
         });
@@ -208,8 +227,7 @@ impl GroupCommit {
                 group: self,
                 pending: self.gather(self.lock(), None, false),
             };
-            let slices: Vec<&[EventRecord]> =
-                batch.pending.iter().map(|p| p.records.as_slice()).collect();
+            let slices: Vec<Batched<'_>> = batch.pending.iter().map(Pending::batched).collect();
             let results = self.commit_guarded(&slices, &commit);
             batch.reply(results.into_iter());
             drop(batch);
@@ -281,8 +299,8 @@ impl GroupCommit {
     /// happened), never a wedged group.
     fn commit_guarded(
         &self,
-        batch: &[&[EventRecord]],
-        commit: &impl Fn(&[&[EventRecord]]) -> Vec<AppendResult>,
+        batch: &[Batched<'_>],
+        commit: &impl Fn(&[Batched<'_>]) -> Vec<AppendResult>,
     ) -> Vec<AppendResult> {
         let started = Instant::now();
         let results = catch_unwind(AssertUnwindSafe(|| commit(batch))).unwrap_or_else(|payload| {
@@ -332,7 +350,7 @@ mod tests {
     }
 
     impl Log {
-        fn commit(&self, batch: &[&[EventRecord]]) -> Vec<AppendResult> {
+        fn commit(&self, batch: &[Batched<'_>]) -> Vec<AppendResult> {
             let n = self.commits.fetch_add(1, Ordering::SeqCst) + 1;
             if self.panic_at_commit.load(Ordering::SeqCst) == n {
                 panic!("injected panic in commit {n}");
@@ -340,8 +358,8 @@ mod tests {
             let mut log = self.committed.lock().unwrap();
             batch
                 .iter()
-                .map(|records| {
-                    log.push(records[0].job_id);
+                .map(|append| {
+                    log.push(append.records[0].job_id);
                     Ok(vec![log.len() as u64])
                 })
                 .collect()
@@ -385,7 +403,8 @@ mod tests {
                                 Box::new(|| {})
                             };
                             let outcome = catch_unwind(AssertUnwindSafe(|| {
-                                group.append(&record(job), Some(Hook(hook)), |b| log.commit(b))
+                                group
+                                    .append(&record(job), None, Some(Hook(hook)), |b| log.commit(b))
                             }))
                             .map_err(|p| panic_message(p.as_ref()));
                             (job, outcome)
@@ -427,7 +446,11 @@ mod tests {
             // The group is not wedged: a later append commits.
             log.panic_at_commit.store(0, Ordering::SeqCst);
             let job = Uuid::new_v4();
-            assert!(group.append(&record(job), None, |b| log.commit(b)).is_ok());
+            assert!(
+                group
+                    .append(&record(job), None, None, |b| log.commit(b))
+                    .is_ok()
+            );
             assert!(log.holds(job));
         }
     }
@@ -451,7 +474,11 @@ mod tests {
                 }
             }
             let job = Uuid::new_v4();
-            assert!(group.append(&record(job), None, |b| log.commit(b)).is_ok());
+            assert!(
+                group
+                    .append(&record(job), None, None, |b| log.commit(b))
+                    .is_ok()
+            );
         }
     }
 
@@ -465,6 +492,7 @@ mod tests {
             drop(replies);
             state.queue.push(Pending {
                 records: record(Uuid::new_v4()),
+                fence: None,
                 committed: None,
                 reply,
             });
@@ -513,7 +541,7 @@ mod model_check {
         let commits = Arc::new(AtomicUsize::new(0));
         let commit = {
             let (log, commits) = (log.clone(), commits.clone());
-            move |batch: &[&[EventRecord]]| -> Vec<AppendResult> {
+            move |batch: &[Batched<'_>]| -> Vec<AppendResult> {
                 let n = commits.fetch_add(1, Ordering::SeqCst) + 1;
                 if panic_commit == Some(n) {
                     panic!("commit {n} fails");
@@ -521,8 +549,8 @@ mod model_check {
                 let mut log = log.lock().unwrap();
                 batch
                     .iter()
-                    .map(|records| {
-                        log.push(records[0].job_id);
+                    .map(|append| {
+                        log.push(append.records[0].job_id);
                         Ok(vec![log.len() as u64])
                     })
                     .collect()
@@ -544,7 +572,7 @@ mod model_check {
                             }
                         }));
                         let outcome = catch_unwind(AssertUnwindSafe(|| {
-                            group.append(&record(job), Some(hook), &commit)
+                            group.append(&record(job), None, Some(hook), &commit)
                         }));
                         let stored = log.lock().unwrap().contains(&job);
                         match outcome {
@@ -566,7 +594,10 @@ mod model_check {
         }
         // Not wedged: one more append commits.
         assert!(
-            group.append(&record(Uuid::nil()), None, &commit).is_ok() || panic_commit.is_some()
+            group
+                .append(&record(Uuid::nil()), None, None, &commit)
+                .is_ok()
+                || panic_commit.is_some()
         );
     }
 

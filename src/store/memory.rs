@@ -3,11 +3,15 @@
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
 
 use uuid::Uuid;
 
-use super::{EventStore, StoreError, check_batch};
-use crate::events::EventRecord;
+use super::{
+    AppendOptions, Claim, EventStore, Fence, JobQueue, QueueEntry, QueueState, QueuedJob,
+    StoreError, check_batch,
+};
+use crate::events::{EventRecord, format_timestamp};
 
 /// An event log held in memory; lost when dropped.
 #[derive(Debug, Default)]
@@ -23,6 +27,19 @@ struct Inner {
     jobs: HashMap<Uuid, Vec<usize>>,
     /// Job ids in the order they started.
     job_order: Vec<Uuid>,
+    /// The job queue, in submission order.
+    queue: Vec<Queued>,
+}
+
+/// A row of the job queue.
+#[derive(Debug)]
+struct Queued {
+    job: QueuedJob,
+    state: QueueState,
+    owner: Option<String>,
+    epoch: u64,
+    lease_until: Option<SystemTime>,
+    submitted_at: String,
 }
 
 impl MemoryStore {
@@ -39,16 +56,28 @@ impl MemoryStore {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Every event of the log in position order.
-    pub fn all_events(&self) -> Vec<EventRecord> {
-        self.lock().events.clone()
-    }
-}
-
-impl EventStore for MemoryStore {
-    fn append(&self, records: &[EventRecord]) -> Result<Vec<u64>, StoreError> {
+    /// Appends under the lock, checking the fence and the seq first.
+    fn append_locked(
+        &self,
+        records: &[EventRecord],
+        fence: Option<Fence>,
+    ) -> Result<Vec<u64>, StoreError> {
         let (job_id, first_seq) = check_batch(records)?;
         let mut inner = self.lock();
+        if let Some(fence) = fence {
+            let found = inner
+                .queue
+                .iter()
+                .find(|q| q.job.job_id == fence.job_id)
+                .map(|q| q.epoch);
+            if found != Some(fence.epoch) {
+                return Err(StoreError::Fenced {
+                    job_id: fence.job_id,
+                    epoch: fence.epoch,
+                    found,
+                });
+            }
+        }
         let last = inner.jobs.get(&job_id).map_or(0, |seqs| seqs.len() as u64);
         if last + 1 != first_seq {
             return Err(StoreError::Conflict {
@@ -70,6 +99,25 @@ impl EventStore for MemoryStore {
             });
             inner.jobs.entry(job_id).or_default().push(index);
             positions.push(position);
+        }
+        Ok(positions)
+    }
+
+    /// Every event of the log in position order.
+    pub fn all_events(&self) -> Vec<EventRecord> {
+        self.lock().events.clone()
+    }
+}
+
+impl EventStore for MemoryStore {
+    fn append_with(
+        &self,
+        records: &[EventRecord],
+        options: AppendOptions,
+    ) -> Result<Vec<u64>, StoreError> {
+        let positions = self.append_locked(records, options.fence)?;
+        if let Some(committed) = options.committed {
+            committed();
         }
         Ok(positions)
     }
@@ -108,5 +156,123 @@ impl EventStore for MemoryStore {
 
     fn last_position(&self) -> Result<u64, StoreError> {
         Ok(self.lock().events.len() as u64)
+    }
+}
+
+impl JobQueue for MemoryStore {
+    fn submit(&self, job: &QueuedJob) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let stored = inner
+            .jobs
+            .get(&job.job_id)
+            .map_or(0, |seqs| seqs.len() as u64);
+        if stored > 0 || inner.queue.iter().any(|q| q.job.job_id == job.job_id) {
+            return Err(StoreError::Conflict {
+                job_id: job.job_id,
+                expected: 0,
+                found: stored,
+            });
+        }
+        inner.queue.push(Queued {
+            job: job.clone(),
+            state: QueueState::Submitted,
+            owner: None,
+            epoch: 0,
+            lease_until: None,
+            submitted_at: format_timestamp(&chrono::Utc::now()),
+        });
+        Ok(())
+    }
+
+    fn claim(&self, owner: &str, lease: Duration) -> Result<Option<Claim>, StoreError> {
+        let now = SystemTime::now();
+        let mut inner = self.lock();
+        let claimable = |q: &Queued| q.state == QueueState::Submitted;
+        let expired = |q: &Queued| {
+            q.state == QueueState::Running && q.lease_until.is_some_and(|until| until <= now)
+        };
+        let index = inner
+            .queue
+            .iter()
+            .position(claimable)
+            .or_else(|| inner.queue.iter().position(expired));
+        let Some(queued) = index.map(|i| &mut inner.queue[i]) else {
+            return Ok(None);
+        };
+        let taken_over_from = queued.owner.replace(owner.to_owned());
+        queued.state = QueueState::Running;
+        queued.epoch += 1;
+        queued.lease_until = now.checked_add(lease);
+        Ok(Some(Claim {
+            job: queued.job.clone(),
+            fence: Fence {
+                job_id: queued.job.job_id,
+                epoch: queued.epoch,
+            },
+            taken_over_from,
+        }))
+    }
+
+    fn renew(
+        &self,
+        owner: &str,
+        fences: &[Fence],
+        lease: Duration,
+    ) -> Result<Vec<Fence>, StoreError> {
+        let until = SystemTime::now().checked_add(lease);
+        let mut inner = self.lock();
+        let mut held = Vec::new();
+        for queued in &mut inner.queue {
+            let fence = Fence {
+                job_id: queued.job.job_id,
+                epoch: queued.epoch,
+            };
+            if queued.state == QueueState::Running
+                && queued.owner.as_deref() == Some(owner)
+                && fences.contains(&fence)
+            {
+                queued.lease_until = until;
+                held.push(fence);
+            }
+        }
+        Ok(held)
+    }
+
+    fn release(&self, fence: Fence, finished: bool) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        if let Some(queued) = inner
+            .queue
+            .iter_mut()
+            .find(|q| q.job.job_id == fence.job_id && q.epoch == fence.epoch)
+            && queued.state == QueueState::Running
+        {
+            queued.state = if finished {
+                QueueState::Finished
+            } else {
+                QueueState::Submitted
+            };
+            queued.owner = None;
+            queued.lease_until = None;
+        }
+        Ok(())
+    }
+
+    fn queued(&self) -> Result<Vec<QueueEntry>, StoreError> {
+        let now = SystemTime::now();
+        Ok(self
+            .lock()
+            .queue
+            .iter()
+            .filter(|q| q.state != QueueState::Finished)
+            .map(|q| QueueEntry {
+                job_id: q.job.job_id,
+                state: q.state,
+                owner: q.owner.clone(),
+                epoch: q.epoch,
+                lease_expired: q.lease_until.is_some_and(|until| until <= now),
+                submitted_at: q.submitted_at.clone(),
+                steps: q.job.steps.len(),
+            })
+            .collect())
     }
 }

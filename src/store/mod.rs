@@ -8,6 +8,7 @@
 
 mod group;
 mod memory;
+mod queue;
 mod sqlite;
 
 use std::path::PathBuf;
@@ -16,42 +17,81 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 pub use memory::MemoryStore;
+pub use queue::{Claim, Fence, JobQueue, QueueEntry, QueueState, QueuedJob};
 pub use sqlite::{APPLICATION_ID, DB_SCHEMA_VERSION, SqliteOptions, SqliteStore, Synchronous};
 
 use crate::events::{EventRecord, TERMINAL_KINDS};
 
+/// What comes with an append besides its records.
+#[derive(Default)]
+pub struct AppendOptions {
+    /// The claim the append is made under: it is refused
+    /// ([`StoreError::Fenced`]) unless the job's epoch is still the fence's.
+    pub fence: Option<Fence>,
+    /// Called once the events are committed, before the append returns, on
+    /// whichever thread committed them; dropped uncalled when it fails.
+    pub committed: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl std::fmt::Debug for AppendOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppendOptions")
+            .field("fence", &self.fence)
+            .field("committed", &self.committed.is_some())
+            .finish()
+    }
+}
+
 /// An append-only log of events, shared by every thread of an executor.
 pub trait EventStore: Send + Sync {
-    /// Appends events of one job atomically: all of them or none.
+    /// Appends events of one job atomically: all of them or none; under a
+    /// fence, only while the fence holds; then runs the commit hook.
     ///
     /// `records` must all belong to one job and carry consecutive `seq`
     /// numbers, the first one past the job's last stored event. Their
     /// `position` is ignored; the positions assigned are returned in order.
     ///
-    /// # Errors
-    /// [`StoreError::Conflict`] when the job's last stored seq is not the one
-    /// `records` follow (another writer got there first); any other
-    /// [`StoreError`] when the log cannot be written. Nothing is appended then.
-    fn append(&self, records: &[EventRecord]) -> Result<Vec<u64>, StoreError>;
-
-    /// Appends like [`append`](Self::append) and, once the events are
-    /// committed, calls `committed` before returning — on whichever thread
-    /// committed them. The executor starts a step's handler this way: a
-    /// store that commits many threads' appends together starts each
-    /// handler the moment its `StepStarted` is durable, instead of after the
-    /// appending thread has woken up. `committed` is dropped uncalled when
-    /// the append fails.
+    /// The executor starts a step's handler with the commit hook: a store
+    /// that commits many threads' appends together starts each handler the
+    /// moment its `StepStarted` is durable, instead of after the appending
+    /// thread has woken up.
     ///
     /// # Errors
-    /// As [`append`](Self::append).
+    /// [`StoreError::Conflict`] when the job's last stored seq is not the one
+    /// `records` follow (another writer got there first);
+    /// [`StoreError::Fenced`] when the fence no longer holds; any other
+    /// [`StoreError`] when the log cannot be written. Nothing is appended then.
+    fn append_with(
+        &self,
+        records: &[EventRecord],
+        options: AppendOptions,
+    ) -> Result<Vec<u64>, StoreError>;
+
+    /// Appends events of one job atomically: all of them or none.
+    ///
+    /// # Errors
+    /// As [`append_with`](Self::append_with).
+    fn append(&self, records: &[EventRecord]) -> Result<Vec<u64>, StoreError> {
+        self.append_with(records, AppendOptions::default())
+    }
+
+    /// Appends like [`append`](Self::append) and, once the events are
+    /// committed, calls `committed` before returning.
+    ///
+    /// # Errors
+    /// As [`append_with`](Self::append_with).
     fn append_then(
         &self,
         records: &[EventRecord],
         committed: Box<dyn FnOnce() + Send>,
     ) -> Result<Vec<u64>, StoreError> {
-        let positions = self.append(records)?;
-        committed();
-        Ok(positions)
+        self.append_with(
+            records,
+            AppendOptions {
+                committed: Some(committed),
+                ..AppendOptions::default()
+            },
+        )
     }
 
     /// Hands the job's events to `visit` one at a time, in seq order,
@@ -148,6 +188,27 @@ pub enum StoreError {
         expected: u64,
         /// The job's last stored seq.
         found: u64,
+    },
+    /// The append was made under a fence that no longer holds: another
+    /// worker took the job over. Nothing was appended.
+    #[error("job {job_id}: fenced off: this claim (epoch {epoch}) was taken over{}", found.map(|e| format!(" (the job is at epoch {e})")).unwrap_or_default())]
+    Fenced {
+        /// The job.
+        job_id: Uuid,
+        /// The epoch the append was made under.
+        epoch: u64,
+        /// The job's epoch now, if it is in the queue.
+        found: Option<u64>,
+    },
+    /// The database server cannot be reached (or the connection was lost
+    /// before anything was committed). Nothing was written; the append may
+    /// be tried again.
+    #[error("{target}: the database cannot be reached: {detail}")]
+    Unavailable {
+        /// The database, as given (without its password).
+        target: String,
+        /// What failed.
+        detail: String,
     },
     /// The records passed to `append` are not one job's consecutive events.
     #[error("invalid append: {0}")]
@@ -278,9 +339,15 @@ impl StoreError {
     /// Whether the failure is passing: nothing was written, and the same
     /// append may succeed if tried again (the database was busy or locked).
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Busy { .. })
+        matches!(
+            self,
+            StoreError::Busy { .. } | StoreError::Unavailable { .. }
+        )
     }
 }
+
+/// The largest seq a store holds: what a signed 64-bit database integer can.
+pub const SEQ_MAX: u64 = i64::MAX as u64;
 
 /// Checks the shape `append` requires: one job, consecutive seqs.
 fn check_batch(records: &[EventRecord]) -> Result<(Uuid, u64), StoreError> {
@@ -293,21 +360,27 @@ fn check_batch(records: &[EventRecord]) -> Result<(Uuid, u64), StoreError> {
             first.job_id
         )));
     }
-    for (offset, record) in records.iter().enumerate() {
+    let mut previous = first.seq - 1;
+    for record in records {
         if record.job_id != first.job_id {
             return Err(StoreError::InvalidAppend(format!(
                 "events of jobs {} and {} in one append",
                 first.job_id, record.job_id
             )));
         }
-        if record.seq != first.seq + offset as u64 {
+        if record.seq > SEQ_MAX {
             return Err(StoreError::InvalidAppend(format!(
-                "job {}: seq {} does not follow seq {}",
-                first.job_id,
-                record.seq,
-                first.seq + offset as u64 - 1
+                "job {}: seq {} is beyond the largest a log holds ({SEQ_MAX})",
+                first.job_id, record.seq
             )));
         }
+        if record.seq != previous + 1 {
+            return Err(StoreError::InvalidAppend(format!(
+                "job {}: seq {} does not follow seq {previous}",
+                first.job_id, record.seq
+            )));
+        }
+        previous = record.seq;
     }
     Ok((first.job_id, first.seq))
 }

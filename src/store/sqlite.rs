@@ -12,11 +12,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior, params};
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use uuid::Uuid;
 
-use super::group::{GroupCommit, Hook};
-use super::{DatabaseError, EventStore, StoreError, check_batch};
+use super::group::{Batched, GroupCommit, Hook};
+use super::queue;
+use super::{
+    AppendOptions, Claim, DatabaseError, EventStore, Fence, JobQueue, QueueEntry, QueueState,
+    QueuedJob, StoreError, check_batch,
+};
 use crate::chain::{self, Digest};
 use crate::events::EventRecord;
 
@@ -53,6 +57,10 @@ const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         sql: include_str!("../../schema/0006_one_insert_trigger.sql"),
+        then: None,
+    },
+    Migration {
+        sql: include_str!("../../schema/0007_job_queue.sql"),
         then: None,
     },
 ];
@@ -354,7 +362,7 @@ impl SqliteStore {
     /// the transaction is rolled back and written again without it, which
     /// keeps the common case — nothing fails — free of per-append savepoints.
     /// A failed commit fails them all.
-    fn commit_batch(&self, batch: &[&[EventRecord]]) -> Vec<Result<Vec<u64>, StoreError>> {
+    fn commit_batch(&self, batch: &[Batched<'_>]) -> Vec<Result<Vec<u64>, StoreError>> {
         let mut conn = self.lock();
         let write = |e| classify(&self.path, "appending events", e);
         let run = |conn: &Connection, sql: &str| {
@@ -378,14 +386,13 @@ impl SqliteStore {
                 return fill(results, &error);
             }
             let mut written = Vec::with_capacity(batch.len());
-            for (index, records) in batch.iter().enumerate() {
+            for (index, append) in batch.iter().enumerate() {
                 if results[index].is_some() {
                     continue;
                 }
-                match insert_records(&mut conn, records) {
+                match self.write_append(&mut conn, append) {
                     Ok(positions) => written.push((index, positions)),
-                    Err(e) => {
-                        let error = self.insert_error(&conn, records, e);
+                    Err(error) => {
                         let _ = run(&conn, "ROLLBACK");
                         results[index] = Some(Err(error));
                         continue 'attempt;
@@ -412,6 +419,33 @@ impl SqliteStore {
             .collect()
     }
 
+    /// Writes one append inside the open transaction: its fence checked
+    /// first, then its rows.
+    fn write_append(
+        &self,
+        conn: &mut Connection,
+        append: &Batched<'_>,
+    ) -> Result<Vec<u64>, StoreError> {
+        if let Some(fence) = append.fence {
+            let epoch: Option<i64> = conn
+                .prepare_cached("SELECT epoch FROM jobs WHERE job_id = ?1")
+                .and_then(|mut stmt| {
+                    stmt.query_row([fence.job_id.to_string()], |row| row.get(0))
+                        .optional()
+                })
+                .map_err(|e| classify(&self.path, "checking a job's fence", e))?;
+            let found = epoch.and_then(|e| u64::try_from(e).ok());
+            if found != Some(fence.epoch) {
+                return Err(StoreError::Fenced {
+                    job_id: fence.job_id,
+                    epoch: fence.epoch,
+                    found,
+                });
+            }
+        }
+        insert_records(conn, append.records).map_err(|e| self.insert_error(conn, append.records, e))
+    }
+
     /// Tells an optimistic-concurrency conflict from any other failed insert.
     fn insert_error(
         &self,
@@ -426,7 +460,7 @@ impl SqliteStore {
                 .and_then(|mut stmt| stmt.query_row([first.job_id.to_string()], |row| row.get(0)));
             if let Ok(last) = last {
                 let last = last.max(0) as u64;
-                if last + 1 != first.seq {
+                if last.checked_add(1) != Some(first.seq) {
                     return StoreError::Conflict {
                         job_id: first.job_id,
                         expected: first.seq,
@@ -873,21 +907,18 @@ fn read_row_into(
 }
 
 impl EventStore for SqliteStore {
-    fn append(&self, records: &[EventRecord]) -> Result<Vec<u64>, StoreError> {
-        check_batch(records)?;
-        self.group
-            .append(records, None, |batch| self.commit_batch(batch))
-    }
-
-    fn append_then(
+    fn append_with(
         &self,
         records: &[EventRecord],
-        committed: Box<dyn FnOnce() + Send>,
+        options: AppendOptions,
     ) -> Result<Vec<u64>, StoreError> {
         check_batch(records)?;
-        self.group.append(records, Some(Hook(committed)), |batch| {
-            self.commit_batch(batch)
-        })
+        self.group.append(
+            records,
+            options.fence,
+            options.committed.map(Hook),
+            |batch| self.commit_batch(batch),
+        )
     }
 
     fn last_seq(&self, job_id: Uuid) -> Result<u64, StoreError> {
@@ -1030,5 +1061,220 @@ impl SqliteStore {
             }
         }
         Ok(())
+    }
+}
+
+/// The queue's rows, in the writer's transactions: `BEGIN IMMEDIATE` takes
+/// the database's write lock, so two workers never claim one job, and the
+/// clock is SQLite's own (`unixepoch('subsec')`), the same for every
+/// process on the host.
+impl JobQueue for SqliteStore {
+    fn submit(&self, job: &QueuedJob) -> Result<(), StoreError> {
+        let text =
+            serde_json::to_string(job).map_err(|e| StoreError::InvalidAppend(e.to_string()))?;
+        let job_id = job.job_id.to_string();
+        self.queue_write("submitting a job", |tx| {
+            let stored: i64 = tx.query_row(
+                "SELECT count(*) FROM events WHERE job_id = ?1 AND seq = 1",
+                [&job_id],
+                |row| row.get(0),
+            )?;
+            let queued: i64 = tx.query_row(
+                "SELECT count(*) FROM jobs WHERE job_id = ?1",
+                [&job_id],
+                |row| row.get(0),
+            )?;
+            if stored + queued > 0 {
+                return Ok(Err(StoreError::Conflict {
+                    job_id: job.job_id,
+                    expected: 0,
+                    found: stored.cast_unsigned(),
+                }));
+            }
+            tx.execute(
+                "INSERT INTO jobs (job_id, submitted_no, job, state, epoch, submitted_at)
+                 VALUES (?1, (SELECT coalesce(max(submitted_no), 0) + 1 FROM jobs), ?2,
+                         'submitted', 0, strftime('%Y-%m-%dT%H:%M:%f000Z', 'now'))",
+                params![job_id, text],
+            )?;
+            Ok(Ok(()))
+        })?
+    }
+
+    fn claim(&self, owner: &str, lease: Duration) -> Result<Option<Claim>, StoreError> {
+        let row = self.queue_write("claiming a job", |tx| {
+            let pick = |sql: &str| {
+                tx.query_row(sql, [], |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, Option<String>>(2)?,
+                        row.get::<_, i64>(3)?,
+                    ))
+                })
+                .optional()
+            };
+            let picked = match pick(
+                "SELECT job_id, job, owner, epoch FROM jobs WHERE state = 'submitted'
+                 ORDER BY submitted_no LIMIT 1",
+            )? {
+                Some(row) => Some(row),
+                None => pick(
+                    "SELECT job_id, job, owner, epoch FROM jobs
+                     WHERE state = 'running' AND lease_until <= unixepoch('subsec')
+                     ORDER BY submitted_no LIMIT 1",
+                )?,
+            };
+            if let Some((job_id, _, _, _)) = &picked {
+                tx.execute(
+                    "UPDATE jobs SET state = 'running', owner = ?2, epoch = epoch + 1,
+                         lease_until = unixepoch('subsec') + ?3
+                     WHERE job_id = ?1",
+                    params![job_id, owner, queue::seconds(lease)],
+                )?;
+            }
+            Ok(picked)
+        })?;
+        let Some((job_id, text, previous_owner, epoch)) = row else {
+            return Ok(None);
+        };
+        let bad = |detail: String| StoreError::BadRow {
+            job_id: job_id.clone(),
+            seq: 0,
+            detail,
+        };
+        let job: QueuedJob =
+            serde_json::from_str(&text).map_err(|e| bad(format!("queued job: {e}")))?;
+        let epoch = epoch
+            .checked_add(1)
+            .and_then(|e| u64::try_from(e).ok())
+            .ok_or_else(|| bad(format!("epoch {epoch}")))?;
+        Ok(Some(Claim {
+            fence: Fence {
+                job_id: job.job_id,
+                epoch,
+            },
+            job,
+            taken_over_from: previous_owner,
+        }))
+    }
+
+    fn renew(
+        &self,
+        owner: &str,
+        fences: &[Fence],
+        lease: Duration,
+    ) -> Result<Vec<Fence>, StoreError> {
+        self.queue_write("renewing leases", |tx| {
+            let mut renew = tx.prepare_cached(
+                "UPDATE jobs SET lease_until = unixepoch('subsec') + ?4
+                 WHERE job_id = ?1 AND epoch = ?2 AND owner = ?3 AND state = 'running'",
+            )?;
+            let mut held = Vec::new();
+            for fence in fences {
+                let epoch = i64::try_from(fence.epoch).unwrap_or(i64::MAX);
+                let changed = renew.execute(params![
+                    fence.job_id.to_string(),
+                    epoch,
+                    owner,
+                    queue::seconds(lease)
+                ])?;
+                if changed == 1 {
+                    held.push(*fence);
+                }
+            }
+            Ok(held)
+        })
+    }
+
+    fn release(&self, fence: Fence, finished: bool) -> Result<(), StoreError> {
+        self.queue_write("releasing a job", |tx| {
+            tx.execute(
+                "UPDATE jobs SET state = CASE WHEN ?3 THEN 'finished' ELSE 'submitted' END,
+                     owner = NULL, lease_until = NULL
+                 WHERE job_id = ?1 AND epoch = ?2 AND state = 'running'",
+                params![
+                    fence.job_id.to_string(),
+                    i64::try_from(fence.epoch).unwrap_or(i64::MAX),
+                    finished
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn queued(&self) -> Result<Vec<QueueEntry>, StoreError> {
+        self.with_reader("listing the job queue", |conn| {
+            let read = |e| classify(&self.path, "listing the job queue", e);
+            let has_queue: bool = conn
+                .query_row(
+                    "SELECT count(*) > 0 FROM sqlite_schema WHERE type = 'table' AND name = 'jobs'",
+                    [],
+                    |row| row.get(0),
+                )
+                .map_err(read)?;
+            if !has_queue {
+                // A log written before the queue existed: nothing is queued.
+                return Ok(Vec::new());
+            }
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT job_id, state, owner, epoch, coalesce(lease_until <= unixepoch('subsec'), 0),
+                            submitted_at, coalesce(json_array_length(job, '$.steps'), 0)
+                     FROM jobs WHERE state <> 'finished' ORDER BY submitted_no",
+                )
+                .map_err(read)?;
+            let rows = stmt
+                .query_map([], |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, Option<String>>(2)?,
+                        row.get::<_, i64>(3)?,
+                        row.get::<_, bool>(4)?,
+                        row.get::<_, String>(5)?,
+                        row.get::<_, i64>(6)?,
+                    ))
+                })
+                .map_err(read)?;
+            let mut entries = Vec::new();
+            for row in rows {
+                let (job_id, state, owner, epoch, lease_expired, submitted_at, steps) =
+                    row.map_err(read)?;
+                let bad = |detail: String| StoreError::BadRow {
+                    job_id: job_id.clone(),
+                    seq: 0,
+                    detail,
+                };
+                entries.push(QueueEntry {
+                    job_id: Uuid::parse_str(&job_id).map_err(|e| bad(format!("job id: {e}")))?,
+                    state: QueueState::parse(&state).ok_or_else(|| bad(format!("state {state:?}")))?,
+                    owner,
+                    epoch: u64::try_from(epoch).map_err(|_| bad(format!("epoch {epoch}")))?,
+                    lease_expired,
+                    submitted_at,
+                    steps: usize::try_from(steps).unwrap_or(0),
+                });
+            }
+            Ok(entries)
+        })
+    }
+}
+
+impl SqliteStore {
+    /// Runs `write` in a transaction of the writer's that holds the write
+    /// lock from its start.
+    fn queue_write<T>(
+        &self,
+        context: &'static str,
+        write: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| classify(&self.path, context, e))?;
+        let value = write(&tx).map_err(|e| classify(&self.path, context, e))?;
+        tx.commit().map_err(|e| classify(&self.path, context, e))?;
+        Ok(value)
     }
 }

@@ -74,12 +74,18 @@ pub fn at(n: u64) -> DateTime<Utc> {
 
 /// `events` encoded and chained as job `job_id`'s records, seq 1, 2, ….
 pub fn records(job_id: Uuid, events: &[Event]) -> Vec<EventRecord> {
+    records_from(job_id, events, at(0))
+}
+
+/// [`records`], recorded one millisecond apart from `start`.
+pub fn records_from(job_id: Uuid, events: &[Event], start: DateTime<Utc>) -> Vec<EventRecord> {
     let mut head = Digest::GENESIS;
     events
         .iter()
         .enumerate()
         .map(|(i, e)| {
-            let mut record = EventRecord::encode(job_id, i as u64 + 1, at(i as u64), e);
+            let recorded_at = start + TimeDelta::milliseconds(i as i64);
+            let mut record = EventRecord::encode(job_id, i as u64 + 1, recorded_at, e);
             head = chain(&head, &record);
             record.digest = Some(head.to_hex());
             record
@@ -136,16 +142,26 @@ impl FaultyStore {
 pub const SIMULATED_FAULT: &str = "simulated fault";
 
 impl job_executor::store::EventStore for FaultyStore {
-    fn append(&self, records: &[EventRecord]) -> Result<Vec<u64>, job_executor::store::StoreError> {
+    fn append_with(
+        &self,
+        records: &[EventRecord],
+        options: job_executor::store::AppendOptions,
+    ) -> Result<Vec<u64>, job_executor::store::StoreError> {
         let n = self
             .appends
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
             + 1;
         if n < self.fail_at {
-            return self.inner.append(records);
+            return self.inner.append_with(records, options);
         }
         if n == self.fail_at && matches!(self.fault, Fault::AfterCommit) {
-            self.inner.append(records)?;
+            // Committed, but the process is gone before it can act on it:
+            // its commit hook never runs.
+            let options = job_executor::store::AppendOptions {
+                committed: None,
+                ..options
+            };
+            self.inner.append_with(records, options)?;
         }
         Err(job_executor::store::StoreError::InvalidAppend(
             SIMULATED_FAULT.into(),
