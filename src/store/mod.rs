@@ -8,6 +8,8 @@
 
 mod group;
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod queue;
 mod sqlite;
 
@@ -17,6 +19,8 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+pub use postgres::{PG_SCHEMA_VERSION, PgOptions, PgStore};
 pub use queue::{Claim, Fence, JobQueue, QueueEntry, QueueState, QueuedJob};
 pub use sqlite::{APPLICATION_ID, DB_SCHEMA_VERSION, SqliteOptions, SqliteStore, Synchronous};
 
