@@ -70,6 +70,9 @@ fn write(dir: &Path, name: &str, value: &Value) -> String {
     path.display().to_string()
 }
 
+/// A command, as shown, and what it answered: exit code, stdout, stderr.
+type Said = (Vec<String>, Option<i32>, String, String);
+
 /// The same session of commands on each store: every output and exit code
 /// must be byte for byte the same on both.
 #[test]
@@ -92,7 +95,7 @@ fn every_command_behaves_the_same_on_both_stores() {
     let key = key.display().to_string();
     let a = "00000000-0000-0000-0000-00000000000a";
     let b = "00000000-0000-0000-0000-00000000000b";
-    let mut transcripts: Vec<Vec<(Vec<String>, Option<i32>, String, String)>> = Vec::new();
+    let mut transcripts: Vec<Vec<Said>> = Vec::new();
     for db in &dbs {
         let url = db.arg();
         let bundle = d.join(format!("bundle-{}.json", db.name()));
