@@ -1,6 +1,8 @@
 //! Builders shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use chrono::{DateTime, TimeDelta, Utc};
 use job_executor::JobStep;
 use job_executor::chain::{Digest, chain};
