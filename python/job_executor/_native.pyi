@@ -40,7 +40,8 @@ class JobExecutor:
     append-only event log.
 
     ``db``: ``None`` keeps the log in memory; a path opens (or creates) a
-    SQLite log; ``":memory:"`` is a private in-memory SQLite database.
+    SQLite log, a ``postgres://`` URL a PostgreSQL one; ``":memory:"`` is a
+    private in-memory SQLite database.
     ``deterministic``: events are stamped by a logical clock, so the same
     jobs give byte-identical logs. ``key``: authenticates every event's
     digest with HMAC-SHA256 (at least 16 bytes). ``synchronous``: ``"full"``

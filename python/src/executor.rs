@@ -12,7 +12,7 @@ use std::time::Duration;
 use job_executor::chain::{Digest, HeadKey};
 use job_executor::clock::LogicalClock;
 use job_executor::store::{
-    EventStore, MemoryStore, SqliteOptions, SqliteStore, StoreError, Synchronous,
+    self, EventStore, Location, MemoryStore, OpenOptions, SqliteStore, StoreError, Synchronous,
 };
 use job_executor::verify::{VerifyOptions, verify_store};
 use job_executor::{
@@ -35,12 +35,13 @@ const SIGNAL_POLL: Duration = Duration::from_millis(50);
 
 /// Opens the event log a `db=` argument names: `None` keeps the log in
 /// memory, `":memory:"` is a private in-memory SQLite database, anything
-/// else a SQLite file (created when absent). Every store an embedding can
+/// else goes to the core's opener — a PostgreSQL URL (`postgres://…`) or a
+/// SQLite file path (created when absent). Every store an embedding can
 /// name is opened here and nowhere else.
 ///
 /// # Errors
 /// The store's error: a file that is not a job-executor database, a newer
-/// schema, I/O.
+/// schema, a server that cannot be reached, I/O.
 fn open_store(
     db: Option<&str>,
     synchronous: Synchronous,
@@ -48,10 +49,10 @@ fn open_store(
     Ok(match db {
         None => Arc::new(MemoryStore::new()),
         Some(":memory:") => Arc::new(SqliteStore::open_in_memory()?),
-        Some(path) => Arc::new(SqliteStore::open_with(
-            path,
-            &SqliteOptions::default().with_synchronous(synchronous),
-        )?),
+        Some(name) => store::open(
+            &Location::parse(name),
+            &OpenOptions::default().with_synchronous(synchronous),
+        )?,
     })
 }
 
