@@ -386,7 +386,7 @@ impl PgStore {
             Ok(row) => (row.get(0), row.get(1)),
             Err(e) => return Attempt::Failed(write(e)),
         };
-        let mut written = Vec::with_capacity(pending.len());
+        let mut written: Vec<(usize, Vec<i64>)> = Vec::with_capacity(pending.len());
         for &index in &pending {
             let records = batch[index].records;
             let positions: Vec<i64> = (1..=records.len() as i64).map(|n| position + n).collect();
@@ -395,7 +395,16 @@ impl PgStore {
             let inserted = insert_rows(&mut tx, &insert, records, &positions, number);
             if let Err(e) = inserted {
                 drop(tx);
-                results[index] = Some(Err(self.insert_error(conn, records, e)));
+                // The rollback took this batch's earlier appends with it, but
+                // they are written again without this one: the job's last
+                // seq may be one of theirs.
+                let ahead = written
+                    .iter()
+                    .map(|&(i, _)| batch[i].records)
+                    .filter(|earlier| earlier[0].job_id == records[0].job_id)
+                    .filter_map(|earlier| earlier.last().map(|r| r.seq))
+                    .max();
+                results[index] = Some(Err(self.insert_error(conn, records, ahead, e)));
                 return Attempt::Again;
             }
             position += records.len() as i64;
@@ -427,11 +436,13 @@ impl PgStore {
     }
 
     /// Tells an optimistic-concurrency conflict from any other failed
-    /// insert, once the transaction is rolled back.
+    /// insert, once the transaction is rolled back; `ahead` is the job's
+    /// last seq among the batch's appends written before this one.
     fn insert_error(
         &self,
         conn: &mut Conn,
         records: &[EventRecord],
+        ahead: Option<u64>,
         error: postgres::Error,
     ) -> StoreError {
         let first = &records[0];
@@ -446,7 +457,8 @@ impl PgStore {
                 &[&first.job_id],
             )
         {
-            let last = row.get::<_, i64>(0).max(0).cast_unsigned();
+            let stored = row.get::<_, i64>(0).max(0).cast_unsigned();
+            let last = stored.max(ahead.unwrap_or(0));
             if last.checked_add(1) != Some(first.seq) {
                 return StoreError::Conflict {
                     job_id: first.job_id,

@@ -1,6 +1,7 @@
 //! Builders shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod backend;
 pub mod pg;
 
 use chrono::{DateTime, TimeDelta, Utc};
