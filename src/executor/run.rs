@@ -372,6 +372,19 @@ impl Run<'_> {
                 }
                 Err(e) => e,
             };
+            if let StoreError::Fenced { .. } = failure
+                && let Some(outcome) = events.iter().position(is_outcome)
+                && outcome + 1 < events.len()
+            {
+                // The claim may have lapsed: nothing more starts, but the
+                // step's outcome is a fact — record it alone if the fence
+                // still allows, then stop between steps.
+                self.append(&events[..=outcome])?;
+                return Err(ExecutorError::Store {
+                    job_id: self.job_id,
+                    source: failure,
+                });
+            }
             if failure.is_conflict() {
                 // `record` catches up with what another writer appended.
                 return Err(ExecutorError::Store {
@@ -504,6 +517,10 @@ impl Run<'_> {
         }
         Ok(())
     }
+}
+
+fn is_outcome(event: &Event) -> bool {
+    matches!(event, Event::StepSucceeded(_) | Event::StepFailed(_))
 }
 
 /// The outcome of a step whose start was committed with an unknown outcome:
