@@ -842,7 +842,17 @@ impl JobExecutor {
         }
         let mut run = self.stored_run(job_id, Some(resumer), None)?;
         run.control = control;
-        let state = run.projector.state();
+        let mut state = run.projector.state();
+        if let Phase::StepRunning { step_index } = state.phase {
+            // An outcome this executor knows but could not record is the
+            // truth, not "interrupted".
+            let known = self.unrecorded().get(&(job_id, step_index)).cloned();
+            if let Some(outcome) = known {
+                run.record(std::slice::from_ref(&outcome.event))?;
+                self.unrecorded().remove(&(job_id, step_index));
+                state = run.projector.state();
+            }
+        }
         match state.phase {
             Phase::StepRunning { step_index } => run.drive(vec![interrupted(step_index)]),
             Phase::StepFailed { .. } => run.drive(Vec::new()),
