@@ -24,8 +24,11 @@ use crate::model::{JobStatus, PlanError, PlanFile, validate_plan};
 use crate::projection::{Projector, ReplayError, execution_result_to_evidence, replay};
 use crate::report::{JobPage, ReportError, ReportOptions, write_site};
 use crate::result::ExecutionResult;
-use crate::store::{EventStore, SqliteOptions, SqliteStore, StoreError, Synchronous};
+use crate::store::{
+    self, EventStore, Location, Log, OpenOptions, QueueState, QueuedJob, StoreError, Synchronous,
+};
 use crate::verify::{VerifyOptions, verify_store};
+use crate::worker::{Worker, WorkerOptions};
 
 /// The database file used when `--db` is not given.
 pub const DEFAULT_DB: &str = "job-executor.db";
@@ -45,9 +48,10 @@ pub struct Cli {
 /// `--db`, shared by every command that reads or writes the log.
 #[derive(Debug, Args)]
 pub struct DbArg {
-    /// The event log database.
+    /// The event log: a SQLite file, or a PostgreSQL database as a
+    /// postgres:// or postgresql:// URL (or a libpq key=value string).
     #[arg(long, default_value = DEFAULT_DB)]
-    pub db: PathBuf,
+    pub db: String,
 }
 
 /// The subcommands.
@@ -178,6 +182,52 @@ pub enum Command {
         #[arg(long)]
         key_file: Option<PathBuf>,
     },
+    /// Copy a whole log to another store (SQLite file or PostgreSQL), job by
+    /// job, checking every job's chain as it goes; every digest is kept, so
+    /// every head stays the same.
+    Copy {
+        /// The log to copy from.
+        #[arg(long)]
+        from: String,
+        /// The log to copy to (created when absent; it must not hold any of
+        /// the jobs).
+        #[arg(long)]
+        to: String,
+    },
+    /// Queue a plan for a worker to run; print its job id.
+    Submit {
+        /// The plan: {"job_id"?: uuid, "contract_id": uuid, "steps": [...]}.
+        plan: PathBuf,
+        /// The event log database.
+        #[command(flatten)]
+        db: DbArg,
+        /// Who submits the job, recorded in its JobStarted.
+        #[arg(long, default_value = "job-executor")]
+        executed_by: String,
+    },
+    /// Claim submitted jobs and run them (with the CLI's handlers), taking
+    /// over jobs whose worker's lease ran out. SIGTERM/SIGINT: finish the
+    /// steps in flight, give the jobs back, exit 0.
+    Worker {
+        /// The event log database.
+        #[command(flatten)]
+        db: DbArg,
+        /// Jobs run at once.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// How long a claim lasts unless renewed (renewed every third).
+        #[arg(long, default_value_t = 30.0)]
+        lease_seconds: f64,
+        /// This worker's name in leases and in `jobs` (default: host:pid).
+        #[arg(long)]
+        worker_id: Option<String>,
+        /// Exit once nothing is submitted or running.
+        #[arg(long)]
+        until_idle: bool,
+        /// Authenticate the events it records with the key in this file.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
     /// Write a job's self-contained audit bundle (JSON).
     Export {
         /// The job id.
@@ -268,6 +318,12 @@ pub enum CliError {
     /// A report cannot be made or written.
     #[error(transparent)]
     Report(#[from] ReportError),
+    /// A copy stopped.
+    #[error(transparent)]
+    Copy(#[from] crate::store::CopyError),
+    /// `--lease-seconds` is not a positive number of seconds.
+    #[error("invalid --lease-seconds {0}: expected a positive number of seconds")]
+    Lease(f64),
     /// Writing to stdout failed.
     #[error("cannot write output: {0}")]
     Output(#[from] io::Error),
@@ -306,7 +362,7 @@ fn dispatch(command: Command) -> Result<u8, CliError> {
             replay_command(job_id.as_deref(), &db.db, bundle.as_deref())
         }
         Command::Events { job_id, db } => events(&job_id, &db.db),
-        Command::Jobs { db } => jobs(&open_existing(&db.db)?),
+        Command::Jobs { db } => jobs(&*open_existing(&db.db)?),
         Command::Verify {
             db,
             expect,
@@ -320,7 +376,7 @@ fn dispatch(command: Command) -> Result<u8, CliError> {
                     let options = VerifyOptions::default()
                         .with_key(key)
                         .with_expected_heads(parse_expectations(&expect)?);
-                    verify(&open_existing(&db.db)?, &options)
+                    verify(&*open_existing(&db.db)?, &options)
                 }
             }
         }
@@ -358,16 +414,155 @@ fn dispatch(command: Command) -> Result<u8, CliError> {
             out,
             key_file,
         } => export_command(&job_id, &db.db, out.as_deref(), key_file.as_deref()),
+        Command::Copy { from, to } => copy(&from, &to),
+        Command::Submit {
+            plan,
+            db,
+            executed_by,
+        } => submit(&plan, &db.db, &executed_by),
+        Command::Worker {
+            db,
+            concurrency,
+            lease_seconds,
+            worker_id,
+            until_idle,
+            key_file,
+        } => worker(&WorkerArgs {
+            db: &db.db,
+            concurrency,
+            lease_seconds,
+            worker_id: worker_id.as_deref(),
+            until_idle,
+            key_file: key_file.as_deref(),
+        }),
     }
 }
 
-fn replay_command(job_id: Option<&str>, db: &Path, bundle: Option<&Path>) -> Result<u8, CliError> {
+/// Reads and checks a plan file before anything else is touched.
+fn read_plan(plan_path: &Path) -> Result<PlanFile, CliError> {
+    let text = std::fs::read_to_string(plan_path).map_err(|source| CliError::ReadPlan {
+        path: plan_path.to_path_buf(),
+        source,
+    })?;
+    let plan: PlanFile = serde_json::from_str(&text).map_err(|source| CliError::ParsePlan {
+        path: plan_path.to_path_buf(),
+        source,
+    })?;
+    validate_plan(&plan.steps).map_err(|source| CliError::InvalidPlan {
+        path: plan_path.to_path_buf(),
+        source,
+    })?;
+    Ok(plan)
+}
+
+fn submit(plan_path: &Path, db: &str, executed_by: &str) -> Result<u8, CliError> {
+    let plan = read_plan(plan_path)?;
+    let job_id = plan.job_id.unwrap_or_else(Uuid::new_v4);
+    let log = store::open(&Location::parse(db), &OpenOptions::default())?;
+    let job = QueuedJob::new(job_id, plan.contract_id, plan.steps, executed_by);
+    match crate::worker::submit(&*log, &job) {
+        Err(StoreError::Conflict { .. }) => Err(ExecutorError::JobAlreadyExists {
+            job_id,
+            events: log.last_seq(job_id)?,
+        }
+        .into()),
+        other => other.map_err(CliError::from),
+    }?;
+    let mut out = io::stdout().lock();
+    writeln!(out, "{job_id}")?;
+    out.flush()?;
+    Ok(0)
+}
+
+struct WorkerArgs<'a> {
+    db: &'a str,
+    concurrency: usize,
+    lease_seconds: f64,
+    worker_id: Option<&'a str>,
+    until_idle: bool,
+    key_file: Option<&'a Path>,
+}
+
+fn worker(args: &WorkerArgs<'_>) -> Result<u8, CliError> {
+    let key = read_key(args.key_file)?;
+    let lease = std::time::Duration::try_from_secs_f64(args.lease_seconds)
+        .ok()
+        .filter(|lease| !lease.is_zero())
+        .ok_or(CliError::Lease(args.lease_seconds))?;
+    let log = store::open(&Location::parse(args.db), &OpenOptions::default())?;
+    let mut options = WorkerOptions::default()
+        .with_concurrency(args.concurrency)
+        .with_lease(lease);
+    if let Some(id) = args.worker_id {
+        options = options.with_worker_id(id);
+    }
+    if args.until_idle {
+        options = options.until_idle();
+    }
+    let worker_id = options.worker_id.clone();
+    let mut worker = Worker::with_key_and_clock(log, options, key, None);
+    register_cli_handlers(worker.executor_mut());
+    let stop = worker.stop_flag();
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, stop.clone()).map_err(CliError::Output)?;
+    }
+    let report = worker.run()?;
+    let mut out = io::stdout().lock();
+    writeln!(
+        out,
+        "worker {worker_id}: {} jobs claimed, {} finished, {} given back, {} taken over by others, {} failed",
+        report.claimed,
+        report.finished,
+        report.released,
+        report.lost,
+        report.failed.len()
+    )?;
+    out.flush()?;
+    Ok(if report.failed.is_empty() { 0 } else { 1 })
+}
+
+/// `copy`: the whole source is verified first (so nothing is written from a
+/// log that does not verify), then copied job by job, each job's chain
+/// checked again as it is read, and its head compared once written.
+fn copy(from: &str, to: &str) -> Result<u8, CliError> {
+    let source = open_existing(from)?;
+    let mut problems = Vec::new();
+    let summary = verify_store(
+        &*source,
+        &VerifyOptions::default(),
+        |report| problems.extend(report.violations.iter().map(ToString::to_string)),
+        |_| {},
+    )?;
+    if summary.failed_jobs > 0 {
+        let mut out = io::stdout().lock();
+        for problem in &problems {
+            writeln!(out, "{problem}")?;
+        }
+        writeln!(
+            out,
+            "FAILED: {} of {} jobs do not verify; nothing copied",
+            summary.failed_jobs, summary.jobs
+        )?;
+        return Ok(1);
+    }
+    let destination = store::open(&Location::parse(to), &OpenOptions::default())?;
+    let copied = crate::store::copy_log(&*source, &*destination)?;
+    let mut out = io::stdout().lock();
+    writeln!(
+        out,
+        "copied {} jobs, {} events from {from} to {to}: every job's head is the same",
+        copied.jobs, copied.events
+    )?;
+    Ok(0)
+}
+
+fn replay_command(job_id: Option<&str>, db: &str, bundle: Option<&Path>) -> Result<u8, CliError> {
     let result = match (bundle, job_id) {
         (Some(bundle), _) => verify_bundle(&read_file(bundle)?, None)?,
         (None, Some(job_id)) => {
             // The argument is checked before the database is touched.
             let job_id = parse_job_id(job_id)?;
-            replay(&open_existing(db)?, job_id)?
+            replay(&*open_existing(db)?, job_id)?
         }
         // clap requires one of the two.
         (None, None) => unreachable!("clap requires JOB_ID or --bundle"),
@@ -376,7 +571,7 @@ fn replay_command(job_id: Option<&str>, db: &Path, bundle: Option<&Path>) -> Res
     Ok(0)
 }
 
-fn events(job_id: &str, db: &Path) -> Result<u8, CliError> {
+fn events(job_id: &str, db: &str) -> Result<u8, CliError> {
     let job_id = parse_job_id(job_id)?;
     let store = open_existing(db)?;
     let mut out = io::BufWriter::new(io::stdout().lock());
@@ -401,7 +596,7 @@ fn events(job_id: &str, db: &Path) -> Result<u8, CliError> {
 
 fn resume(
     job_id: &str,
-    db: &Path,
+    db: &str,
     executed_by: &str,
     key_file: Option<&Path>,
 ) -> Result<u8, CliError> {
@@ -412,11 +607,30 @@ fn resume(
     Ok(exit_code(&result))
 }
 
-fn cancel(job_id: &str, db: &Path, reason: &str, key_file: Option<&Path>) -> Result<u8, CliError> {
+fn cancel(job_id: &str, db: &str, reason: &str, key_file: Option<&Path>) -> Result<u8, CliError> {
     let job_id = parse_job_id(job_id)?;
-    let executor = existing_executor(db, key_file)?;
+    let log = store::open(&Location::parse(db), &OpenOptions::existing())?;
+    let executor = cli_executor(log.clone(), key_file)?;
     let mut out = io::stdout().lock();
-    match executor.request_cancel(job_id, reason)? {
+    let requested = match executor.request_cancel(job_id, reason) {
+        // Submitted, not started: it ends before it starts.
+        Err(ExecutorError::UnknownJob { .. }) => match log.queued_job(job_id)? {
+            Some((job, _)) => match executor.cancel_queued(&job, reason) {
+                Ok(_) => {
+                    writeln!(out, "job {job_id} cancelled before it started")?;
+                    return Ok(0);
+                }
+                // A worker started it meanwhile: ask it to stop.
+                Err(ExecutorError::JobAlreadyExists { .. }) => {
+                    executor.request_cancel(job_id, reason)?
+                }
+                Err(e) => return Err(e.into()),
+            },
+            None => return Err(ExecutorError::UnknownJob { job_id }.into()),
+        },
+        other => other?,
+    };
+    match requested {
         CancelRequest::Recorded { seq } => {
             writeln!(out, "cancel requested for job {job_id} (seq {seq})")?
         }
@@ -429,13 +643,13 @@ fn cancel(job_id: &str, db: &Path, reason: &str, key_file: Option<&Path>) -> Res
 
 fn export_command(
     job_id: &str,
-    db: &Path,
+    db: &str,
     out: Option<&Path>,
     key_file: Option<&Path>,
 ) -> Result<u8, CliError> {
     let job_id = parse_job_id(job_id)?;
     let key = read_key(key_file)?;
-    let bytes = export(&open_existing(db)?, job_id, key.as_ref())?.to_bytes();
+    let bytes = export(&*open_existing(db)?, job_id, key.as_ref())?.to_bytes();
     match out {
         Some(path) => std::fs::write(path, &bytes).map_err(|source| CliError::File {
             path: path.to_path_buf(),
@@ -452,7 +666,7 @@ fn export_command(
 
 struct ReportArgs<'a> {
     job_id: Option<&'a str>,
-    db: &'a Path,
+    db: &'a str,
     bundle: Option<&'a Path>,
     all: bool,
     out: Option<&'a Path>,
@@ -466,7 +680,14 @@ fn report(args: &ReportArgs<'_>) -> Result<u8, CliError> {
         let Some(dir) = args.out else {
             unreachable!("clap requires --out with --all")
         };
-        write_site(&open_existing(args.db)?, dir, &options)?;
+        let log = open_existing(args.db)?;
+        let owners = log
+            .queued()?
+            .into_iter()
+            .filter(|e| e.state == QueueState::Running)
+            .filter_map(|e| Some((e.job_id, e.owner?)))
+            .collect();
+        write_site(&*log, dir, &options.with_owners(owners))?;
         return Ok(0);
     }
     let page = match (args.bundle, args.job_id) {
@@ -495,7 +716,7 @@ fn report(args: &ReportArgs<'_>) -> Result<u8, CliError> {
 
 struct RunArgs<'a> {
     plan_path: &'a Path,
-    db: &'a Path,
+    db: &'a str,
     executed_by: &'a str,
     deterministic: bool,
     synchronous: SyncMode,
@@ -504,30 +725,18 @@ struct RunArgs<'a> {
 
 fn run(args: &RunArgs<'_>) -> Result<u8, CliError> {
     // Everything about the input is checked before the database is touched.
-    let plan_path = args.plan_path;
-    let text = std::fs::read_to_string(plan_path).map_err(|source| CliError::ReadPlan {
-        path: plan_path.to_path_buf(),
-        source,
-    })?;
-    let plan: PlanFile = serde_json::from_str(&text).map_err(|source| CliError::ParsePlan {
-        path: plan_path.to_path_buf(),
-        source,
-    })?;
-    validate_plan(&plan.steps).map_err(|source| CliError::InvalidPlan {
-        path: plan_path.to_path_buf(),
-        source,
-    })?;
+    let plan = read_plan(args.plan_path)?;
     let key = read_key(args.key_file)?;
     let job_id = match plan.job_id {
         Some(id) => id,
         None if args.deterministic => derived_job_id(plan.contract_id, &plan.steps),
         None => Uuid::new_v4(),
     };
-    let options = SqliteOptions::default().with_synchronous(match args.synchronous {
+    let options = OpenOptions::default().with_synchronous(match args.synchronous {
         SyncMode::Full => Synchronous::Full,
         SyncMode::Normal => Synchronous::Normal,
     });
-    let store = Arc::new(SqliteStore::open_with(args.db, &options)?);
+    let store = store::open(&Location::parse(args.db), &options)?;
     let mut builder = JobExecutor::builder().store(store);
     if args.deterministic {
         builder = builder.clock(Arc::new(LogicalClock::default()));
@@ -565,10 +774,17 @@ fn register_cli_handlers(executor: &mut JobExecutor) {
 
 /// An executor over an existing database (never created here), for the
 /// commands that append to jobs already in it.
-fn existing_executor(db: &Path, key_file: Option<&Path>) -> Result<JobExecutor, CliError> {
+fn existing_executor(db: &str, key_file: Option<&Path>) -> Result<JobExecutor, CliError> {
+    cli_executor(
+        store::open(&Location::parse(db), &OpenOptions::existing())?,
+        key_file,
+    )
+}
+
+/// An executor on `log` with the CLI's handlers and the key in `key_file`.
+fn cli_executor(log: Arc<dyn Log>, key_file: Option<&Path>) -> Result<JobExecutor, CliError> {
     let key = read_key(key_file)?;
-    let store = SqliteStore::open_with(db, &SqliteOptions::existing())?;
-    let mut builder = JobExecutor::builder().store(Arc::new(store));
+    let mut builder = JobExecutor::builder().store(log);
     if let Some(key) = key {
         builder = builder.head_key(key);
     }
@@ -577,7 +793,7 @@ fn existing_executor(db: &Path, key_file: Option<&Path>) -> Result<JobExecutor, 
     Ok(executor)
 }
 
-fn recover(db: &Path, key_file: Option<&Path>) -> Result<u8, CliError> {
+fn recover(db: &str, key_file: Option<&Path>) -> Result<u8, CliError> {
     let executor = existing_executor(db, key_file)?;
     let actions = executor.recover()?;
     let mut out = io::stdout().lock();
@@ -632,9 +848,9 @@ fn read_file(path: &Path) -> Result<Vec<u8>, CliError> {
     })
 }
 
-/// Opens an existing database for reading; never creates or migrates one.
-fn open_existing(db: &Path) -> Result<SqliteStore, StoreError> {
-    SqliteStore::open_with(db, &SqliteOptions::reader())
+/// Opens an existing log for reading; never creates or migrates one.
+fn open_existing(db: &str) -> Result<Arc<dyn Log>, StoreError> {
+    store::open(&Location::parse(db), &OpenOptions::reader())
 }
 
 fn print_evidence(result: &ExecutionResult) -> Result<(), CliError> {
@@ -646,12 +862,24 @@ fn print_evidence(result: &ExecutionResult) -> Result<(), CliError> {
     Ok(())
 }
 
-fn jobs(store: &dyn EventStore) -> Result<u8, CliError> {
+/// `jobs`: every job of the log in start order, then the jobs submitted
+/// and not started yet; a running job's worker in a last column.
+fn jobs(log: &dyn Log) -> Result<u8, CliError> {
+    let queued = log.queued()?;
+    let owner_of = |job_id: Uuid| {
+        queued
+            .iter()
+            .find(|e| e.job_id == job_id && e.state == QueueState::Running)
+            .and_then(|e| e.owner.as_deref())
+            .map(|owner| format!("\towner={owner}"))
+            .unwrap_or_default()
+    };
     let mut out = io::BufWriter::new(io::stdout().lock());
-    for job_id in store.job_ids()? {
+    let logged = log.job_ids()?;
+    for &job_id in &logged {
         let mut projector = Projector::new(job_id);
         let mut broken = None;
-        for record in store.load_job(job_id)? {
+        for record in log.load_job(job_id)? {
             if let Err(e) = projector.apply_record(&record) {
                 broken = Some(e);
                 break;
@@ -660,17 +888,32 @@ fn jobs(store: &dyn EventStore) -> Result<u8, CliError> {
         match (projector.result(), broken) {
             (Some(result), None) => writeln!(
                 out,
-                "{}\t{}\t{}/{} steps\t{}\t{}",
+                "{}\t{}\t{}/{} steps\t{}\t{}{}",
                 job_id,
                 result.final_status,
                 result.steps_succeeded,
                 result.steps_planned,
                 crate::events::format_timestamp(&result.started_at),
                 crate::events::format_timestamp(&result.completed_at),
+                owner_of(job_id),
             )?,
             (_, Some(e)) => writeln!(out, "{job_id}\tINVALID\t{e}")?,
             (None, None) => writeln!(out, "{job_id}\tINVALID\tno events")?,
         }
+    }
+    for entry in queued.iter().filter(|e| !logged.contains(&e.job_id)) {
+        let status = match entry.state {
+            QueueState::Running => "RUNNING",
+            _ => "SUBMITTED",
+        };
+        writeln!(
+            out,
+            "{}\t{status}\t0/{} steps\t{}\t-{}",
+            entry.job_id,
+            entry.steps,
+            entry.submitted_at,
+            owner_of(entry.job_id),
+        )?;
     }
     out.flush()?;
     Ok(0)

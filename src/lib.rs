@@ -52,6 +52,7 @@ mod sync;
 pub mod upcast;
 pub mod verify;
 mod watchdog;
+pub mod worker;
 
 pub use executor::{
     CancelRequest, EXECUTOR_VERSION, ExecutorBuilder, ExecutorError, JobExecutor, Recovery,

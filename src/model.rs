@@ -258,6 +258,11 @@ pub struct ExecutionContext {
     /// Raised when the step's deadline passes: a handler doing long work
     /// should poll it and stop. Its result after that is never recorded.
     pub cancel: CancelSignal,
+    /// Raised when someone asks for the job to be cancelled while this step
+    /// runs (a worker notices within one lease renewal). The step's outcome
+    /// is still recorded, then the job ends CANCELLED (unless the step
+    /// failed); a long step may poll it to finish early.
+    pub cancel_requested: CancelSignal,
 }
 
 impl ExecutionContext {
@@ -281,6 +286,7 @@ impl ExecutionContext {
             started_at,
             deadline: None,
             cancel: CancelSignal::new(),
+            cancel_requested: CancelSignal::new(),
         }
     }
 }

@@ -31,10 +31,12 @@ use crate::model::{FailureKind, JobStep, PlanError, validate_plan};
 use crate::projection::{self, Projector, ReplayError};
 use crate::result::ExecutionResult;
 use crate::runner::{HandlerPool, PoolOptions};
+use crate::store::QueuedJob;
 use crate::store::{EventStore, MemoryStore, StoreError};
 use crate::watchdog::Watchdog;
 pub use run::APPEND_RETRIES_MAX;
 use run::Run;
+pub(crate) use run::RunControl;
 
 /// Version of this executor, recorded in every `JobStarted`.
 pub const EXECUTOR_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -477,6 +479,23 @@ impl JobExecutor {
         health_observer: Option<&dyn HealthObserver>,
         executed_by: &str,
     ) -> Result<ExecutionResult, ExecutorError> {
+        let plan = QueuedJob::new(job_id, contract_id, steps.to_vec(), executed_by);
+        self.start(&plan, health_observer, RunControl::default())
+    }
+
+    /// Starts `job` as `execute_job` does, under `control`.
+    pub(crate) fn start(
+        &self,
+        job: &QueuedJob,
+        health_observer: Option<&dyn HealthObserver>,
+        control: RunControl<'_>,
+    ) -> Result<ExecutionResult, ExecutorError> {
+        let (job_id, contract_id, steps, executed_by) = (
+            job.job_id,
+            job.contract_id,
+            &job.steps[..],
+            job.executed_by.as_str(),
+        );
         validate_plan(steps).map_err(|source| ExecutorError::InvalidPlan { job_id, source })?;
         let stored = self
             .store
@@ -496,6 +515,7 @@ impl JobExecutor {
             contract_id,
             executed_by: executed_by.to_owned(),
             observer: health_observer,
+            control,
         };
         let started = Event::JobStarted(JobStarted {
             contract_id,
@@ -531,6 +551,13 @@ impl JobExecutor {
         executed_by: &str,
     ) -> Result<ExecutionResult, ExecutorError> {
         let mut run = self.stored_run(job_id, Some(executed_by), health_observer)?;
+        self.resume_run(&mut run)
+    }
+
+    /// Resumes a stored run that stopped between steps.
+    fn resume_run(&self, run: &mut Run<'_>) -> Result<ExecutionResult, ExecutorError> {
+        let job_id = run.job_id;
+        let executed_by = run.executed_by.clone();
         let state = run.projector.state();
         match state.phase {
             Phase::Idle => {}
@@ -545,7 +572,7 @@ impl JobExecutor {
             }
         }
         let resumed = Event::JobResumed(JobResumed {
-            executed_by: executed_by.to_owned(),
+            executed_by,
             executor_version: self.version.clone(),
             health_before: run.observe_before()?,
         });
@@ -708,6 +735,51 @@ impl JobExecutor {
         })
     }
 
+    /// Cancels a job that was submitted but has not started: its log gets
+    /// its `JobStarted`, the request and `JobCancelled` in one commit, so no
+    /// worker runs it (one that claims it finds it ended). No handler runs.
+    ///
+    /// # Errors
+    /// [`ExecutorError::JobAlreadyExists`] when the job started meanwhile
+    /// (cancel it with [`request_cancel`](Self::request_cancel) then);
+    /// store failures.
+    pub fn cancel_queued(
+        &self,
+        job: &QueuedJob,
+        reason: &str,
+    ) -> Result<ExecutionResult, ExecutorError> {
+        let job_id = job.job_id;
+        validate_plan(&job.steps)
+            .map_err(|source| ExecutorError::InvalidPlan { job_id, source })?;
+        let mut run = Run {
+            executor: self,
+            job_id,
+            projector: Projector::new(job_id),
+            plan: Cow::Borrowed(&job.steps),
+            contract_id: job.contract_id,
+            executed_by: job.executed_by.clone(),
+            observer: None,
+            control: RunControl::default(),
+        };
+        let started = Event::JobStarted(JobStarted {
+            contract_id: job.contract_id,
+            plan: job.steps.clone(),
+            executed_by: job.executed_by.clone(),
+            executor_version: self.version.clone(),
+            health_before: None,
+        });
+        let request = Event::JobCancelRequested(JobCancelRequested {
+            reason: reason.to_owned(),
+        });
+        match run.drive(vec![started, request]) {
+            Err(ExecutorError::Conflict { seq: 1, .. }) => Err(ExecutorError::JobAlreadyExists {
+                job_id,
+                events: self.store.last_seq(job_id).unwrap_or(1),
+            }),
+            other => other,
+        }
+    }
+
     /// A run of a stored job, folded from its log, with the plan and
     /// contract of its `JobStarted`; `executed_by` defaults to who started it.
     fn stored_run<'a>(
@@ -740,7 +812,57 @@ impl JobExecutor {
             contract_id: started.contract_id,
             executed_by: executed_by.map_or(started.executed_by, str::to_owned),
             observer,
+            control: RunControl::default(),
         })
+    }
+
+    /// Takes up a claimed job from wherever its log says it is: started
+    /// afresh when it has no events; a step in doubt recorded interrupted
+    /// and the job halted — never run again; a failed step's job halted; a
+    /// requested cancellation honoured; otherwise resumed at its next step
+    /// by `resumer`. A terminal job is left as it is.
+    pub(crate) fn run_claimed(
+        &self,
+        job: &QueuedJob,
+        resumer: &str,
+        control: RunControl<'_>,
+    ) -> Result<ExecutionResult, ExecutorError> {
+        let job_id = job.job_id;
+        let stored = self
+            .store
+            .last_seq(job_id)
+            .map_err(|source| ExecutorError::Store { job_id, source })?;
+        if stored == 0 {
+            match self.start(job, None, control.clone()) {
+                // Started elsewhere meanwhile (a cancel of the queued job):
+                // take it up from its log.
+                Err(ExecutorError::JobAlreadyExists { .. }) => {}
+                other => return other,
+            }
+        }
+        let mut run = self.stored_run(job_id, Some(resumer), None)?;
+        run.control = control;
+        let mut state = run.projector.state();
+        if let Phase::StepRunning { step_index } = state.phase {
+            // An outcome this executor knows but could not record is the
+            // truth, not "interrupted".
+            let known = self.unrecorded().get(&(job_id, step_index)).cloned();
+            if let Some(outcome) = known {
+                run.record(std::slice::from_ref(&outcome.event))?;
+                self.unrecorded().remove(&(job_id, step_index));
+                state = run.projector.state();
+            }
+        }
+        match state.phase {
+            Phase::StepRunning { step_index } => run.drive(vec![interrupted(step_index)]),
+            Phase::StepFailed { .. } => run.drive(Vec::new()),
+            Phase::Idle if next_action(&state) == NextAction::Cancel => run.drive(Vec::new()),
+            Phase::Idle => self.resume_run(&mut run),
+            _ => Ok(run
+                .projector
+                .into_result()
+                .ok_or(ExecutorError::UnknownJob { job_id })?),
+        }
     }
 }
 

@@ -79,6 +79,24 @@ pub(super) struct Run<'a> {
     pub(super) contract_id: Uuid,
     pub(super) executed_by: String,
     pub(super) observer: Option<&'a dyn HealthObserver>,
+    pub(super) control: RunControl<'a>,
+}
+
+/// What a worker adds to a run: a way to stop it between steps, and the
+/// signal it raises when it sees a cancel request.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct RunControl<'a> {
+    /// Set: record the step in flight, then start no other.
+    pub(crate) stop: Option<&'a std::sync::atomic::AtomicBool>,
+    /// Handed to every step's handler as `ExecutionContext::cancel_requested`.
+    pub(crate) cancel_requested: Option<crate::model::CancelSignal>,
+}
+
+impl RunControl<'_> {
+    fn stopping(&self) -> bool {
+        self.stop
+            .is_some_and(|stop| stop.load(std::sync::atomic::Ordering::SeqCst))
+    }
 }
 
 impl Run<'_> {
@@ -208,6 +226,8 @@ impl Run<'_> {
             }
         }
         let next = match next_action(&state) {
+            // Asked to stop: the job rests between steps, to be resumed.
+            NextAction::StartStep(_) if self.control.stopping() => return,
             NextAction::StartStep(step_index) => Event::StepStarted(StepStarted { step_index }),
             NextAction::Complete => Event::JobCompleted(JobCompleted {}),
             NextAction::Halt(step_index) => Event::JobHalted(JobHalted { step_index }),
@@ -242,6 +262,9 @@ impl Run<'_> {
         context.deadline = start
             .instant
             .checked_add(Duration::from_secs(step.timeout_seconds));
+        if let Some(requested) = &self.control.cancel_requested {
+            context.cancel_requested = requested.clone();
+        }
         Ok(self.executor.pool.prepare(handler.clone(), step, context))
     }
 
@@ -349,6 +372,19 @@ impl Run<'_> {
                 }
                 Err(e) => e,
             };
+            if let StoreError::Fenced { .. } = failure
+                && let Some(outcome) = events.iter().position(is_outcome)
+                && outcome + 1 < events.len()
+            {
+                // The claim may have lapsed: nothing more starts, but the
+                // step's outcome is a fact — record it alone if the fence
+                // still allows, then stop between steps.
+                self.append(&events[..=outcome])?;
+                return Err(ExecutorError::Store {
+                    job_id: self.job_id,
+                    source: failure,
+                });
+            }
             if failure.is_conflict() {
                 // `record` catches up with what another writer appended.
                 return Err(ExecutorError::Store {
@@ -481,6 +517,10 @@ impl Run<'_> {
         }
         Ok(())
     }
+}
+
+fn is_outcome(event: &Event) -> bool {
+    matches!(event, Event::StepSucceeded(_) | Event::StepFailed(_))
 }
 
 /// The outcome of a step whose start was committed with an unknown outcome:

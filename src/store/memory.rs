@@ -257,6 +257,15 @@ impl JobQueue for MemoryStore {
         Ok(())
     }
 
+    fn queued_job(&self, job_id: Uuid) -> Result<Option<(QueuedJob, QueueState)>, StoreError> {
+        Ok(self
+            .lock()
+            .queue
+            .iter()
+            .find(|q| q.job.job_id == job_id)
+            .map(|q| (q.job.clone(), q.state)))
+    }
+
     fn queued(&self) -> Result<Vec<QueueEntry>, StoreError> {
         let now = SystemTime::now();
         Ok(self

@@ -6,8 +6,10 @@
 //! guarantees that an append is atomic, never overwrites, and never leaves a
 //! gap in a job's sequence numbers.
 
+mod copy;
 mod group;
 mod memory;
+mod open;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod queue;
@@ -18,7 +20,9 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
+pub use copy::{Copied, CopyError, copy_log};
 pub use memory::MemoryStore;
+pub use open::{Location, Log, OpenOptions, open};
 #[cfg(feature = "postgres")]
 pub use postgres::{PG_SCHEMA_VERSION, PgOptions, PgStore};
 pub use queue::{Claim, Fence, JobQueue, QueueEntry, QueueState, QueuedJob};

@@ -958,6 +958,22 @@ impl JobQueue for PgStore {
         Ok(())
     }
 
+    fn queued_job(&self, job_id: Uuid) -> Result<Option<(QueuedJob, QueueState)>, StoreError> {
+        let row = self.with_reader(|conn| {
+            conn.client
+                .query_opt("SELECT job, state FROM jobs WHERE job_id = $1", &[&job_id])
+                .map_err(|e| self.classify("reading the job queue", e))
+        })?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let (text, state): (String, String) = (row.get(0), row.get(1));
+        let bad = |detail: String| bad_row(job_id.to_string(), 0, detail);
+        let job = serde_json::from_str(&text).map_err(|e| bad(format!("queued job: {e}")))?;
+        let state = QueueState::parse(&state).ok_or_else(|| bad(format!("state {state:?}")))?;
+        Ok(Some((job, state)))
+    }
+
     fn queued(&self) -> Result<Vec<QueueEntry>, StoreError> {
         self.with_reader(|conn| {
             let rows = conn

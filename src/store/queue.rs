@@ -162,6 +162,12 @@ pub trait JobQueue: Send + Sync {
     /// Store failures.
     fn release(&self, fence: Fence, finished: bool) -> Result<(), StoreError>;
 
+    /// The job `job_id` as submitted, and where it is, if it is queued.
+    ///
+    /// # Errors
+    /// Store failures.
+    fn queued_job(&self, job_id: Uuid) -> Result<Option<(QueuedJob, QueueState)>, StoreError>;
+
     /// The jobs that are submitted or running, in the order they were
     /// submitted.
     ///

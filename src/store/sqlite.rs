@@ -1203,6 +1203,40 @@ impl JobQueue for SqliteStore {
         })
     }
 
+    fn queued_job(&self, job_id: Uuid) -> Result<Option<(QueuedJob, QueueState)>, StoreError> {
+        let row = self.with_reader("reading the job queue", |conn| {
+            let read = |e| classify(&self.path, "reading the job queue", e);
+            let has_queue: bool = conn
+                .query_row(
+                    "SELECT count(*) > 0 FROM sqlite_schema WHERE type = 'table' AND name = 'jobs'",
+                    [],
+                    |row| row.get(0),
+                )
+                .map_err(read)?;
+            if !has_queue {
+                return Ok(None);
+            }
+            conn.query_row(
+                "SELECT job, state FROM jobs WHERE job_id = ?1",
+                [job_id.to_string()],
+                |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?)),
+            )
+            .optional()
+            .map_err(read)
+        })?;
+        let Some((text, state)) = row else {
+            return Ok(None);
+        };
+        let bad = |detail: String| StoreError::BadRow {
+            job_id: job_id.to_string(),
+            seq: 0,
+            detail,
+        };
+        let job = serde_json::from_str(&text).map_err(|e| bad(format!("queued job: {e}")))?;
+        let state = QueueState::parse(&state).ok_or_else(|| bad(format!("state {state:?}")))?;
+        Ok(Some((job, state)))
+    }
+
     fn queued(&self) -> Result<Vec<QueueEntry>, StoreError> {
         self.with_reader("listing the job queue", |conn| {
             let read = |e| classify(&self.path, "listing the job queue", e);
