@@ -628,9 +628,11 @@ fn a_conflict_inside_one_group_commit_is_a_conflict() {
         let name = backend.name();
         let store = backend.open();
         let (contested, bystander) = (Uuid::new_v4(), Uuid::new_v4());
-        let (release, held) = std::sync::mpsc::channel::<()>();
-        let (queued_tx, queued) = std::sync::mpsc::channel::<()>();
         let results: Vec<_> = std::thread::scope(|scope| {
+            // Made in here, so that a panic of this thread drops `release`
+            // and frees the leader rather than leaving the scope waiting.
+            let (release, held) = std::sync::mpsc::channel::<()>();
+            let (queued_tx, queued) = std::sync::mpsc::channel::<()>();
             // The first append leads, and its hook holds the lead while the
             // others queue behind it.
             let leader = scope.spawn(|| {
@@ -963,11 +965,10 @@ fn postgres_positions_are_dense_and_in_commit_order() {
                 })
             })
             .collect();
-        let appends: Vec<_> = writers
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
-            .collect();
+        let joined: Vec<_> = writers.into_iter().map(|h| h.join()).collect();
+        // Before anything can panic here: the follower stops only then.
         writing.store(false, Ordering::SeqCst);
+        let appends: Vec<_> = joined.into_iter().flat_map(Result::unwrap).collect();
         (appends, follower.join().unwrap())
     });
     assert_eq!(followed, (1..=total as i64).collect::<Vec<_>>());
