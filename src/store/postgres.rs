@@ -894,18 +894,7 @@ impl JobQueue for PgStore {
         };
         let (job_id, text, previous_owner, epoch): (Uuid, String, Option<String>, i64) =
             (row.get(0), row.get(1), row.get(2), row.get(3));
-        let bad = |detail: String| bad_row(job_id.to_string(), 0, detail);
-        let job: QueuedJob =
-            serde_json::from_str(&text).map_err(|e| bad(format!("queued job: {e}")))?;
-        let epoch = epoch
-            .checked_add(1)
-            .and_then(|e| u64::try_from(e).ok())
-            .ok_or_else(|| bad(format!("epoch {epoch}")))?;
-        Ok(Some(Claim {
-            fence: Fence { job_id, epoch },
-            job,
-            taken_over_from: previous_owner,
-        }))
+        queue::claim_from_row(&job_id.to_string(), &text, previous_owner, epoch).map(Some)
     }
 
     fn renew(
@@ -968,10 +957,7 @@ impl JobQueue for PgStore {
             return Ok(None);
         };
         let (text, state): (String, String) = (row.get(0), row.get(1));
-        let bad = |detail: String| bad_row(job_id.to_string(), 0, detail);
-        let job = serde_json::from_str(&text).map_err(|e| bad(format!("queued job: {e}")))?;
-        let state = QueueState::parse(&state).ok_or_else(|| bad(format!("state {state:?}")))?;
-        Ok(Some((job, state)))
+        queue::queued_from_row(&job_id.to_string(), &text, &state).map(Some)
     }
 
     fn queued(&self) -> Result<Vec<QueueEntry>, StoreError> {
