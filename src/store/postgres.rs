@@ -46,6 +46,7 @@ use crate::events::EventRecord;
 const MIGRATIONS: &[&str] = &[
     include_str!("../../schema/postgres/0001_events.sql"),
     include_str!("../../schema/postgres/0002_job_queue.sql"),
+    include_str!("../../schema/postgres/0003_job_starts.sql"),
 ];
 
 /// The schema version this build writes.
@@ -806,11 +807,10 @@ impl EventStore for PgStore {
                 .client
                 .query(
                     "SELECT s.job_id FROM events s
-                     JOIN (SELECT job_no, max(seq) AS last FROM events GROUP BY job_no) j
-                       ON j.job_no = s.job_no
-                     JOIN events e ON e.job_no = j.job_no AND e.seq = j.last
+                     CROSS JOIN LATERAL (SELECT e.kind FROM events e WHERE e.job_no = s.job_no
+                                         ORDER BY e.seq DESC LIMIT 1) last
                      WHERE s.seq = 1
-                       AND e.kind NOT IN ('JobCompleted', 'JobHalted', 'JobCancelled')
+                       AND last.kind NOT IN ('JobCompleted', 'JobHalted', 'JobCancelled')
                      ORDER BY s.job_no",
                     &[],
                 )
