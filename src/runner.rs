@@ -125,9 +125,12 @@ const WORKER_SPIN: Duration = Duration::from_micros(250);
 /// How long the executor polls for a quick handler's outcome before it sleeps.
 const RESULT_SPIN: Duration = Duration::from_micros(50);
 
+/// What a pool thread runs: a step's handler, or a whole job's run.
+pub(crate) type Work = Box<dyn FnOnce() + Send>;
+
 #[derive(Default)]
 struct PoolState {
-    queue: VecDeque<Task>,
+    queue: VecDeque<Work>,
     /// Workers alive.
     threads: usize,
     /// Workers asleep, waiting for a task.
@@ -233,18 +236,41 @@ impl HandlerPool {
             reply,
         };
         let shared = self.shared.clone();
-        (Box::new(move || submit(&shared, task)), dispatch)
+        (
+            Box::new(move || submit(&shared, Box::new(move || run_task(task)))),
+            dispatch,
+        )
+    }
+
+    /// Runs `work` on a pool thread if one is idle or may be started;
+    /// gives it back at the cap, where it would have to wait.
+    pub(crate) fn try_run(&self, work: Work) -> Result<(), Work> {
+        let shared = &self.shared;
+        let mut state = lock(&shared.state);
+        if state.idle > state.wakeups {
+            state.wakeups += 1;
+            state.queue.push_back(work);
+            shared.queued.fetch_add(1, Ordering::SeqCst);
+            drop(state);
+            shared.ready.notify_one();
+            return Ok(());
+        }
+        if state.threads >= shared.options.threads_max {
+            return Err(work);
+        }
+        state.threads += 1;
+        state.queue.push_back(work);
+        shared.queued.fetch_add(1, Ordering::SeqCst);
+        drop(state);
+        spawn_worker(shared);
+        Ok(())
     }
 
     /// Waits for the outcome of a step handed to a worker, until its
     /// deadline; past it, raises the step's cancel signal and returns a
     /// timeout.
     pub(crate) fn wait(&self, dispatch: Dispatch) -> Outcome {
-        let timed_out = |detail: &str| Outcome::Failed {
-            failure: FailureKind::Timeout,
-            error: format!("timed out after {} s{detail}", dispatch.timeout_seconds),
-            output: None,
-        };
+        let timed_out = |detail: &str| timed_out(dispatch.timeout_seconds, detail);
         match receive(&self.shared, &dispatch.outcome, dispatch.deadline) {
             Ok((outcome, false)) => outcome,
             // A result that comes in after the deadline is as late as none.
@@ -272,12 +298,12 @@ impl HandlerPool {
     }
 }
 
-/// Queues `task` and makes sure a worker will take it: an idle one is woken,
+/// Queues `work` and makes sure a worker will take it: an idle one is woken,
 /// or, while under the cap, a new one is started. At the cap it waits for
 /// the first worker to finish.
-fn submit(shared: &Arc<Shared>, task: Task) {
+fn submit(shared: &Arc<Shared>, work: Work) {
     let mut state = lock(&shared.state);
-    state.queue.push_back(task);
+    state.queue.push_back(work);
     shared.queued.fetch_add(1, Ordering::SeqCst);
     if state.idle > state.wakeups {
         state.wakeups += 1;
@@ -290,13 +316,18 @@ fn submit(shared: &Arc<Shared>, task: Task) {
     }
     state.threads += 1;
     drop(state);
+    spawn_worker(shared);
+}
+
+/// Starts a worker, already counted in `threads`.
+fn spawn_worker(shared: &Arc<Shared>) {
     let worker_shared = shared.clone();
     let spawned = thread::Builder::new()
         .name("job-executor-handler".into())
         .spawn(move || worker(&worker_shared));
     if let Err(e) = spawned {
-        // Without a thread the task stays queued for the next free worker;
-        // if there is none, its executor times out at the deadline.
+        // Without a thread the work stays queued for the next free worker;
+        // if there is none, a step's executor times out at the deadline.
         lock(&shared.state).threads -= 1;
         eprintln!("job-executor: cannot start a handler thread: {e}");
     }
@@ -347,14 +378,14 @@ fn claim_place(pollers: &AtomicUsize, max: usize) -> bool {
 }
 
 fn worker(shared: &Shared) {
-    while let Some(task) = next_task(shared) {
-        run_task(task);
+    while let Some(work) = next_task(shared) {
+        work();
     }
 }
 
 /// The next task for a worker, or `None` when it should exit: the pool is
 /// gone, or it stayed idle for the keep-alive.
-fn next_task(shared: &Shared) -> Option<Task> {
+fn next_task(shared: &Shared) -> Option<Work> {
     if polling_pays(shared) && claim_place(&shared.spinning, shared.spinners_max) {
         let polling_until = Instant::now() + WORKER_SPIN;
         while Instant::now() < polling_until && shared.queued.load(Ordering::SeqCst) == 0 {
@@ -388,6 +419,38 @@ fn next_task(shared: &Shared) -> Option<Task> {
     }
 }
 
+/// Calls `handler` for `step`, catching a panic as the step's failure.
+pub(crate) fn call(
+    handler: &dyn StepHandler,
+    step: &JobStep,
+    context: &ExecutionContext,
+) -> Outcome {
+    // The handler only gets shared references, so a panic cannot leave
+    // anything half-changed: asserting unwind safety is sound.
+    match catch_unwind(AssertUnwindSafe(|| handler.execute(step, context))) {
+        Ok(out) if out.success => Outcome::Succeeded(out.output),
+        Ok(out) => Outcome::Failed {
+            failure: FailureKind::HandlerFailed,
+            error: out.error.unwrap_or_else(|| "Step failed".to_owned()),
+            output: Some(out.output),
+        },
+        Err(payload) => Outcome::Failed {
+            failure: FailureKind::Panic,
+            error: format!("Execution error: {}", panic_message(payload.as_ref())),
+            output: None,
+        },
+    }
+}
+
+/// The outcome of a step whose deadline passed before its handler answered.
+pub(crate) fn timed_out(timeout_seconds: u64, detail: &str) -> Outcome {
+    Outcome::Failed {
+        failure: FailureKind::Timeout,
+        error: format!("timed out after {timeout_seconds} s{detail}"),
+        output: None,
+    }
+}
+
 fn run_task(task: Task) {
     let Task {
         handler,
@@ -404,21 +467,7 @@ fn run_task(task: Task) {
         // the step is recorded timed out, and its handler never runs.
         return;
     }
-    // The handler only gets shared references, so a panic cannot leave
-    // anything half-changed: asserting unwind safety is sound.
-    let outcome = match catch_unwind(AssertUnwindSafe(|| handler.execute(&step, &context))) {
-        Ok(out) if out.success => Outcome::Succeeded(out.output),
-        Ok(out) => Outcome::Failed {
-            failure: FailureKind::HandlerFailed,
-            error: out.error.unwrap_or_else(|| "Step failed".to_owned()),
-            output: Some(out.output),
-        },
-        Err(payload) => Outcome::Failed {
-            failure: FailureKind::Panic,
-            error: format!("Execution error: {}", panic_message(payload.as_ref())),
-            output: None,
-        },
-    };
+    let outcome = call(handler.as_ref(), &step, &context);
     let late = context.deadline.is_some_and(|d| Instant::now() >= d);
     // After a timeout nobody listens: the late outcome is dropped here.
     let _ = reply.send((outcome, late));

@@ -323,6 +323,7 @@ impl Worker {
         let control = RunControl {
             stop: Some(&self.stop),
             cancel_requested: self.leases.cancel_signal(job_id),
+            answer: None,
         };
         match self
             .executor
