@@ -10,6 +10,7 @@
 //! cargo run --release --example workload -- --replay-only FILE   # replay a whole log, streaming
 //! cargo run --release --example workload -- --scale FILE         # one job's replay as the log grows
 //! cargo run --release --example workload -- --generate FILE [--sync S] # write a log (NORMAL) and keep it
+//! cargo run --release --example workload -- --baseline-only FILE [--sync S] # only the same-commit baseline
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -34,6 +35,9 @@ struct Options {
     replay_only: Option<PathBuf>,
     generate: Option<PathBuf>,
     scale: Option<PathBuf>,
+    /// Only the same-commit baseline, into this file (to count its
+    /// instructions apart from the engine's).
+    baseline_only: Option<PathBuf>,
     /// `--sync` as given: `--generate` writes at NORMAL unless told.
     sync_given: bool,
 }
@@ -50,6 +54,7 @@ fn parse_args() -> Result<Options, String> {
         replay_only: None,
         generate: None,
         scale: None,
+        baseline_only: None,
         sync_given: false,
     };
     let mut args = std::env::args().skip(1);
@@ -81,6 +86,7 @@ fn parse_args() -> Result<Options, String> {
             "--replay-only" => options.replay_only = Some(PathBuf::from(value()?)),
             "--generate" => options.generate = Some(PathBuf::from(value()?)),
             "--scale" => options.scale = Some(PathBuf::from(value()?)),
+            "--baseline-only" => options.baseline_only = Some(PathBuf::from(value()?)),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -309,6 +315,19 @@ fn main() {
     }
     if let Some(path) = &options.scale {
         scale(path, options.steps, options.threads[0]);
+        return;
+    }
+    if let Some(path) = &options.baseline_only {
+        let sync = options.syncs[0];
+        let rate = baseline(
+            path,
+            sync,
+            options.jobs,
+            options.steps,
+            options.threads[0],
+            Commits::PerStep,
+        );
+        println!("{{\"baseline_events_per_s\":{rate:.0}}}");
         return;
     }
     if let Some(path) = &options.generate {

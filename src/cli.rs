@@ -680,7 +680,14 @@ fn report(args: &ReportArgs<'_>) -> Result<u8, CliError> {
         let Some(dir) = args.out else {
             unreachable!("clap requires --out with --all")
         };
-        write_site(&*open_existing(args.db)?, dir, &options)?;
+        let log = open_existing(args.db)?;
+        let owners = log
+            .queued()?
+            .into_iter()
+            .filter(|e| e.state == QueueState::Running)
+            .filter_map(|e| Some((e.job_id, e.owner?)))
+            .collect();
+        write_site(&*log, dir, &options.with_owners(owners))?;
         return Ok(0);
     }
     let page = match (args.bundle, args.job_id) {

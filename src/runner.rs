@@ -136,29 +136,20 @@ impl StepCall {
     /// Settles the step with what the handler returned, as if
     /// [`StepHandler::execute`] had returned it.
     pub fn complete(self, output: StepOutput) {
-        self.settle(Ok(output));
+        self.send(outcome_of(output));
     }
 
     /// Settles the step as failed the way a handler that panics fails it:
     /// `Execution error: <message>`, failure kind `panic`.
     pub fn fail(self, message: impl Into<String>) {
-        self.settle(Err(message.into()));
+        self.send(Outcome::Failed {
+            failure: FailureKind::Panic,
+            error: format!("Execution error: {}", message.into()),
+            output: None,
+        });
     }
 
-    fn settle(self, result: Result<StepOutput, String>) {
-        let outcome = match result {
-            Ok(out) if out.success => Outcome::Succeeded(out.output),
-            Ok(out) => Outcome::Failed {
-                failure: FailureKind::HandlerFailed,
-                error: out.error.unwrap_or_else(|| "Step failed".to_owned()),
-                output: Some(out.output),
-            },
-            Err(message) => Outcome::Failed {
-                failure: FailureKind::Panic,
-                error: format!("Execution error: {message}"),
-                output: None,
-            },
-        };
+    fn send(self, outcome: Outcome) {
         let late = self.context.deadline.is_some_and(|d| Instant::now() >= d);
         // After a timeout nobody listens: the late outcome is dropped here.
         let _ = self.reply.send((outcome, late));
@@ -182,9 +173,12 @@ const WORKER_SPIN: Duration = Duration::from_micros(250);
 /// How long the executor polls for a quick handler's outcome before it sleeps.
 const RESULT_SPIN: Duration = Duration::from_micros(50);
 
+/// What a pool thread runs: a step's handler, or a whole job's run.
+pub(crate) type Work = Box<dyn FnOnce() + Send>;
+
 #[derive(Default)]
 struct PoolState {
-    queue: VecDeque<Task>,
+    queue: VecDeque<Work>,
     /// Workers alive.
     threads: usize,
     /// Workers asleep, waiting for a task.
@@ -291,14 +285,14 @@ impl HandlerPool {
         };
         let shared = self.shared.clone();
         let hand_over = move || match handler.start(call) {
-            Some(call) => submit(
-                &shared,
-                Task {
+            Some(call) => {
+                let task = Task {
                     handler,
                     call,
                     claim,
-                },
-            ),
+                };
+                submit(&shared, Box::new(move || run_task(task)));
+            }
             // The handler runs it on a thread of its own: it has started,
             // whatever the pool's workers are doing.
             None => {
@@ -309,15 +303,35 @@ impl HandlerPool {
         (Box::new(hand_over), dispatch)
     }
 
+    /// Runs `work` on a pool thread if one is idle or may be started;
+    /// gives it back at the cap, where it would have to wait.
+    pub(crate) fn try_run(&self, work: Work) -> Result<(), Work> {
+        let shared = &self.shared;
+        let mut state = lock(&shared.state);
+        if state.idle > state.wakeups {
+            state.wakeups += 1;
+            state.queue.push_back(work);
+            shared.queued.fetch_add(1, Ordering::SeqCst);
+            drop(state);
+            shared.ready.notify_one();
+            return Ok(());
+        }
+        if state.threads >= shared.options.threads_max {
+            return Err(work);
+        }
+        state.threads += 1;
+        state.queue.push_back(work);
+        shared.queued.fetch_add(1, Ordering::SeqCst);
+        drop(state);
+        spawn_worker(shared);
+        Ok(())
+    }
+
     /// Waits for the outcome of a step handed to a worker, until its
     /// deadline; past it, raises the step's cancel signal and returns a
     /// timeout.
     pub(crate) fn wait(&self, dispatch: Dispatch) -> Outcome {
-        let timed_out = |detail: &str| Outcome::Failed {
-            failure: FailureKind::Timeout,
-            error: format!("timed out after {} s{detail}", dispatch.timeout_seconds),
-            output: None,
-        };
+        let timed_out = |detail: &str| timed_out(dispatch.timeout_seconds, detail);
         match receive(&self.shared, &dispatch.outcome, dispatch.deadline) {
             Ok((outcome, false)) => outcome,
             // A result that comes in after the deadline is as late as none.
@@ -345,12 +359,12 @@ impl HandlerPool {
     }
 }
 
-/// Queues `task` and makes sure a worker will take it: an idle one is woken,
+/// Queues `work` and makes sure a worker will take it: an idle one is woken,
 /// or, while under the cap, a new one is started. At the cap it waits for
 /// the first worker to finish.
-fn submit(shared: &Arc<Shared>, task: Task) {
+fn submit(shared: &Arc<Shared>, work: Work) {
     let mut state = lock(&shared.state);
-    state.queue.push_back(task);
+    state.queue.push_back(work);
     shared.queued.fetch_add(1, Ordering::SeqCst);
     if state.idle > state.wakeups {
         state.wakeups += 1;
@@ -363,13 +377,18 @@ fn submit(shared: &Arc<Shared>, task: Task) {
     }
     state.threads += 1;
     drop(state);
+    spawn_worker(shared);
+}
+
+/// Starts a worker, already counted in `threads`.
+fn spawn_worker(shared: &Arc<Shared>) {
     let worker_shared = shared.clone();
     let spawned = thread::Builder::new()
         .name("job-executor-handler".into())
         .spawn(move || worker(&worker_shared));
     if let Err(e) = spawned {
-        // Without a thread the task stays queued for the next free worker;
-        // if there is none, its executor times out at the deadline.
+        // Without a thread the work stays queued for the next free worker;
+        // if there is none, a step's executor times out at the deadline.
         lock(&shared.state).threads -= 1;
         eprintln!("job-executor: cannot start a handler thread: {e}");
     }
@@ -420,14 +439,14 @@ fn claim_place(pollers: &AtomicUsize, max: usize) -> bool {
 }
 
 fn worker(shared: &Shared) {
-    while let Some(task) = next_task(shared) {
-        run_task(task);
+    while let Some(work) = next_task(shared) {
+        work();
     }
 }
 
 /// The next task for a worker, or `None` when it should exit: the pool is
 /// gone, or it stayed idle for the keep-alive.
-fn next_task(shared: &Shared) -> Option<Task> {
+fn next_task(shared: &Shared) -> Option<Work> {
     if polling_pays(shared) && claim_place(&shared.spinning, shared.spinners_max) {
         let polling_until = Instant::now() + WORKER_SPIN;
         while Instant::now() < polling_until && shared.queued.load(Ordering::SeqCst) == 0 {
@@ -461,10 +480,89 @@ fn next_task(shared: &Shared) -> Option<Task> {
     }
 }
 
+/// Calls `handler` for `step`, catching a panic as the step's failure.
+pub(crate) fn call(
+    handler: &dyn StepHandler,
+    step: &JobStep,
+    context: &ExecutionContext,
+) -> Outcome {
+    // The handler only gets shared references, so a panic cannot leave
+    // anything half-changed: asserting unwind safety is sound.
+    match catch_unwind(AssertUnwindSafe(|| handler.execute(step, context))) {
+        Ok(out) => outcome_of(out),
+        Err(payload) => Outcome::Failed {
+            failure: FailureKind::Panic,
+            error: format!("Execution error: {}", panic_message(payload.as_ref())),
+            output: None,
+        },
+    }
+}
+
+/// Runs `step` on this thread as [`call`] does — unless its handler takes
+/// the step to a thread of its own ([`StepHandler::start`]): then waits for
+/// its outcome until the step's deadline (past it, the outcome is a
+/// timeout, as late as none).
+pub(crate) fn call_or_start(
+    handler: &dyn StepHandler,
+    step: &JobStep,
+    context: &ExecutionContext,
+) -> Outcome {
+    let (reply, outcome) = mpsc::sync_channel(1);
+    let started = StepCall {
+        step: step.clone(),
+        context: context.clone(),
+        reply,
+    };
+    let Some(started) = handler.start(started) else {
+        let answered = match context.deadline {
+            Some(deadline) => {
+                recv_timeout(&outcome, deadline.saturating_duration_since(Instant::now()))
+            }
+            None => outcome
+                .recv()
+                .map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+        };
+        return match answered {
+            Ok((outcome, false)) => outcome,
+            Ok((_, true)) | Err(mpsc::RecvTimeoutError::Timeout) => {
+                timed_out(step.timeout_seconds, "")
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => Outcome::Failed {
+                failure: FailureKind::Panic,
+                error: "Execution error: the handler's thread stopped without an outcome".into(),
+                output: None,
+            },
+        };
+    };
+    call(handler, &started.step, &started.context)
+}
+
+/// The outcome a handler's output stands for.
+fn outcome_of(out: StepOutput) -> Outcome {
+    if out.success {
+        Outcome::Succeeded(out.output)
+    } else {
+        Outcome::Failed {
+            failure: FailureKind::HandlerFailed,
+            error: out.error.unwrap_or_else(|| "Step failed".to_owned()),
+            output: Some(out.output),
+        }
+    }
+}
+
+/// The outcome of a step whose deadline passed before its handler answered.
+pub(crate) fn timed_out(timeout_seconds: u64, detail: &str) -> Outcome {
+    Outcome::Failed {
+        failure: FailureKind::Timeout,
+        error: format!("timed out after {timeout_seconds} s{detail}"),
+        output: None,
+    }
+}
+
 fn run_task(task: Task) {
     let Task {
         handler,
-        call,
+        call: started,
         claim,
     } = task;
     if claim
@@ -475,13 +573,8 @@ fn run_task(task: Task) {
         // the step is recorded timed out, and its handler never runs.
         return;
     }
-    // The handler only gets shared references, so a panic cannot leave
-    // anything half-changed: asserting unwind safety is sound.
-    let result = catch_unwind(AssertUnwindSafe(|| {
-        handler.execute(&call.step, &call.context)
-    }))
-    .map_err(|payload| panic_message(payload.as_ref()));
-    call.settle(result);
+    let outcome = call(handler.as_ref(), &started.step, &started.context);
+    started.send(outcome);
 }
 
 #[cfg(all(test, not(feature = "shuttle")))]

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::store::StoreError;
 use crate::sync::{Condvar, Mutex, lock, thread, wait_timeout};
@@ -35,8 +35,19 @@ struct State {
     alarms: BTreeMap<(Instant, u64), Arc<Alarm>>,
     next_id: u64,
     timer_running: bool,
+    /// When the timer thread wakes next on its own (`None`: not until told).
+    /// An alarm due later needs no wake-up: arming one costs no thread
+    /// switch, which matters at one alarm per step.
+    timer_wakes_at: Option<Instant>,
     closed: bool,
 }
+
+/// While alarms come and go, the timer looks at them this often, so that
+/// arming one never has to wake it (deadlines are a second or more away).
+const TICK: Duration = Duration::from_millis(100);
+
+/// After this long without an alarm, the timer sleeps until the next one.
+const IDLE_AFTER: Duration = Duration::from_secs(10);
 
 /// An armed alarm's action, until it fires or is disarmed. The timer runs
 /// the action with this lock held, so disarming waits for a running action
@@ -69,7 +80,7 @@ impl Watchdog {
         let mut state = lock(&self.shared.state);
         let key = (deadline, state.next_id);
         state.next_id += 1;
-        let earliest = state.alarms.keys().next().is_none_or(|first| key < *first);
+        let wake = state.timer_wakes_at.is_none_or(|at| deadline < at);
         state.alarms.insert(key, alarm.clone());
         if !state.timer_running {
             state.timer_running = true;
@@ -83,7 +94,7 @@ impl Watchdog {
                 state.timer_running = false;
                 eprintln!("job-executor: cannot start the watchdog thread: {e}");
             }
-        } else if earliest {
+        } else if wake {
             self.shared.changed.notify_one();
         }
         Armed {
@@ -116,20 +127,30 @@ impl Armed<'_> {
 
 fn timer(shared: &Shared) {
     let mut state = lock(&shared.state);
+    let mut last_alarm = Instant::now();
     loop {
         if state.closed {
             return;
         }
         let now = Instant::now();
         let Some((&key, _)) = state.alarms.first_key_value() else {
-            state = shared
-                .changed
-                .wait(state)
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if now.duration_since(last_alarm) > IDLE_AFTER {
+                state.timer_wakes_at = None;
+                state = shared
+                    .changed
+                    .wait(state)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+            } else {
+                state.timer_wakes_at = Some(now + TICK);
+                state = wait_timeout(&shared.state, &shared.changed, state, TICK);
+            }
             continue;
         };
+        last_alarm = now;
         if key.0 > now {
-            state = wait_timeout(&shared.state, &shared.changed, state, key.0 - now);
+            let sleep = (key.0 - now).min(TICK);
+            state.timer_wakes_at = Some(now + sleep);
+            state = wait_timeout(&shared.state, &shared.changed, state, sleep);
             continue;
         }
         let Some(alarm) = state.alarms.remove(&key) else {

@@ -254,17 +254,32 @@ impl Worker {
         Ok(report.into_inner().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// One slot: claims and runs jobs one after the other.
+    /// One slot: claims and runs jobs one after the other. A queue that
+    /// cannot be reached is tried again, backing off up to ten polls.
     fn work(&self, report: &Mutex<WorkerReport>) -> Result<(), StoreError> {
+        let mut unreachable = 0u32;
         loop {
             if self.stop.load(Ordering::SeqCst) {
                 return Ok(());
             }
             let asked = Instant::now();
-            match self
-                .log
-                .claim(&self.options.worker_id, self.options.lease)?
-            {
+            let claimed = match self.log.claim(&self.options.worker_id, self.options.lease) {
+                Ok(claimed) => {
+                    unreachable = 0;
+                    claimed
+                }
+                Err(e) if e.is_transient() => {
+                    unreachable = (unreachable + 1).min(10);
+                    eprintln!(
+                        "job-executor worker {}: cannot claim a job: {e}",
+                        self.options.worker_id
+                    );
+                    std::thread::sleep(self.options.idle_poll * unreachable);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            match claimed {
                 Some(claim) => {
                     self.leases.hold(&claim, asked, self.options.lease);
                     let ended = self.run_claim(&claim);
@@ -308,6 +323,7 @@ impl Worker {
         let control = RunControl {
             stop: Some(&self.stop),
             cancel_requested: self.leases.cancel_signal(job_id),
+            answer: None,
         };
         match self
             .executor

@@ -577,6 +577,12 @@ fn a_handler_can_run_its_steps_on_its_own_threads() {
     executor.register_handler("dropped", OwnThread { settle: drop });
     let done = run(&executor, &["done", "done"], None);
     assert_eq!(done.final_status, JobStatus::Completed);
+    // With an observer the caller's thread drives the job and hands each
+    // step over; without one a pool thread drives it: both honour `start`.
+    let health = observer();
+    let observed = run(&executor, &["done", "refused"], Some(&health));
+    assert_eq!(observed.step_results[0].status, StepStatus::Completed);
+    assert_eq!(observed.step_results[1].error.as_deref(), Some("refused"));
     assert_eq!(
         done.step_results[1].output,
         Some(json!({ "target": "target-1", "index": 1 }))

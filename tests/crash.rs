@@ -1,17 +1,19 @@
 //! Crash safety by deterministic simulation: a store that "crashes" at the
 //! k-th append, for every k of generated plans; then recovery and resumption,
-//! and the promise that no step ever runs twice.
+//! and the promise that no step ever runs twice — on the memory store,
+//! SQLite and PostgreSQL.
 
 mod common;
 
 use std::collections::HashMap;
 
+use common::backend::{self, Backend};
 use common::{Fault, FaultyStore, SIMULATED_FAULT};
 use std::sync::{Arc, Mutex, Once};
 
 use job_executor::clock::LogicalClock;
 use job_executor::events::{Event, EventRecord};
-use job_executor::store::{EventStore, MemoryStore, SqliteStore};
+use job_executor::store::{EventStore, MemoryStore};
 use job_executor::verify::verify_job;
 use job_executor::{
     ExecutionContext, ExecutorError, JobExecutor, JobStatus, JobStep, Recovery, StepOutput,
@@ -103,114 +105,153 @@ fn events(store: &dyn EventStore, job: Uuid) -> Vec<Event> {
         .collect()
 }
 
-proptest! {
-    #![proptest_config(Config {
+/// Two jobs run one after the other, the store dies at the k-th append; a
+/// new executor recovers, resumes what is resumable, and the log tells the
+/// truth: nothing committed is lost, no step started twice, no handler
+/// called twice, every job ends, every log verifies.
+#[test]
+fn crash_at_every_append_then_recover() {
+    let test = "crash_at_every_append_then_recover";
+    quiet_deliberate_panics();
+    let config = Config {
         cases: 256,
         failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
             "proptest-regressions/crash.txt",
         ))),
         ..Config::default()
-    })]
-
-    /// Two jobs run one after the other, the store dies at the k-th append;
-    /// a new executor recovers, resumes what is resumable, and the log tells
-    /// the truth: nothing committed is lost, no step started twice, no
-    /// handler called twice, every job ends, every log verifies.
-    #[test]
-    fn crash_at_every_append_then_recover(
-        jobs in prop::collection::vec(kinds(), 1..=2),
-        crash_at in 1usize..=50,
-        after_commit in any::<bool>(),
-        sqlite in any::<bool>(),
-    ) {
-        quiet_deliberate_panics();
-        let inner: Arc<dyn EventStore> = if sqlite {
-            Arc::new(SqliteStore::open_in_memory().unwrap())
-        } else {
-            Arc::new(MemoryStore::new())
-        };
-        let fault = if after_commit { Fault::AfterCommit } else { Fault::BeforeCommit };
-        let crashing = Arc::new(FaultyStore::new(inner.clone(), crash_at, fault));
-        let calls: Calls = Arc::default();
-        let ids: Vec<Uuid> = (0..jobs.len()).map(|n| Uuid::from_u128(n as u128 + 1)).collect();
-
-        // The doomed process: runs jobs until its store dies.
-        let doomed = executor(crashing.clone(), &calls);
-        let mut known = Vec::new();
-        for (job, kinds) in ids.iter().zip(&jobs) {
-            if let Err(e) = doomed.execute_job(*job, Uuid::nil(), &plan(kinds), None, "prop") {
-                let simulated = match &e {
-                    ExecutorError::Store { source, .. } => source.to_string().contains(SIMULATED_FAULT),
-                    // A step's outcome that could not be appended comes back
-                    // with the error, to be recorded by recovery.
-                    ExecutorError::OutcomeNotRecorded { outcome, source } => {
-                        known.push((**outcome).clone());
-                        source.to_string().contains(SIMULATED_FAULT)
-                    }
-                    _ => false,
+    };
+    for backend in Backend::all(test) {
+        // On the SQLite run, the memory store stands in for half the cases.
+        let case = (
+            prop::collection::vec(kinds(), 1..=2),
+            1usize..=50,
+            any::<bool>(),
+            any::<bool>(),
+        );
+        backend::check_shared(
+            &backend,
+            test,
+            config.clone(),
+            case,
+            |(jobs, crash_at, after_commit, on_memory), store| {
+                let inner: Arc<dyn EventStore> = if on_memory && !backend.is_postgres() {
+                    Arc::new(MemoryStore::new())
+                } else {
+                    store
                 };
-                prop_assert!(simulated, "unexpected error: {}", e);
-                break;
-            }
-        }
-        let committed: HashMap<Uuid, Vec<EventRecord>> =
-            ids.iter().map(|&j| (j, inner.load_job(j).unwrap())).collect();
+                let fault = if after_commit {
+                    Fault::AfterCommit
+                } else {
+                    Fault::BeforeCommit
+                };
+                let crashing = Arc::new(FaultyStore::new(inner.clone(), crash_at, fault));
+                let calls: Calls = Arc::default();
+                // Job ids of the case's own: on PostgreSQL the cases share one log.
+                let ids: Vec<Uuid> = (0..jobs.len()).map(|_| Uuid::new_v4()).collect();
 
-        // A new process on the same log recovers, then resumes.
-        let survivor = executor(inner.clone(), &calls);
-        let recovered = survivor.recover_with(&known).unwrap();
-        // A known outcome of a step left in doubt is recorded, never
-        // replaced by `interrupted`.
-        for outcome in &known {
-            let in_doubt = recovered.iter().any(|a| {
-                matches!(a, Recovery::OutcomeRecorded { job_id, step_index }
-                    if *job_id == outcome.job_id && *step_index == outcome.step_index)
-            });
-            let interrupted = recovered.iter().any(|a| {
-                matches!(a, Recovery::Interrupted { job_id, step_index }
-                    if *job_id == outcome.job_id && *step_index == outcome.step_index)
-            });
-            prop_assert!(!interrupted, "{:?} declared interrupted though known", outcome);
-            let stored = events(inner.as_ref(), outcome.job_id);
-            prop_assert!(in_doubt || stored.contains(&outcome.event), "{:?} lost", outcome);
-        }
-        for action in &recovered {
-            if let Recovery::Resumable { job_id, .. } = action {
-                survivor.resume(*job_id, None, "prop").unwrap();
-            }
-        }
-
-        for (job, kinds) in ids.iter().zip(&jobs) {
-            let records = inner.load_job(*job).unwrap();
-            // Every event committed before the crash is still there, unchanged.
-            let before = &committed[job];
-            prop_assert_eq!(&records[..before.len()], &before[..]);
-            let log = events(inner.as_ref(), *job);
-            // No step index started twice; no handler called twice.
-            let mut started = std::collections::HashSet::new();
-            for event in &log {
-                if let Event::StepStarted(s) = event {
-                    prop_assert!(started.insert(s.step_index), "step {} started twice", s.step_index);
+                // The doomed process: runs jobs until its store dies.
+                let doomed = executor(crashing.clone(), &calls);
+                let mut known = Vec::new();
+                for (job, kinds) in ids.iter().zip(&jobs) {
+                    if let Err(e) =
+                        doomed.execute_job(*job, Uuid::nil(), &plan(kinds), None, "prop")
+                    {
+                        let simulated = match &e {
+                            ExecutorError::Store { source, .. } => {
+                                source.to_string().contains(SIMULATED_FAULT)
+                            }
+                            // A step's outcome that could not be appended comes back
+                            // with the error, to be recorded by recovery.
+                            ExecutorError::OutcomeNotRecorded { outcome, source } => {
+                                known.push((**outcome).clone());
+                                source.to_string().contains(SIMULATED_FAULT)
+                            }
+                            _ => false,
+                        };
+                        prop_assert!(simulated, "unexpected error: {}", e);
+                        break;
+                    }
                 }
-            }
-            for i in 0..kinds.len() as u32 {
-                let n = calls.lock().unwrap().get(&(*job, i)).copied().unwrap_or(0);
-                prop_assert!(n <= 1, "handler of step {} called {} times", i, n);
-                prop_assert!(n == 0 || started.contains(&i), "step {} ran without StepStarted", i);
-            }
-            // A job that never started stays unknown; every other job ended.
-            if !log.is_empty() {
-                let status = survivor.replay(*job).unwrap().final_status;
-                prop_assert!(
-                    matches!(status, JobStatus::Completed | JobStatus::Failed),
-                    "job ended {:?}", status
-                );
-                let report = verify_job(*job, &records, &Default::default());
-                prop_assert!(report.is_ok(), "{:?}", report.violations);
-            }
-        }
-        // Nothing is left to recover.
-        let again = survivor.recover().unwrap();
-        prop_assert!(again.is_empty(), "{:?}", again);
+                let committed: HashMap<Uuid, Vec<EventRecord>> = ids
+                    .iter()
+                    .map(|&j| (j, inner.load_job(j).unwrap()))
+                    .collect();
+
+                // A new process on the same log recovers, then resumes.
+                let survivor = executor(inner.clone(), &calls);
+                let recovered = survivor.recover_with(&known).unwrap();
+                // A known outcome of a step left in doubt is recorded, never
+                // replaced by `interrupted`.
+                for outcome in &known {
+                    let in_doubt = recovered.iter().any(|a| {
+                        matches!(a, Recovery::OutcomeRecorded { job_id, step_index }
+                            if *job_id == outcome.job_id && *step_index == outcome.step_index)
+                    });
+                    let interrupted = recovered.iter().any(|a| {
+                        matches!(a, Recovery::Interrupted { job_id, step_index }
+                            if *job_id == outcome.job_id && *step_index == outcome.step_index)
+                    });
+                    prop_assert!(
+                        !interrupted,
+                        "{:?} declared interrupted though known",
+                        outcome
+                    );
+                    let stored = events(inner.as_ref(), outcome.job_id);
+                    prop_assert!(
+                        in_doubt || stored.contains(&outcome.event),
+                        "{:?} lost",
+                        outcome
+                    );
+                }
+                for action in &recovered {
+                    if let Recovery::Resumable { job_id, .. } = action {
+                        survivor.resume(*job_id, None, "prop").unwrap();
+                    }
+                }
+
+                for (job, kinds) in ids.iter().zip(&jobs) {
+                    let records = inner.load_job(*job).unwrap();
+                    // Every event committed before the crash is still there, unchanged.
+                    let before = &committed[job];
+                    prop_assert_eq!(&records[..before.len()], &before[..]);
+                    let log = events(inner.as_ref(), *job);
+                    // No step index started twice; no handler called twice.
+                    let mut started = std::collections::HashSet::new();
+                    for event in &log {
+                        if let Event::StepStarted(s) = event {
+                            prop_assert!(
+                                started.insert(s.step_index),
+                                "step {} started twice",
+                                s.step_index
+                            );
+                        }
+                    }
+                    for i in 0..kinds.len() as u32 {
+                        let n = calls.lock().unwrap().get(&(*job, i)).copied().unwrap_or(0);
+                        prop_assert!(n <= 1, "handler of step {} called {} times", i, n);
+                        prop_assert!(
+                            n == 0 || started.contains(&i),
+                            "step {} ran without StepStarted",
+                            i
+                        );
+                    }
+                    // A job that never started stays unknown; every other job ended.
+                    if !log.is_empty() {
+                        let status = survivor.replay(*job).unwrap().final_status;
+                        prop_assert!(
+                            matches!(status, JobStatus::Completed | JobStatus::Failed),
+                            "job ended {:?}",
+                            status
+                        );
+                        let report = verify_job(*job, &records, &Default::default());
+                        prop_assert!(report.is_ok(), "{:?}", report.violations);
+                    }
+                }
+                // Nothing is left to recover.
+                let again = survivor.recover().unwrap();
+                prop_assert!(again.is_empty(), "{:?}", again);
+                Ok(())
+            },
+        );
     }
 }

@@ -423,3 +423,99 @@ fn a_slow_observer_before_the_first_step_starts_nothing() {
     assert!(matches!(err, ExecutorError::HealthObserver { .. }), "{err}");
     assert_eq!(store.last_seq(job).unwrap(), 0);
 }
+
+/// A store whose commit of a `StepStarted` has an unknown outcome (the
+/// connection dropped during COMMIT), once: committed or not, as chosen.
+struct UnknownCommit {
+    inner: Arc<dyn EventStore>,
+    committed: bool,
+    done: std::sync::atomic::AtomicBool,
+}
+
+impl EventStore for UnknownCommit {
+    fn append_with(
+        &self,
+        records: &[job_executor::events::EventRecord],
+        options: job_executor::store::AppendOptions,
+    ) -> Result<Vec<u64>, job_executor::store::StoreError> {
+        let starts = records.last().is_some_and(|r| r.kind == "StepStarted");
+        if starts && !self.done.swap(true, Ordering::SeqCst) {
+            if self.committed {
+                // Committed, but the hook that starts the handler never runs.
+                let mut options = options;
+                options.committed = None;
+                self.inner.append_with(records, options)?;
+            }
+            return Err(job_executor::store::StoreError::OutcomeUnknown {
+                detail: "connection lost during COMMIT".into(),
+            });
+        }
+        self.inner.append_with(records, options)
+    }
+    fn last_seq(&self, job_id: Uuid) -> Result<u64, job_executor::store::StoreError> {
+        self.inner.last_seq(job_id)
+    }
+    fn load_job(
+        &self,
+        job_id: Uuid,
+    ) -> Result<Vec<job_executor::events::EventRecord>, job_executor::store::StoreError> {
+        self.inner.load_job(job_id)
+    }
+    fn scan(
+        &self,
+        visit: &mut dyn FnMut(
+            u64,
+            Result<&job_executor::events::EventRecord, job_executor::store::StoreError>,
+        ),
+    ) -> Result<(), job_executor::store::StoreError> {
+        self.inner.scan(visit)
+    }
+    fn last_position(&self) -> Result<u64, job_executor::store::StoreError> {
+        self.inner.last_position()
+    }
+    fn job_ids(&self) -> Result<Vec<Uuid>, job_executor::store::StoreError> {
+        self.inner.job_ids()
+    }
+}
+
+/// A handler starts only once its `StepStarted` commit is acknowledged.
+/// When the commit's outcome is unknown, the log is read back: a start that
+/// was not committed is appended again and runs; one that was committed is
+/// recorded failed, not run — its handler never starts.
+#[test]
+fn a_step_whose_start_has_an_unknown_outcome_never_starts_its_handler() {
+    for committed in [false, true] {
+        let inner: Arc<dyn EventStore> = Arc::new(SqliteStore::open_in_memory().unwrap());
+        let store = Arc::new(UnknownCommit {
+            inner: inner.clone(),
+            committed,
+            done: std::sync::atomic::AtomicBool::new(false),
+        });
+        let calls = Arc::new(AtomicUsize::new(0));
+        let mut executor = JobExecutor::builder().store(store).build();
+        let count = calls.clone();
+        executor.register_handler("ok", move |_: &JobStep, _: &ExecutionContext| {
+            count.fetch_add(1, Ordering::SeqCst);
+            StepOutput::succeeded(json!({}))
+        });
+        let job = Uuid::new_v4();
+        let result = executor
+            .execute_job(job, Uuid::nil(), &[step(0, "ok", 5)], None, "t")
+            .unwrap();
+        if committed {
+            assert_eq!(calls.load(Ordering::SeqCst), 0, "the handler started");
+            assert_eq!(result.final_status, JobStatus::Failed);
+            let error = result.step_results[0].error.clone().unwrap();
+            assert!(error.contains("its handler was not started"), "{error}");
+        } else {
+            assert_eq!(calls.load(Ordering::SeqCst), 1);
+            assert_eq!(result.final_status, JobStatus::Completed);
+        }
+        let report = job_executor::verify::verify_job(
+            job,
+            &inner.load_job(job).unwrap(),
+            &Default::default(),
+        );
+        assert!(report.is_ok(), "{:?}", report.violations);
+    }
+}

@@ -614,3 +614,140 @@ fn jobs_shows_submitted_and_running_jobs_with_their_owner() {
         assert!(!listed.contains("owner="), "{listed}");
     }
 }
+
+/// A log seen from a worker cut off from the queue once it has claimed its
+/// first job: renewals fail, nothing more can be claimed, the queue looks
+/// empty; appends still go through.
+struct Unrenewable(Arc<dyn Log>, std::sync::atomic::AtomicBool);
+
+impl job_executor::store::EventStore for Unrenewable {
+    fn append_with(
+        &self,
+        records: &[job_executor::events::EventRecord],
+        options: job_executor::store::AppendOptions,
+    ) -> Result<Vec<u64>, job_executor::store::StoreError> {
+        self.0.append_with(records, options)
+    }
+    fn last_seq(&self, job_id: Uuid) -> Result<u64, job_executor::store::StoreError> {
+        self.0.last_seq(job_id)
+    }
+    fn load_job(
+        &self,
+        job_id: Uuid,
+    ) -> Result<Vec<job_executor::events::EventRecord>, job_executor::store::StoreError> {
+        self.0.load_job(job_id)
+    }
+    fn scan(
+        &self,
+        visit: &mut dyn FnMut(
+            u64,
+            Result<&job_executor::events::EventRecord, job_executor::store::StoreError>,
+        ),
+    ) -> Result<(), job_executor::store::StoreError> {
+        self.0.scan(visit)
+    }
+    fn last_position(&self) -> Result<u64, job_executor::store::StoreError> {
+        self.0.last_position()
+    }
+    fn job_ids(&self) -> Result<Vec<Uuid>, job_executor::store::StoreError> {
+        self.0.job_ids()
+    }
+}
+
+impl job_executor::store::JobQueue for Unrenewable {
+    fn submit(&self, job: &QueuedJob) -> Result<(), job_executor::store::StoreError> {
+        self.0.submit(job)
+    }
+    fn claim(
+        &self,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<Option<job_executor::store::Claim>, job_executor::store::StoreError> {
+        if self.1.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Ok(None);
+        }
+        self.0.claim(owner, lease)
+    }
+    fn renew(
+        &self,
+        _owner: &str,
+        _fences: &[job_executor::store::Fence],
+        _lease: Duration,
+    ) -> Result<Vec<job_executor::store::Fence>, job_executor::store::StoreError> {
+        Err(job_executor::store::StoreError::Unavailable {
+            target: "queue".into(),
+            detail: "partitioned".into(),
+        })
+    }
+    fn release(
+        &self,
+        fence: job_executor::store::Fence,
+        finished: bool,
+    ) -> Result<(), job_executor::store::StoreError> {
+        self.0.release(fence, finished)
+    }
+    fn queued_job(
+        &self,
+        job_id: Uuid,
+    ) -> Result<Option<(QueuedJob, job_executor::store::QueueState)>, job_executor::store::StoreError>
+    {
+        self.0.queued_job(job_id)
+    }
+    fn queued(
+        &self,
+    ) -> Result<Vec<job_executor::store::QueueEntry>, job_executor::store::StoreError> {
+        Ok(Vec::new())
+    }
+}
+
+/// A worker that cannot renew its lease starts no step once the lease may
+/// have run out (the step in flight is still recorded); after the lease,
+/// another worker takes the job up at its next step, and every step runs
+/// once.
+#[test]
+fn a_worker_that_cannot_renew_its_lease_starts_no_more_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    for db in both(dir.path(), "unrenewable") {
+        let log = db.open();
+        let job = Uuid::new_v4();
+        let steps: Vec<JobStep> = (0..6).map(|i| JobStep::new(i, "slow", "t")).collect();
+        submit(&*log, &QueuedJob::new(job, Uuid::nil(), steps, "ops")).unwrap();
+        let runs: Arc<std::sync::Mutex<Vec<u32>>> = Arc::default();
+        let handler = |runs: &Arc<std::sync::Mutex<Vec<u32>>>| {
+            let runs = runs.clone();
+            move |step: &JobStep, _: &ExecutionContext| {
+                runs.lock().unwrap().push(step.step_index);
+                std::thread::sleep(Duration::from_millis(250));
+                StepOutput::succeeded(json!({}))
+            }
+        };
+        let lease = Duration::from_millis(700);
+        let options = WorkerOptions::default().with_lease(lease).until_idle();
+        let mut cut_off = Worker::new(
+            Arc::new(Unrenewable(log.clone(), Default::default())),
+            options.clone().with_worker_id("cut-off"),
+        );
+        cut_off.register_handler("slow", handler(&runs));
+        let report = cut_off.run().unwrap();
+        assert_eq!(report.lost, 1, "{}: {report:?}", db.name());
+        let started_by_first = runs.lock().unwrap().len();
+        assert!(
+            (1..6).contains(&started_by_first),
+            "{}: {started_by_first} steps started on a lease of {lease:?}",
+            db.name()
+        );
+        // Its last step's outcome is recorded: the job rests between steps.
+        let result = job_executor::replay(&*log, job).unwrap();
+        assert_eq!(result.step_results.len(), started_by_first);
+        assert!(result.step_results.iter().all(|s| s.error.is_none()));
+        // Once the lease has run out, another worker goes on from there.
+        std::thread::sleep(lease);
+        let mut healthy = Worker::new(log.clone(), options.with_worker_id("healthy"));
+        healthy.register_handler("slow", handler(&runs));
+        let report = healthy.run().unwrap();
+        assert_eq!(report.finished, 1, "{}: {report:?}", db.name());
+        assert_eq!(*runs.lock().unwrap(), (0..6).collect::<Vec<u32>>());
+        let result = job_executor::replay(&*log, job).unwrap();
+        assert_eq!(result.final_status, JobStatus::Completed);
+    }
+}

@@ -1,6 +1,7 @@
-//! Property: any single change made directly in the SQLite file, with the
+//! Property: any single change made directly in the database, with the
 //! guards dropped, is reported by `verify` with the right job and seq; an
-//! untouched log always passes.
+//! untouched log always passes — in a SQLite file and in a PostgreSQL
+//! schema, each changed with that database's own tools (an [`Attacker`]).
 //!
 //! The changes: a changed byte in any column the chain covers (job_id, seq,
 //! kind, schema_version, recorded_at, payload, digest, and mac in keyed mode),
@@ -12,12 +13,12 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
 
+use common::backend::{self, Backend};
 use job_executor::chain::{Digest, HeadKey};
 use job_executor::clock::LogicalClock;
-use job_executor::store::{EventStore, SqliteOptions, SqliteStore, Synchronous};
+use job_executor::events::EventRecord;
 use job_executor::verify::{JobReport, VerifyOptions, verify_store};
 use job_executor::{FailingHandler, JobExecutor, JobStep, NoOpHandler, replay};
 use proptest::prelude::*;
@@ -91,11 +92,9 @@ fn jobs() -> impl Strategy<Value = Vec<Vec<bool>>> {
     )
 }
 
-fn write_log(path: &Path, jobs: &[Vec<bool>], keyed: bool) -> Vec<Uuid> {
-    let options = SqliteOptions::default().with_synchronous(Synchronous::Normal);
-    let store = Arc::new(SqliteStore::open_with(path, &options).unwrap());
+fn write_log(log: &Backend, jobs: &[Vec<bool>], keyed: bool) -> Vec<Uuid> {
     let mut builder = JobExecutor::builder()
-        .store(store)
+        .store(log.open_for_speed())
         .clock(Arc::new(LogicalClock::default()));
     if keyed {
         builder = builder.head_key(key());
@@ -120,37 +119,272 @@ fn write_log(path: &Path, jobs: &[Vec<bool>], keyed: bool) -> Vec<Uuid> {
         .collect()
 }
 
-fn reopen(path: &Path) -> SqliteStore {
-    common::reader(path)
-}
-
-fn verify(path: &Path, options: &VerifyOptions) -> Vec<JobReport> {
+fn verify(log: &Backend, options: &VerifyOptions) -> Vec<JobReport> {
     let mut reports = Vec::new();
-    verify_store(&reopen(path), options, |r| reports.push(r), |_| {}).unwrap();
+    verify_store(log.reader().as_ref(), options, |r| reports.push(r), |_| {}).unwrap();
     reports
 }
 
-fn tamper(path: &Path) -> Connection {
-    let raw = Connection::open(path).unwrap();
-    raw.execute_batch(
-        "DROP TRIGGER events_no_update; DROP TRIGGER events_no_delete;
-         DROP TRIGGER events_insert;
-         PRAGMA ignore_check_constraints = ON;",
-    )
-    .unwrap();
-    raw
+/// What an attacker holding the database can do once its guards are
+/// dropped: one implementation per store, each change made in that
+/// database's own terms. Events are named by their `position`.
+trait Attacker {
+    /// The position of the job's event at `seq`.
+    fn position(&mut self, job: Uuid, seq: u64) -> i64;
+    /// A text column (`job_id` as text), `None` when NULL.
+    fn text(&mut self, position: i64, column: &str) -> Option<String>;
+    /// Writes a text column; `false` when the database refuses the value.
+    fn set_text(&mut self, position: i64, column: &str, value: &str) -> bool;
+    /// Writes the seq; `false` when the database refuses it (a seq the job
+    /// already has).
+    fn set_seq(&mut self, position: i64, seq: i64) -> bool;
+    /// Flips one bit of the schema version.
+    fn flip_schema_version(&mut self, position: i64, bit: u8) -> bool;
+    fn delete(&mut self, position: i64);
+    /// Swaps a column's values between two events.
+    fn swap(&mut self, a: i64, b: i64, column: &str);
+    /// See [`common::insert_renumbered`].
+    fn insert_renumbered(&mut self, records: &[EventRecord], seq: u64, forge_digest: bool);
+    /// Deletes the job's events from `seq` on.
+    fn cut_tail(&mut self, job: Uuid, seq: u64);
+}
+
+/// The SQLite file, its triggers dropped and CHECK constraints ignored.
+struct SqliteAttacker(Connection);
+
+impl SqliteAttacker {
+    fn new(log: &Backend) -> Self {
+        let raw = Connection::open(log.path()).unwrap();
+        raw.execute_batch(
+            "DROP TRIGGER events_no_update; DROP TRIGGER events_no_delete;
+             DROP TRIGGER events_insert;
+             PRAGMA ignore_check_constraints = ON;",
+        )
+        .unwrap();
+        SqliteAttacker(raw)
+    }
+}
+
+impl Attacker for SqliteAttacker {
+    fn position(&mut self, job: Uuid, seq: u64) -> i64 {
+        self.0
+            .query_row(
+                "SELECT position FROM events WHERE job_id = ?1 AND seq = ?2",
+                params![job.to_string(), seq as i64],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+
+    fn text(&mut self, position: i64, column: &str) -> Option<String> {
+        self.0
+            .query_row(
+                &format!("SELECT {column} FROM events WHERE position = ?1"),
+                [position],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+
+    fn set_text(&mut self, position: i64, column: &str, value: &str) -> bool {
+        self.0
+            .execute(
+                &format!("UPDATE events SET {column} = ?2 WHERE position = ?1"),
+                params![position, value],
+            )
+            .is_ok()
+    }
+
+    fn set_seq(&mut self, position: i64, seq: i64) -> bool {
+        self.0
+            .execute(
+                "UPDATE events SET seq = ?2 WHERE position = ?1",
+                params![position, seq],
+            )
+            .is_ok()
+    }
+
+    fn flip_schema_version(&mut self, position: i64, bit: u8) -> bool {
+        self.0
+            .execute(
+                "UPDATE events SET schema_version = (schema_version | ?2) - (schema_version & ?2)
+                 WHERE position = ?1",
+                params![position, 1i64 << bit],
+            )
+            .is_ok()
+    }
+
+    fn delete(&mut self, position: i64) {
+        self.0
+            .execute("DELETE FROM events WHERE position = ?1", [position])
+            .unwrap();
+    }
+
+    fn swap(&mut self, a: i64, b: i64, column: &str) {
+        self.0
+            .execute(
+                &format!(
+                    "UPDATE events SET {column} = CASE position
+                       WHEN ?1 THEN (SELECT {column} FROM events WHERE position = ?2)
+                       ELSE (SELECT {column} FROM events WHERE position = ?1) END
+                     WHERE position IN (?1, ?2)"
+                ),
+                params![a, b],
+            )
+            .unwrap();
+    }
+
+    fn insert_renumbered(&mut self, records: &[EventRecord], seq: u64, forge_digest: bool) {
+        common::insert_renumbered(&self.0, records, seq, forge_digest);
+    }
+
+    fn cut_tail(&mut self, job: Uuid, seq: u64) {
+        self.0
+            .execute(
+                "DELETE FROM events WHERE job_id = ?1 AND seq >= ?2",
+                params![job.to_string(), seq as i64],
+            )
+            .unwrap();
+    }
+}
+
+/// The PostgreSQL schema, its user triggers disabled and its CHECK
+/// constraints dropped. `job_id` is a `uuid` there: an edit that leaves
+/// no UUID is refused by the column type itself.
+struct PgAttacker(postgres::Client);
+
+impl PgAttacker {
+    fn new(log: &Backend) -> Self {
+        let mut raw = log.schema().client();
+        raw.batch_execute("ALTER TABLE events DISABLE TRIGGER USER")
+            .unwrap();
+        let checks: Vec<String> = raw
+            .query(
+                "SELECT conname::text FROM pg_constraint
+                 WHERE conrelid = 'events'::regclass AND contype = 'c'",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert!(
+            !checks.is_empty(),
+            "the events table has CHECK constraints to drop"
+        );
+        for check in checks {
+            raw.batch_execute(&format!("ALTER TABLE events DROP CONSTRAINT \"{check}\""))
+                .unwrap();
+        }
+        PgAttacker(raw)
+    }
+}
+
+impl Attacker for PgAttacker {
+    fn position(&mut self, job: Uuid, seq: u64) -> i64 {
+        self.0
+            .query_one(
+                "SELECT position FROM events WHERE job_id = $1 AND seq = $2",
+                &[&job, &(seq as i64)],
+            )
+            .unwrap()
+            .get(0)
+    }
+
+    fn text(&mut self, position: i64, column: &str) -> Option<String> {
+        self.0
+            .query_one(
+                &format!("SELECT {column}::text FROM events WHERE position = $1"),
+                &[&position],
+            )
+            .unwrap()
+            .get(0)
+    }
+
+    fn set_text(&mut self, position: i64, column: &str, value: &str) -> bool {
+        let column_type = if column == "job_id" { "uuid" } else { "text" };
+        self.0
+            .execute(
+                &format!(
+                    "UPDATE events SET {column} = CAST($2::text AS {column_type})
+                     WHERE position = $1"
+                ),
+                &[&position, &value],
+            )
+            .is_ok()
+    }
+
+    fn set_seq(&mut self, position: i64, seq: i64) -> bool {
+        self.0
+            .execute(
+                "UPDATE events SET seq = $2 WHERE position = $1",
+                &[&position, &seq],
+            )
+            .is_ok()
+    }
+
+    fn flip_schema_version(&mut self, position: i64, bit: u8) -> bool {
+        self.0
+            .execute(
+                "UPDATE events SET schema_version = (schema_version | $2) - (schema_version & $2)
+                 WHERE position = $1",
+                &[&position, &(1i32 << bit)],
+            )
+            .is_ok()
+    }
+
+    fn delete(&mut self, position: i64) {
+        self.0
+            .execute("DELETE FROM events WHERE position = $1", &[&position])
+            .unwrap();
+    }
+
+    fn swap(&mut self, a: i64, b: i64, column: &str) {
+        self.0
+            .execute(
+                &format!(
+                    "UPDATE events SET {column} = CASE position
+                       WHEN $1 THEN (SELECT {column} FROM events WHERE position = $2)
+                       ELSE (SELECT {column} FROM events WHERE position = $1) END
+                     WHERE position IN ($1, $2)"
+                ),
+                &[&a, &b],
+            )
+            .unwrap();
+    }
+
+    fn insert_renumbered(&mut self, records: &[EventRecord], seq: u64, forge_digest: bool) {
+        common::insert_renumbered_pg(&mut self.0, records, seq, forge_digest);
+    }
+
+    fn cut_tail(&mut self, job: Uuid, seq: u64) {
+        self.0
+            .execute(
+                "DELETE FROM events WHERE job_id = $1 AND seq >= $2",
+                &[&job, &(seq as i64)],
+            )
+            .unwrap();
+    }
+}
+
+fn attacker(log: &Backend) -> Box<dyn Attacker> {
+    match log {
+        Backend::Sqlite { .. } => Box::new(SqliteAttacker::new(log)),
+        Backend::Postgres(_) => Box::new(PgAttacker::new(log)),
+    }
 }
 
 /// Replaces the character at `offset` (mod its length) of a text column.
-fn edit_text(raw: &Connection, position: i64, column: &str, offset: usize, with: char) -> bool {
-    let text: Option<String> = raw
-        .query_row(
-            &format!("SELECT {column} FROM events WHERE position = ?1"),
-            [position],
-            |r| r.get(0),
-        )
-        .unwrap();
-    let Some(text) = text else { return false };
+fn edit_text(
+    raw: &mut dyn Attacker,
+    position: i64,
+    column: &str,
+    offset: usize,
+    with: char,
+) -> bool {
+    let Some(text) = raw.text(position, column) else {
+        return false;
+    };
     let chars: Vec<char> = text.chars().collect();
     let at = offset % chars.len();
     if chars[at] == with {
@@ -159,26 +393,17 @@ fn edit_text(raw: &Connection, position: i64, column: &str, offset: usize, with:
     let mut edited = chars;
     edited[at] = with;
     let edited: String = edited.into_iter().collect();
-    raw.execute(
-        &format!("UPDATE events SET {column} = ?2 WHERE position = ?1"),
-        params![position, edited],
-    )
-    .is_ok()
+    raw.set_text(position, column, &edited)
 }
 
 /// Applies the mutation to event `seq` of `job`. Returns the seq that must be
 /// reported, or `None` when the mutation could not be applied (a UNIQUE
-/// index the attacker cannot drop, a no-op edit).
-fn apply(path: &Path, job: Uuid, seq: u64, last: u64, mutation: &Mutation) -> Option<u64> {
-    let raw = tamper(path);
-    let job_text = job.to_string();
-    let position: i64 = raw
-        .query_row(
-            "SELECT position FROM events WHERE job_id = ?1 AND seq = ?2",
-            params![job_text, seq as i64],
-            |r| r.get(0),
-        )
-        .unwrap();
+/// index the attacker cannot drop, a column type, a no-op edit).
+fn apply(log: &Backend, job: Uuid, seq: u64, last: u64, mutation: &Mutation) -> Option<u64> {
+    let records = log.reader().load_job(job).unwrap();
+    let mut raw = attacker(log);
+    let raw = raw.as_mut();
+    let position = raw.position(job, seq);
     match mutation {
         Mutation::EditByte {
             column,
@@ -186,34 +411,24 @@ fn apply(path: &Path, job: Uuid, seq: u64, last: u64, mutation: &Mutation) -> Op
             replacement,
         } => {
             let applied = match column {
-                Column::JobId => edit_text(&raw, position, "job_id", *offset, *replacement),
-                Column::Kind => edit_text(&raw, position, "kind", *offset, *replacement),
-                Column::RecordedAt => edit_text(&raw, position, "recorded_at", *offset, *replacement),
-                Column::Payload => edit_text(&raw, position, "payload", *offset, *replacement),
-                Column::Digest => edit_text(&raw, position, "digest", *offset, *replacement),
-                Column::Mac => edit_text(&raw, position, "mac", *offset, *replacement),
+                Column::JobId => edit_text(raw, position, "job_id", *offset, *replacement),
+                Column::Kind => edit_text(raw, position, "kind", *offset, *replacement),
+                Column::RecordedAt => {
+                    edit_text(raw, position, "recorded_at", *offset, *replacement)
+                }
+                Column::Payload => edit_text(raw, position, "payload", *offset, *replacement),
+                Column::Digest => edit_text(raw, position, "digest", *offset, *replacement),
+                Column::Mac => edit_text(raw, position, "mac", *offset, *replacement),
                 Column::Seq(bit) => {
                     let new = seq ^ (1 << bit);
-                    new >= 1
-                        && raw
-                            .execute(
-                                "UPDATE events SET seq = ?2 WHERE position = ?1",
-                                params![position, new as i64],
-                            )
-                            .is_ok()
+                    new >= 1 && raw.set_seq(position, new as i64)
                 }
-                Column::SchemaVersion(bit) => raw
-                    .execute(
-                        "UPDATE events SET schema_version = (schema_version | ?2) - (schema_version & ?2) WHERE position = ?1",
-                        params![position, 1i64 << bit],
-                    )
-                    .is_ok(),
+                Column::SchemaVersion(bit) => raw.flip_schema_version(position, *bit),
             };
             applied.then_some(seq)
         }
         Mutation::Delete => {
-            raw.execute("DELETE FROM events WHERE position = ?1", [position])
-                .unwrap();
+            raw.delete(position);
             Some(seq)
         }
         Mutation::Swap {
@@ -236,38 +451,18 @@ fn apply(path: &Path, job: Uuid, seq: u64, last: u64, mutation: &Mutation) -> Op
             } else {
                 &["kind", "schema_version", "recorded_at", "payload"]
             };
-            let other_position: i64 = raw
-                .query_row(
-                    "SELECT position FROM events WHERE job_id = ?1 AND seq = ?2",
-                    params![job_text, other as i64],
-                    |r| r.get(0),
-                )
-                .unwrap();
+            let other_position = raw.position(job, other);
             for column in columns {
-                raw.execute(
-                    &format!(
-                        "UPDATE events SET {column} = CASE position
-                           WHEN ?1 THEN (SELECT {column} FROM events WHERE position = ?2)
-                           ELSE (SELECT {column} FROM events WHERE position = ?1) END
-                         WHERE position IN (?1, ?2)"
-                    ),
-                    params![position, other_position],
-                )
-                .unwrap();
+                raw.swap(position, other_position, column);
             }
             Some(seq.min(other))
         }
         Mutation::Insert { forge_digest } => {
-            let records = reopen(path).load_job(job).unwrap();
-            common::insert_renumbered(&raw, &records, seq, *forge_digest);
+            raw.insert_renumbered(&records, seq, *forge_digest);
             Some(seq)
         }
         Mutation::CutTail => {
-            raw.execute(
-                "DELETE FROM events WHERE job_id = ?1 AND seq >= ?2",
-                params![job_text, seq as i64],
-            )
-            .unwrap();
+            raw.cut_tail(job, seq);
             Some(seq)
         }
     }
@@ -281,66 +476,100 @@ fn first_violation_seq(reports: &[JobReport], job: Uuid) -> Option<u64> {
         .map(|v| v.seq)
 }
 
-proptest! {
-    #![proptest_config(Config {
+#[test]
+fn verify_finds_every_single_change() {
+    let test = "verify_finds_every_single_change";
+    let config = Config {
         cases: 256,
         failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
             "proptest-regressions/tamper.txt",
         ))),
         ..Config::default()
-    })]
+    };
+    for backend in Backend::all(test) {
+        let case = (
+            jobs(),
+            any::<bool>(),
+            any::<prop::sample::Index>(),
+            any::<prop::sample::Index>(),
+            mutation(),
+        );
+        backend::check_fresh(
+            &backend,
+            test,
+            config.clone(),
+            case,
+            |(plans, keyed, target, event, mutation), log| {
+                let jobs = write_log(log, &plans, keyed);
+                let job = jobs[target.index(jobs.len())];
+                let reader = log.reader();
+                let heads: HashMap<Uuid, Digest> = jobs
+                    .iter()
+                    .map(|&j| (j, replay(reader.as_ref(), j).unwrap().head))
+                    .collect();
+                let plain = VerifyOptions::default().with_key(keyed.then(key));
+                let with_heads = plain.clone().with_expected_heads(heads);
 
-    #[test]
-    fn verify_finds_every_single_change(
-        plans in jobs(),
-        keyed in any::<bool>(),
-        target in any::<prop::sample::Index>(),
-        event in any::<prop::sample::Index>(),
-        mutation in mutation(),
-    ) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("log.db");
-        let jobs = write_log(&path, &plans, keyed);
-        let job = jobs[target.index(jobs.len())];
-        let heads: HashMap<Uuid, Digest> = jobs
-            .iter()
-            .map(|&j| (j, replay(&reopen(&path), j).unwrap().head))
-            .collect();
-        let plain = VerifyOptions::default().with_key(keyed.then(key));
-        let with_heads = plain.clone().with_expected_heads(heads);
+                // Untouched: everything passes, with or without the kept heads.
+                prop_assert!(verify(log, &plain).iter().all(JobReport::is_ok));
+                prop_assert!(verify(log, &with_heads).iter().all(JobReport::is_ok));
 
-        // Untouched: everything passes, with or without the kept heads.
-        prop_assert!(verify(&path, &plain).iter().all(JobReport::is_ok));
-        prop_assert!(verify(&path, &with_heads).iter().all(JobReport::is_ok));
-
-        let last = reopen(&path).last_seq(job).unwrap();
-        let mut seq = 1 + event.index(last as usize) as u64;
-        if matches!(mutation, Mutation::CutTail) {
-            seq = seq.max(2); // a log cut to nothing has no job left to name
-            prop_assume!(seq <= last);
-        }
-        if matches!(mutation, Mutation::EditByte { column: Column::Mac, .. }) {
-            prop_assume!(keyed);
-        }
-        let Some(expected_seq) = apply(&path, job, seq, last, &mutation) else {
-            return Err(TestCaseError::reject("mutation not applicable"));
-        };
-
-        // With the heads an auditor kept, every change is found at its seq.
-        let found = first_violation_seq(&verify(&path, &with_heads), job);
-        prop_assert_eq!(found, Some(expected_seq), "{:?} at seq {} of {}", mutation, seq, last);
-
-        // Without them, all but a cut tail (or a last event moved away to
-        // another job id, which is the same thing for this job).
-        let tail_only = matches!(mutation, Mutation::CutTail)
-            || (seq == last
-                && matches!(
+                let last = reader.last_seq(job).unwrap();
+                drop(reader);
+                let mut seq = 1 + event.index(last as usize) as u64;
+                if matches!(mutation, Mutation::CutTail) {
+                    seq = seq.max(2); // a log cut to nothing has no job left to name
+                    prop_assume!(seq <= last);
+                }
+                if matches!(
                     mutation,
-                    Mutation::Delete | Mutation::EditByte { column: Column::JobId | Column::Seq(_), .. }
-                ));
-        if !tail_only {
-            let found = first_violation_seq(&verify(&path, &plain), job);
-            prop_assert_eq!(found, Some(expected_seq), "{:?} at seq {} of {} (no heads)", mutation, seq, last);
-        }
+                    Mutation::EditByte {
+                        column: Column::Mac,
+                        ..
+                    }
+                ) {
+                    prop_assume!(keyed);
+                }
+                let Some(expected_seq) = apply(log, job, seq, last, &mutation) else {
+                    return Err(TestCaseError::reject("mutation not applicable"));
+                };
+
+                // With the heads an auditor kept, every change is found at its seq.
+                let found = first_violation_seq(&verify(log, &with_heads), job);
+                prop_assert_eq!(
+                    found,
+                    Some(expected_seq),
+                    "{:?} at seq {} of {}",
+                    mutation,
+                    seq,
+                    last
+                );
+
+                // Without them, all but a cut tail (or a last event moved away
+                // to another job id, which is the same thing for this job).
+                let tail_only = matches!(mutation, Mutation::CutTail)
+                    || (seq == last
+                        && matches!(
+                            mutation,
+                            Mutation::Delete
+                                | Mutation::EditByte {
+                                    column: Column::JobId | Column::Seq(_),
+                                    ..
+                                }
+                        ));
+                if !tail_only {
+                    let found = first_violation_seq(&verify(log, &plain), job);
+                    prop_assert_eq!(
+                        found,
+                        Some(expected_seq),
+                        "{:?} at seq {} of {} (no heads)",
+                        mutation,
+                        seq,
+                        last
+                    );
+                }
+                Ok(())
+            },
+        );
     }
 }

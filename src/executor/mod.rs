@@ -15,7 +15,7 @@ mod run;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use uuid::Uuid;
@@ -147,6 +147,16 @@ pub enum ExecutorError {
         /// The job.
         job_id: Uuid,
         /// What went wrong: a panic and its message, or the deadline.
+        message: String,
+    },
+    /// The thread driving a job stopped without finishing it (a panic in
+    /// the engine itself). What was recorded stands; `recover` closes a
+    /// step left in doubt.
+    #[error("job {job_id}: the thread driving it stopped: {message}")]
+    Driver {
+        /// The job.
+        job_id: Uuid,
+        /// Why.
         message: String,
     },
     /// A step's outcome is known but could not be appended, even after
@@ -310,7 +320,13 @@ pub enum CancelRequest {
 /// assert_eq!(result.final_reason, "All steps completed successfully");
 /// ```
 pub struct JobExecutor {
-    handlers: HashMap<String, Arc<dyn StepHandler>>,
+    engine: Arc<Engine>,
+}
+
+/// What an executor runs jobs with, shared with the threads that drive
+/// them.
+pub(crate) struct Engine {
+    handlers: RwLock<HashMap<String, Arc<dyn StepHandler>>>,
     store: Arc<dyn EventStore>,
     clock: Arc<dyn Clock>,
     head_key: Option<HeadKey>,
@@ -322,13 +338,95 @@ pub struct JobExecutor {
     version: String,
 }
 
+impl Engine {
+    /// Starts `job` as `execute_job` does, under `control`.
+    pub(crate) fn start(
+        &self,
+        job: &QueuedJob,
+        health_observer: Option<&dyn HealthObserver>,
+        control: RunControl<'_>,
+    ) -> Result<ExecutionResult, ExecutorError> {
+        let (job_id, contract_id, steps, executed_by) = (
+            job.job_id,
+            job.contract_id,
+            &job.steps[..],
+            job.executed_by.as_str(),
+        );
+        validate_plan(steps).map_err(|source| ExecutorError::InvalidPlan { job_id, source })?;
+        let stored = self
+            .store
+            .last_seq(job_id)
+            .map_err(|source| ExecutorError::Store { job_id, source })?;
+        if stored > 0 {
+            return Err(ExecutorError::JobAlreadyExists {
+                job_id,
+                events: stored,
+            });
+        }
+        let mut run = Run {
+            engine: self,
+            job_id,
+            projector: Projector::new(job_id),
+            plan: Cow::Borrowed(steps),
+            contract_id,
+            executed_by: executed_by.to_owned(),
+            observer: health_observer,
+            control,
+        };
+        let started = Event::JobStarted(JobStarted {
+            contract_id,
+            plan: steps.to_vec(),
+            executed_by: executed_by.to_owned(),
+            executor_version: self.version.clone(),
+            health_before: run.observe_before()?,
+        });
+        match run.drive(vec![started]) {
+            Ok(result) => Ok(result),
+            // Another process started the same job id at the same moment.
+            Err(ExecutorError::Conflict { seq: 1, .. }) => Err(ExecutorError::JobAlreadyExists {
+                job_id,
+                events: self.store.last_seq(job_id).unwrap_or(1),
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The handler registered for `step_type`.
+    fn handler(&self, step_type: &str) -> Option<Arc<dyn StepHandler>> {
+        // Handlers are inserted whole: a poisoned map is consistent.
+        self.handlers
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(step_type)
+            .cloned()
+    }
+
+    /// Remembers an outcome that could not be recorded, for `recover`.
+    fn remember(&self, outcome: UnrecordedOutcome) {
+        self.unrecorded()
+            .insert((outcome.job_id, outcome.step_index), outcome);
+    }
+
+    fn unrecorded(&self) -> std::sync::MutexGuard<'_, HashMap<(Uuid, u32), UnrecordedOutcome>> {
+        // Entries are inserted and removed whole: a poisoned map is consistent.
+        self.unrecorded
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
 impl std::fmt::Debug for JobExecutor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut types: Vec<&str> = self.handlers.keys().map(String::as_str).collect();
+        let handlers = self
+            .engine
+            .handlers
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut types: Vec<&str> = handlers.keys().map(String::as_str).collect();
         types.sort_unstable();
         f.debug_struct("JobExecutor")
             .field("handlers", &types)
-            .field("version", &self.version)
+            .field("version", &self.engine.version)
             .finish_non_exhaustive()
     }
 }
@@ -413,8 +511,8 @@ impl ExecutorBuilder {
 
     /// The executor, with no handlers registered.
     pub fn build(self) -> JobExecutor {
-        JobExecutor {
-            handlers: HashMap::new(),
+        let engine = Engine {
+            handlers: RwLock::new(HashMap::new()),
             store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
             clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
             head_key: self.head_key,
@@ -423,6 +521,9 @@ impl ExecutorBuilder {
             watchdog: Watchdog::new(),
             unrecorded: Mutex::new(HashMap::new()),
             version: self.version.unwrap_or_else(|| EXECUTOR_VERSION.to_owned()),
+        };
+        JobExecutor {
+            engine: Arc::new(engine),
         }
     }
 }
@@ -447,18 +548,18 @@ impl JobExecutor {
 
     /// The executor version recorded in `JobStarted`.
     pub fn version(&self) -> &str {
-        &self.version
+        &self.engine.version
     }
 
     /// The event log this executor appends to.
     pub fn store(&self) -> &dyn EventStore {
-        self.store.as_ref()
+        self.engine.store.as_ref()
     }
 
     /// The key this executor authenticates every event's digest with, if
     /// it was given one: what a check of the logs it wrote must use.
     pub fn head_key(&self) -> Option<&HeadKey> {
-        self.head_key.as_ref()
+        self.engine.head_key.as_ref()
     }
 
     /// Registers `handler` for `step_type`, replacing any earlier one.
@@ -467,7 +568,11 @@ impl JobExecutor {
         step_type: impl Into<String>,
         handler: impl StepHandler + 'static,
     ) {
-        self.handlers.insert(step_type.into(), Arc::new(handler));
+        self.engine
+            .handlers
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(step_type.into(), Arc::new(handler));
     }
 
     /// Rebuilds a stored job's result from the log.
@@ -476,7 +581,7 @@ impl JobExecutor {
     /// [`ExecutorError::Replay`] for an unknown job, an unreadable log or a
     /// log that breaks an invariant.
     pub fn replay(&self, job_id: Uuid) -> Result<ExecutionResult, ExecutorError> {
-        Ok(projection::replay(self.store.as_ref(), job_id)?)
+        Ok(projection::replay(self.engine.store.as_ref(), job_id)?)
     }
 
     /// Executes `steps` in order as job `job_id`, stopping at the first failure.
@@ -502,6 +607,11 @@ impl JobExecutor {
         executed_by: &str,
     ) -> Result<ExecutionResult, ExecutorError> {
         let plan = QueuedJob::new(job_id, contract_id, steps.to_vec(), executed_by);
+        if health_observer.is_none()
+            && let Some(result) = self.start_driven(&plan)
+        {
+            return result;
+        }
         self.start(&plan, health_observer, RunControl::default())
     }
 
@@ -512,49 +622,41 @@ impl JobExecutor {
         health_observer: Option<&dyn HealthObserver>,
         control: RunControl<'_>,
     ) -> Result<ExecutionResult, ExecutorError> {
-        let (job_id, contract_id, steps, executed_by) = (
-            job.job_id,
-            job.contract_id,
-            &job.steps[..],
-            job.executed_by.as_str(),
-        );
-        validate_plan(steps).map_err(|source| ExecutorError::InvalidPlan { job_id, source })?;
-        let stored = self
-            .store
-            .last_seq(job_id)
-            .map_err(|source| ExecutorError::Store { job_id, source })?;
-        if stored > 0 {
-            return Err(ExecutorError::JobAlreadyExists {
-                job_id,
-                events: stored,
+        self.engine.start(job, health_observer, control)
+    }
+
+    /// Runs `job` on a pool thread that calls each step's handler itself —
+    /// no hand-over per step — while the executor's watchdog keeps every
+    /// deadline: at a step's deadline it records the timeout, ends the job
+    /// and answers here, whatever the handler does. `None` when the pool is
+    /// at its cap (the caller's thread runs the job then).
+    fn start_driven(&self, job: &QueuedJob) -> Option<Result<ExecutionResult, ExecutorError>> {
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        let engine = self.engine.clone();
+        let driven = job.clone();
+        let work: crate::runner::Work = Box::new(move || {
+            let control = RunControl {
+                answer: Some(reply.clone()),
+                ..RunControl::default()
+            };
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                engine.start(&driven, None, control)
+            }))
+            .unwrap_or_else(|payload| {
+                Err(ExecutorError::Driver {
+                    job_id: driven.job_id,
+                    message: crate::sync::panic_message(payload.as_ref()),
+                })
             });
-        }
-        let mut run = Run {
-            executor: self,
-            job_id,
-            projector: Projector::new(job_id),
-            plan: Cow::Borrowed(steps),
-            contract_id,
-            executed_by: executed_by.to_owned(),
-            observer: health_observer,
-            control,
-        };
-        let started = Event::JobStarted(JobStarted {
-            contract_id,
-            plan: steps.to_vec(),
-            executed_by: executed_by.to_owned(),
-            executor_version: self.version.clone(),
-            health_before: run.observe_before()?,
+            let _ = reply.send(result);
         });
-        match run.drive(vec![started]) {
-            Ok(result) => Ok(result),
-            // Another process started the same job id at the same moment.
-            Err(ExecutorError::Conflict { seq: 1, .. }) => Err(ExecutorError::JobAlreadyExists {
-                job_id,
-                events: self.store.last_seq(job_id).unwrap_or(1),
-            }),
-            Err(e) => Err(e),
-        }
+        self.engine.pool.try_run(work).ok()?;
+        Some(answer.recv().unwrap_or_else(|_| {
+            Err(ExecutorError::Driver {
+                job_id: job.job_id,
+                message: "its thread stopped without an answer".into(),
+            })
+        }))
     }
 
     /// Continues a job that stopped between steps (no step in doubt) at its
@@ -595,7 +697,7 @@ impl JobExecutor {
         }
         let resumed = Event::JobResumed(JobResumed {
             executed_by,
-            executor_version: self.version.clone(),
+            executor_version: self.engine.version.clone(),
             health_before: run.observe_before()?,
         });
         run.drive(vec![resumed])
@@ -621,7 +723,7 @@ impl JobExecutor {
     /// # Errors
     /// Store failures listing or appending to the jobs.
     pub fn recover(&self) -> Result<Vec<Recovery>, ExecutorError> {
-        let known: Vec<UnrecordedOutcome> = self.unrecorded().values().cloned().collect();
+        let known: Vec<UnrecordedOutcome> = self.engine.unrecorded().values().cloned().collect();
         self.recover_with(&known)
     }
 
@@ -634,13 +736,14 @@ impl JobExecutor {
         &self,
         known: &[UnrecordedOutcome],
     ) -> Result<Vec<Recovery>, ExecutorError> {
-        let unfinished = self
-            .store
-            .unfinished_jobs()
-            .map_err(|source| ExecutorError::Store {
-                job_id: Uuid::nil(),
-                source,
-            })?;
+        let unfinished =
+            self.engine
+                .store
+                .unfinished_jobs()
+                .map_err(|source| ExecutorError::Store {
+                    job_id: Uuid::nil(),
+                    source,
+                })?;
         let mut recovered = Vec::new();
         for job_id in unfinished {
             self.recover_job(job_id, known, &mut recovered)?;
@@ -672,7 +775,7 @@ impl JobExecutor {
                 .find(|o| o.job_id == job_id && o.step_index == step_index)
         {
             run.record(std::slice::from_ref(&outcome.event))?;
-            self.unrecorded().remove(&(job_id, step_index));
+            self.engine.unrecorded().remove(&(job_id, step_index));
             recovered.push(Recovery::OutcomeRecorded { job_id, step_index });
             state = run.projector.state();
         }
@@ -696,19 +799,6 @@ impl JobExecutor {
         };
         recovered.push(action);
         Ok(())
-    }
-
-    /// Remembers an outcome that could not be recorded, for `recover`.
-    fn remember(&self, outcome: UnrecordedOutcome) {
-        self.unrecorded()
-            .insert((outcome.job_id, outcome.step_index), outcome);
-    }
-
-    fn unrecorded(&self) -> std::sync::MutexGuard<'_, HashMap<(Uuid, u32), UnrecordedOutcome>> {
-        // Entries are inserted and removed whole: a poisoned map is consistent.
-        self.unrecorded
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Records a request to cancel `job_id`. An executor running the job
@@ -774,7 +864,7 @@ impl JobExecutor {
         validate_plan(&job.steps)
             .map_err(|source| ExecutorError::InvalidPlan { job_id, source })?;
         let mut run = Run {
-            executor: self,
+            engine: &self.engine,
             job_id,
             projector: Projector::new(job_id),
             plan: Cow::Borrowed(&job.steps),
@@ -787,7 +877,7 @@ impl JobExecutor {
             contract_id: job.contract_id,
             plan: job.steps.clone(),
             executed_by: job.executed_by.clone(),
-            executor_version: self.version.clone(),
+            executor_version: self.engine.version.clone(),
             health_before: None,
         });
         let request = Event::JobCancelRequested(JobCancelRequested {
@@ -796,7 +886,7 @@ impl JobExecutor {
         match run.drive(vec![started, request]) {
             Err(ExecutorError::Conflict { seq: 1, .. }) => Err(ExecutorError::JobAlreadyExists {
                 job_id,
-                events: self.store.last_seq(job_id).unwrap_or(1),
+                events: self.engine.store.last_seq(job_id).unwrap_or(1),
             }),
             other => other,
         }
@@ -811,6 +901,7 @@ impl JobExecutor {
         observer: Option<&'a dyn HealthObserver>,
     ) -> Result<Run<'a>, ExecutorError> {
         let records = self
+            .engine
             .store
             .load_job(job_id)
             .map_err(|source| ExecutorError::Store { job_id, source })?;
@@ -827,7 +918,7 @@ impl JobExecutor {
             _ => return Err(ExecutorError::UnknownJob { job_id }),
         };
         Ok(Run {
-            executor: self,
+            engine: &self.engine,
             job_id,
             projector,
             plan: Cow::Owned(started.plan),
@@ -851,6 +942,7 @@ impl JobExecutor {
     ) -> Result<ExecutionResult, ExecutorError> {
         let job_id = job.job_id;
         let stored = self
+            .engine
             .store
             .last_seq(job_id)
             .map_err(|source| ExecutorError::Store { job_id, source })?;
@@ -864,7 +956,17 @@ impl JobExecutor {
         }
         let mut run = self.stored_run(job_id, Some(resumer), None)?;
         run.control = control;
-        let state = run.projector.state();
+        let mut state = run.projector.state();
+        if let Phase::StepRunning { step_index } = state.phase {
+            // An outcome this executor knows but could not record is the
+            // truth, not "interrupted".
+            let known = self.engine.unrecorded().get(&(job_id, step_index)).cloned();
+            if let Some(outcome) = known {
+                run.record(std::slice::from_ref(&outcome.event))?;
+                self.engine.unrecorded().remove(&(job_id, step_index));
+                state = run.projector.state();
+            }
+        }
         match state.phase {
             Phase::StepRunning { step_index } => run.drive(vec![interrupted(step_index)]),
             Phase::StepFailed { .. } => run.drive(Vec::new()),

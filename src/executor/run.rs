@@ -4,23 +4,25 @@
 
 use std::borrow::Cow;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::{ExecutorError, JobExecutor, UnrecordedOutcome};
+use super::{Engine, ExecutorError, UnrecordedOutcome};
 use crate::chain;
 use crate::events::{
     Event, EventRecord, Failure, JobCancelled, JobCompleted, JobHalted, StepFailed, StepStarted,
     StepSucceeded, truncate_to_micros,
 };
-use crate::handler::HealthObserver;
+use crate::handler::{HealthObserver, StepHandler};
 use crate::machine::{self, NextAction, next_action};
 use crate::model::{ExecutionContext, FailureKind, JobStep};
+use crate::projection;
 use crate::projection::Projector;
 use crate::result::ExecutionResult;
-use crate::runner::{Dispatch, Handover, Outcome};
+use crate::runner::{self, Dispatch, Handover, Outcome};
 use crate::store::StoreError;
 use crate::sync::panic_message;
 use crate::watchdog::Action;
@@ -40,11 +42,27 @@ pub const APPEND_RETRIES_MAX: u32 = 8;
 const APPEND_RETRY_PAUSE: Duration = Duration::from_millis(10);
 const APPEND_RETRY_PAUSE_MAX: Duration = Duration::from_secs(1);
 
-/// A step whose start was just recorded: its handler has been handed to a
-/// worker, or why it will not run.
+/// A step whose start was just recorded, and how its handler runs.
 pub(super) struct Started {
     step_index: u32,
-    runs: Result<Dispatch, Outcome>,
+    runs: Runs,
+}
+
+enum Runs {
+    /// Handed to a pool thread: wait for it.
+    Dispatched(Dispatch),
+    /// To be called on this thread, under the watchdog.
+    Here(Arc<dyn StepHandler>, ExecutionContext),
+    /// Known already: no handler, or not started.
+    Known(Outcome),
+}
+
+/// How a step about to start will run.
+enum Prepared {
+    /// Handed to a pool thread once its start is committed.
+    Handover(Handover, Dispatch),
+    /// On this run's own thread.
+    Here(Arc<dyn StepHandler>, ExecutionContext),
 }
 
 /// A `StepStarted` about to be appended.
@@ -72,7 +90,7 @@ enum Observed {
 /// One job's run: the events recorded so far, folded, and what it needs to
 /// go on.
 pub(super) struct Run<'a> {
-    pub(super) executor: &'a JobExecutor,
+    pub(super) engine: &'a Engine,
     pub(super) job_id: Uuid,
     pub(super) projector: Projector,
     pub(super) plan: Cow<'a, [JobStep]>,
@@ -90,7 +108,13 @@ pub(crate) struct RunControl<'a> {
     pub(crate) stop: Option<&'a std::sync::atomic::AtomicBool>,
     /// Handed to every step's handler as `ExecutionContext::cancel_requested`.
     pub(crate) cancel_requested: Option<crate::model::CancelSignal>,
+    /// Set: handlers run on this run's own thread, and where the watchdog
+    /// answers when it ends the job at a step's deadline.
+    pub(crate) answer: Option<Answer>,
 }
+
+/// Where a driven job's result goes.
+pub(crate) type Answer = std::sync::mpsc::SyncSender<Result<ExecutionResult, ExecutorError>>;
 
 impl RunControl<'_> {
     fn stopping(&self) -> bool {
@@ -118,12 +142,12 @@ impl Run<'_> {
         let Some(observer) = self.observer else {
             return Observed::Health(None);
         };
-        let timeout = self.executor.health_timeout;
+        let timeout = self.engine.health_timeout;
         let started = Instant::now();
         let alarm = fallback.and_then(|event| {
             let deadline = started.checked_add(timeout)?;
             Some(
-                self.executor
+                self.engine
                     .watchdog
                     .arm(deadline, self.record_later(event.clone())),
             )
@@ -160,9 +184,9 @@ impl Run<'_> {
     /// The watchdog's action for a step's outcome: seal it after what this
     /// run has recorded, at the time it fires, and append it.
     fn record_later(&self, event: Event) -> Action {
-        let store = self.executor.store.clone();
-        let clock = self.executor.clock.clone();
-        let key = self.executor.head_key.clone();
+        let store = self.engine.store.clone();
+        let clock = self.engine.clock.clone();
+        let key = self.engine.head_key.clone();
         let (job_id, seq, head) = (
             self.job_id,
             self.projector.events() + 1,
@@ -185,7 +209,7 @@ impl Run<'_> {
     /// runs only once its `StepStarted` is committed. So every step costs
     /// one commit, and nothing about at-most-once changes.
     pub(super) fn drive(&mut self, first: Vec<Event>) -> Result<ExecutionResult, ExecutorError> {
-        let _running = self.executor.pool.job();
+        let _running = self.engine.pool.job();
         let mut batch = first;
         loop {
             self.decide_more(&mut batch);
@@ -195,7 +219,12 @@ impl Run<'_> {
             let started = self.record(&batch)?;
             batch.clear();
             if let Some(started) = started {
-                let outcome = self.outcome(started);
+                let Some(outcome) = self.outcome(started) else {
+                    // The watchdog ended the job at a step's deadline, and
+                    // answered for it.
+                    return projection::replay(self.engine.store.as_ref(), self.job_id)
+                        .map_err(ExecutorError::from);
+                };
                 match self.observe(Some(&outcome)) {
                     Observed::Health(health) => batch.push(with_health(outcome, health)),
                     Observed::Failed(e) => {
@@ -243,9 +272,9 @@ impl Run<'_> {
     /// from its `StepStarted`): the hook that hands it to a worker once its
     /// start is committed, and what to wait on; or, with no handler
     /// registered for its type, its failure.
-    fn prepare_step(&self, start: &StepStart) -> Result<(Handover, Dispatch), Outcome> {
+    fn prepare_step(&self, start: &StepStart) -> Result<Prepared, Outcome> {
         let step = &self.plan[start.step_index as usize];
-        let Some(handler) = self.executor.handlers.get(&step.step_type) else {
+        let Some(handler) = self.engine.handler(&step.step_type) else {
             return Err(Outcome::Failed {
                 failure: FailureKind::NoHandler,
                 error: format!("No handler registered for step type: {}", step.step_type),
@@ -265,17 +294,94 @@ impl Run<'_> {
         if let Some(requested) = &self.control.cancel_requested {
             context.cancel_requested = requested.clone();
         }
-        Ok(self.executor.pool.prepare(handler.clone(), step, context))
+        if self.control.answer.is_some() {
+            return Ok(Prepared::Here(handler, context));
+        }
+        let (hook, dispatch) = self.engine.pool.prepare(handler, step, context);
+        Ok(Prepared::Handover(hook, dispatch))
     }
 
-    /// Waits for a started step's outcome (its handler runs off-thread
-    /// against its deadline) and returns its outcome event, without health.
-    fn outcome(&self, started: Started) -> Event {
+    /// A started step's outcome event, without health: waited for (its
+    /// handler runs off-thread against its deadline) or run here. `None`
+    /// when the watchdog ended the job at the step's deadline meanwhile.
+    fn outcome(&self, started: Started) -> Option<Event> {
         let outcome = match started.runs {
-            Ok(dispatch) => self.executor.pool.wait(dispatch),
-            Err(outcome) => outcome,
+            Runs::Dispatched(dispatch) => self.engine.pool.wait(dispatch),
+            Runs::Here(handler, context) => {
+                self.run_here(handler.as_ref(), started.step_index, &context)?
+            }
+            Runs::Known(outcome) => outcome,
         };
-        outcome_event(outcome, started.step_index)
+        Some(outcome_event(outcome, started.step_index))
+    }
+
+    /// Calls a step's handler on this thread. At the step's deadline, if it
+    /// has not answered, the watchdog raises its cancel signal, records the
+    /// timeout, ends the job and answers the caller: the job is never held,
+    /// only this thread. `None` when that happened.
+    fn run_here(
+        &self,
+        handler: &dyn StepHandler,
+        step_index: u32,
+        context: &ExecutionContext,
+    ) -> Option<Outcome> {
+        let step = &self.plan[step_index as usize];
+        let alarm = context.deadline.map(|deadline| {
+            self.engine
+                .watchdog
+                .arm(deadline, self.time_out_later(step, context))
+        });
+        let outcome = runner::call_or_start(handler, step, context);
+        let late = context.deadline.is_some_and(|d| Instant::now() >= d);
+        match alarm.and_then(|alarm| alarm.disarm()) {
+            Some(Ok(())) => None,
+            // The watchdog could not record the timeout: the executor does.
+            Some(Err(_)) => Some(runner::timed_out(step.timeout_seconds, "")),
+            // A result past the deadline is as late as none.
+            None if late => {
+                context.cancel.cancel();
+                Some(runner::timed_out(step.timeout_seconds, ""))
+            }
+            None => Some(outcome),
+        }
+    }
+
+    /// The watchdog's action at a step's deadline: the step's timeout and
+    /// the job's halt, sealed after what this run has recorded, then the
+    /// job's result to whoever waits for it.
+    fn time_out_later(&self, step: &JobStep, context: &ExecutionContext) -> Action {
+        let step_index = step.step_index;
+        let outcome = outcome_event(runner::timed_out(step.timeout_seconds, ""), step_index);
+        let events = [outcome, Event::JobHalted(JobHalted { step_index })];
+        let store = self.engine.store.clone();
+        let clock = self.engine.clock.clone();
+        let key = self.engine.head_key.clone();
+        let cancel = context.cancel.clone();
+        let answer = self.control.answer.clone();
+        let (job_id, seq, head) = (
+            self.job_id,
+            self.projector.events() + 1,
+            self.projector.head(),
+        );
+        Box::new(move || {
+            cancel.cancel();
+            let mut records: Vec<EventRecord> = events
+                .iter()
+                .enumerate()
+                .map(|(offset, event)| {
+                    let at = truncate_to_micros(clock.now());
+                    EventRecord::encode(job_id, seq + offset as u64, at, event)
+                })
+                .collect();
+            chain::seal(head, &mut records, key.as_ref());
+            store.append(&records)?;
+            if let Some(answer) = answer {
+                let result =
+                    projection::replay(store.as_ref(), job_id).map_err(ExecutorError::from);
+                let _ = answer.send(result);
+            }
+            Ok(())
+        })
     }
 
     /// Judges, appends (in one commit) and folds `events`. On a conflict,
@@ -338,13 +444,18 @@ impl Run<'_> {
             let (records, start) = self.encode(events);
             let (hook, runs) =
                 match start.map(|start| (start.step_index, self.prepare_step(&start))) {
-                    Some((step_index, Ok((hook, dispatch)))) => {
-                        (Some(hook), Some((step_index, Ok(dispatch))))
+                    Some((step_index, Ok(Prepared::Handover(hook, dispatch)))) => {
+                        (Some(hook), Some((step_index, Runs::Dispatched(dispatch))))
                     }
-                    Some((step_index, Err(outcome))) => (None, Some((step_index, Err(outcome)))),
+                    Some((step_index, Ok(Prepared::Here(handler, context)))) => {
+                        (None, Some((step_index, Runs::Here(handler, context))))
+                    }
+                    Some((step_index, Err(outcome))) => {
+                        (None, Some((step_index, Runs::Known(outcome))))
+                    }
                     None => (None, None),
                 };
-            let store = &self.executor.store;
+            let store = &self.engine.store;
             let appended = match hook {
                 Some(hook) => store.append_then(&records, hook),
                 None => store.append(&records),
@@ -363,7 +474,7 @@ impl Run<'_> {
                             self.fold(&records, events)?;
                             return Ok(runs.map(|(step_index, _)| Started {
                                 step_index,
-                                runs: Err(not_started(&detail)),
+                                runs: Runs::Known(not_started(&detail)),
                             }));
                         }
                         Ok(false) => StoreError::OutcomeUnknown { detail },
@@ -372,6 +483,19 @@ impl Run<'_> {
                 }
                 Err(e) => e,
             };
+            if let StoreError::Fenced { .. } = failure
+                && let Some(outcome) = events.iter().position(is_outcome)
+                && outcome + 1 < events.len()
+            {
+                // The claim may have lapsed: nothing more starts, but the
+                // step's outcome is a fact — record it alone if the fence
+                // still allows, then stop between steps.
+                self.append(&events[..=outcome])?;
+                return Err(ExecutorError::Store {
+                    job_id: self.job_id,
+                    source: failure,
+                });
+            }
             if failure.is_conflict() {
                 // `record` catches up with what another writer appended.
                 return Err(ExecutorError::Store {
@@ -397,7 +521,7 @@ impl Run<'_> {
         let mut records = Vec::with_capacity(events.len());
         let mut started = None;
         for (offset, event) in events.iter().enumerate() {
-            let recorded_at = truncate_to_micros(self.executor.clock.now());
+            let recorded_at = truncate_to_micros(self.engine.clock.now());
             if let Event::StepStarted(s) = event {
                 started = Some(StepStart {
                     step_index: s.step_index,
@@ -415,7 +539,7 @@ impl Run<'_> {
         chain::seal(
             self.projector.head(),
             &mut records,
-            self.executor.head_key.as_ref(),
+            self.engine.head_key.as_ref(),
         );
         (records, started)
     }
@@ -439,7 +563,7 @@ impl Run<'_> {
     fn stored_already(&self, records: &[EventRecord]) -> Result<bool, StoreError> {
         let first_seq = self.projector.events() + 1;
         let mut matching = 0;
-        self.executor.store.visit_job(self.job_id, &mut |stored| {
+        self.engine.store.visit_job(self.job_id, &mut |stored| {
             if stored.seq >= first_seq {
                 let index = (stored.seq - first_seq) as usize;
                 if records
@@ -470,7 +594,7 @@ impl Run<'_> {
                     step_index,
                     event: event.clone(),
                 };
-                self.executor.remember(outcome.clone());
+                self.engine.remember(outcome.clone());
                 ExecutorError::OutcomeNotRecorded {
                     outcome: Box::new(outcome),
                     source,
@@ -488,7 +612,7 @@ impl Run<'_> {
     fn catch_up(&mut self) -> Result<(), ExecutorError> {
         let job_id = self.job_id;
         let records = self
-            .executor
+            .engine
             .store
             .load_job(job_id)
             .map_err(|source| ExecutorError::Store { job_id, source })?;
@@ -504,6 +628,10 @@ impl Run<'_> {
         }
         Ok(())
     }
+}
+
+fn is_outcome(event: &Event) -> bool {
+    matches!(event, Event::StepSucceeded(_) | Event::StepFailed(_))
 }
 
 /// The outcome of a step whose start was committed with an unknown outcome:

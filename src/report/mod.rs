@@ -65,12 +65,21 @@ pub struct ReportOptions {
     /// Check every event's MAC under this key; without it, the banner says
     /// MACs were not checked.
     pub key: Option<HeadKey>,
+    /// The worker holding each running job, shown in the index (the
+    /// queue's view when the report is made).
+    pub owners: std::collections::HashMap<Uuid, String>,
 }
 
 impl ReportOptions {
     /// Also checks every event's MAC under `key`.
     pub fn with_key(mut self, key: Option<HeadKey>) -> Self {
         self.key = key;
+        self
+    }
+
+    /// With the owners of running jobs, for the index.
+    pub fn with_owners(mut self, owners: std::collections::HashMap<Uuid, String>) -> Self {
+        self.owners = owners;
         self
     }
 }
@@ -216,7 +225,9 @@ pub fn write_site(
         let page = JobPage::build(job_id, &records, &Source::Log, options, Some(INDEX_FILE));
         let path = dir.join(page_file_name(job_id));
         write_file(&path, page.render()?.as_bytes())?;
-        rows.push(page.index_row());
+        let mut row = page.index_row();
+        row.owner = options.owners.get(&job_id).cloned();
+        rows.push(row);
     }
     let path = dir.join(INDEX_FILE);
     let file = std::fs::File::create(&path).map_err(|source| ReportError::File {

@@ -46,6 +46,7 @@ use crate::events::EventRecord;
 const MIGRATIONS: &[&str] = &[
     include_str!("../../schema/postgres/0001_events.sql"),
     include_str!("../../schema/postgres/0002_job_queue.sql"),
+    include_str!("../../schema/postgres/0003_job_starts.sql"),
 ];
 
 /// The schema version this build writes.
@@ -386,7 +387,7 @@ impl PgStore {
             Ok(row) => (row.get(0), row.get(1)),
             Err(e) => return Attempt::Failed(write(e)),
         };
-        let mut written = Vec::with_capacity(pending.len());
+        let mut written: Vec<(usize, Vec<i64>)> = Vec::with_capacity(pending.len());
         for &index in &pending {
             let records = batch[index].records;
             let positions: Vec<i64> = (1..=records.len() as i64).map(|n| position + n).collect();
@@ -395,7 +396,16 @@ impl PgStore {
             let inserted = insert_rows(&mut tx, &insert, records, &positions, number);
             if let Err(e) = inserted {
                 drop(tx);
-                results[index] = Some(Err(self.insert_error(conn, records, e)));
+                // The rollback took this batch's earlier appends with it, but
+                // they are written again without this one: the job's last
+                // seq may be one of theirs.
+                let ahead = written
+                    .iter()
+                    .map(|&(i, _)| batch[i].records)
+                    .filter(|earlier| earlier[0].job_id == records[0].job_id)
+                    .filter_map(|earlier| earlier.last().map(|r| r.seq))
+                    .max();
+                results[index] = Some(Err(self.insert_error(conn, records, ahead, e)));
                 return Attempt::Again;
             }
             position += records.len() as i64;
@@ -427,11 +437,13 @@ impl PgStore {
     }
 
     /// Tells an optimistic-concurrency conflict from any other failed
-    /// insert, once the transaction is rolled back.
+    /// insert, once the transaction is rolled back; `ahead` is the job's
+    /// last seq among the batch's appends written before this one.
     fn insert_error(
         &self,
         conn: &mut Conn,
         records: &[EventRecord],
+        ahead: Option<u64>,
         error: postgres::Error,
     ) -> StoreError {
         let first = &records[0];
@@ -446,7 +458,8 @@ impl PgStore {
                 &[&first.job_id],
             )
         {
-            let last = row.get::<_, i64>(0).max(0).cast_unsigned();
+            let stored = row.get::<_, i64>(0).max(0).cast_unsigned();
+            let last = stored.max(ahead.unwrap_or(0));
             if last.checked_add(1) != Some(first.seq) {
                 return StoreError::Conflict {
                     job_id: first.job_id,
@@ -794,11 +807,10 @@ impl EventStore for PgStore {
                 .client
                 .query(
                     "SELECT s.job_id FROM events s
-                     JOIN (SELECT job_no, max(seq) AS last FROM events GROUP BY job_no) j
-                       ON j.job_no = s.job_no
-                     JOIN events e ON e.job_no = j.job_no AND e.seq = j.last
+                     CROSS JOIN LATERAL (SELECT e.kind FROM events e WHERE e.job_no = s.job_no
+                                         ORDER BY e.seq DESC LIMIT 1) last
                      WHERE s.seq = 1
-                       AND e.kind NOT IN ('JobCompleted', 'JobHalted', 'JobCancelled')
+                       AND last.kind NOT IN ('JobCompleted', 'JobHalted', 'JobCancelled')
                      ORDER BY s.job_no",
                     &[],
                 )
@@ -882,18 +894,7 @@ impl JobQueue for PgStore {
         };
         let (job_id, text, previous_owner, epoch): (Uuid, String, Option<String>, i64) =
             (row.get(0), row.get(1), row.get(2), row.get(3));
-        let bad = |detail: String| bad_row(job_id.to_string(), 0, detail);
-        let job: QueuedJob =
-            serde_json::from_str(&text).map_err(|e| bad(format!("queued job: {e}")))?;
-        let epoch = epoch
-            .checked_add(1)
-            .and_then(|e| u64::try_from(e).ok())
-            .ok_or_else(|| bad(format!("epoch {epoch}")))?;
-        Ok(Some(Claim {
-            fence: Fence { job_id, epoch },
-            job,
-            taken_over_from: previous_owner,
-        }))
+        queue::claim_from_row(&job_id.to_string(), &text, previous_owner, epoch).map(Some)
     }
 
     fn renew(
@@ -956,10 +957,7 @@ impl JobQueue for PgStore {
             return Ok(None);
         };
         let (text, state): (String, String) = (row.get(0), row.get(1));
-        let bad = |detail: String| bad_row(job_id.to_string(), 0, detail);
-        let job = serde_json::from_str(&text).map_err(|e| bad(format!("queued job: {e}")))?;
-        let state = QueueState::parse(&state).ok_or_else(|| bad(format!("state {state:?}")))?;
-        Ok(Some((job, state)))
+        queue::queued_from_row(&job_id.to_string(), &text, &state).map(Some)
     }
 
     fn queued(&self) -> Result<Vec<QueueEntry>, StoreError> {

@@ -180,3 +180,58 @@ pub trait JobQueue: Send + Sync {
 pub(crate) fn seconds(lease: Duration) -> f64 {
     lease.as_secs_f64()
 }
+
+/// A claim as a database row gave it: the job's stored id, its JSON, the
+/// owner before the claim and the epoch before the claim moved it on.
+///
+/// # Errors
+/// [`StoreError::BadRow`] for JSON that is not a queued job or an epoch
+/// that cannot move on.
+pub(crate) fn claim_from_row(
+    job_id: &str,
+    job: &str,
+    previous_owner: Option<String>,
+    epoch_before: i64,
+) -> Result<Claim, StoreError> {
+    let job = job_from_row(job_id, job)?;
+    let epoch = epoch_before
+        .checked_add(1)
+        .and_then(|e| u64::try_from(e).ok())
+        .ok_or_else(|| bad_row(job_id, format!("epoch {epoch_before}")))?;
+    Ok(Claim {
+        fence: Fence {
+            job_id: job.job_id,
+            epoch,
+        },
+        job,
+        taken_over_from: previous_owner,
+    })
+}
+
+/// A queued job and its state as a database row gave them.
+///
+/// # Errors
+/// [`StoreError::BadRow`] for JSON that is not a queued job or an unknown
+/// state.
+pub(crate) fn queued_from_row(
+    job_id: &str,
+    job: &str,
+    state: &str,
+) -> Result<(QueuedJob, QueueState), StoreError> {
+    let job = job_from_row(job_id, job)?;
+    let state =
+        QueueState::parse(state).ok_or_else(|| bad_row(job_id, format!("state {state:?}")))?;
+    Ok((job, state))
+}
+
+fn job_from_row(job_id: &str, job: &str) -> Result<QueuedJob, StoreError> {
+    serde_json::from_str(job).map_err(|e| bad_row(job_id, format!("queued job: {e}")))
+}
+
+fn bad_row(job_id: &str, detail: String) -> StoreError {
+    StoreError::BadRow {
+        job_id: job_id.to_owned(),
+        seq: 0,
+        detail,
+    }
+}

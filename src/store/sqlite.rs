@@ -1135,28 +1135,10 @@ impl JobQueue for SqliteStore {
             }
             Ok(picked)
         })?;
-        let Some((job_id, text, previous_owner, epoch)) = row else {
-            return Ok(None);
-        };
-        let bad = |detail: String| StoreError::BadRow {
-            job_id: job_id.clone(),
-            seq: 0,
-            detail,
-        };
-        let job: QueuedJob =
-            serde_json::from_str(&text).map_err(|e| bad(format!("queued job: {e}")))?;
-        let epoch = epoch
-            .checked_add(1)
-            .and_then(|e| u64::try_from(e).ok())
-            .ok_or_else(|| bad(format!("epoch {epoch}")))?;
-        Ok(Some(Claim {
-            fence: Fence {
-                job_id: job.job_id,
-                epoch,
-            },
-            job,
-            taken_over_from: previous_owner,
-        }))
+        row.map(|(job_id, text, previous_owner, epoch)| {
+            queue::claim_from_row(&job_id, &text, previous_owner, epoch)
+        })
+        .transpose()
     }
 
     fn renew(
@@ -1224,17 +1206,8 @@ impl JobQueue for SqliteStore {
             .optional()
             .map_err(read)
         })?;
-        let Some((text, state)) = row else {
-            return Ok(None);
-        };
-        let bad = |detail: String| StoreError::BadRow {
-            job_id: job_id.to_string(),
-            seq: 0,
-            detail,
-        };
-        let job = serde_json::from_str(&text).map_err(|e| bad(format!("queued job: {e}")))?;
-        let state = QueueState::parse(&state).ok_or_else(|| bad(format!("state {state:?}")))?;
-        Ok(Some((job, state)))
+        row.map(|(text, state)| queue::queued_from_row(&job_id.to_string(), &text, &state))
+            .transpose()
     }
 
     fn queued(&self) -> Result<Vec<QueueEntry>, StoreError> {

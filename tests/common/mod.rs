@@ -1,6 +1,7 @@
 //! Builders shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod backend;
 pub mod pg;
 
 use chrono::{DateTime, TimeDelta, Utc};
@@ -189,16 +190,10 @@ impl job_executor::store::EventStore for FaultyStore {
     }
 }
 
-/// An attacker's edit: a copy of the job's event at `seq` (recorded at
-/// another time) is inserted before it and the later events renumbered. With
-/// `forge_digest` the copy carries the digest a forger would compute; without,
-/// a wrong one.
-pub fn insert_renumbered(
-    raw: &rusqlite::Connection,
-    records: &[EventRecord],
-    seq: u64,
-    forge_digest: bool,
-) {
+/// The copy of the job's event at `seq` an attacker inserts before it
+/// (recorded at another time), and the digest it carries: with
+/// `forge_digest` the one a forger would compute, without, a wrong one.
+fn forged_copy(records: &[EventRecord], seq: u64, forge_digest: bool) -> (EventRecord, String) {
     let mut forged = records[seq as usize - 1].clone();
     forged.recorded_at = "2000-01-01T00:00:09.999999Z".into();
     forged.seq = seq;
@@ -211,6 +206,20 @@ pub fn insert_renumbered(
     } else {
         format!("{:064}", 5)
     };
+    (forged, digest)
+}
+
+/// An attacker's edit: a copy of the job's event at `seq` (recorded at
+/// another time) is inserted before it and the later events renumbered. With
+/// `forge_digest` the copy carries the digest a forger would compute; without,
+/// a wrong one.
+pub fn insert_renumbered(
+    raw: &rusqlite::Connection,
+    records: &[EventRecord],
+    seq: u64,
+    forge_digest: bool,
+) {
+    let (forged, digest) = forged_copy(records, seq, forge_digest);
     let job = forged.job_id.to_string();
     raw.execute(
         "UPDATE events SET seq = -seq - 1 WHERE job_id = ?1 AND seq >= ?2",
@@ -233,6 +242,47 @@ pub fn insert_renumbered(
             forged.recorded_at,
             forged.payload,
             digest
+        ],
+    )
+    .unwrap();
+}
+
+/// [`insert_renumbered`] in a PostgreSQL log whose guards (triggers, CHECK
+/// constraints) the attacker has dropped. The copy takes the next free
+/// position, as a SQLite row id would.
+pub fn insert_renumbered_pg(
+    raw: &mut postgres::Client,
+    records: &[EventRecord],
+    seq: u64,
+    forge_digest: bool,
+) {
+    let (forged, digest) = forged_copy(records, seq, forge_digest);
+    let (job, seq) = (forged.job_id, seq as i64);
+    // Through negative numbers: UNIQUE (job_no, seq) is checked row by row.
+    raw.execute(
+        "UPDATE events SET seq = -seq - 1 WHERE job_id = $1 AND seq >= $2",
+        &[&job, &seq],
+    )
+    .unwrap();
+    raw.execute(
+        "UPDATE events SET seq = -seq WHERE job_id = $1 AND seq < 0",
+        &[&job],
+    )
+    .unwrap();
+    let schema_version = forged.schema_version as i32;
+    raw.execute(
+        "INSERT INTO events
+             (position, job_id, job_no, seq, kind, schema_version, recorded_at, payload, digest)
+         VALUES ((SELECT max(position) + 1 FROM events), $1,
+                 (SELECT job_no FROM events WHERE job_id = $1 LIMIT 1), $2, $3, $4, $5, $6, $7)",
+        &[
+            &job,
+            &seq,
+            &forged.kind,
+            &schema_version,
+            &forged.recorded_at,
+            &forged.payload,
+            &digest,
         ],
     )
     .unwrap();

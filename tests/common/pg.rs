@@ -6,6 +6,7 @@
 //! server answers, [`schema`] says so on stderr and returns `None` — unless
 //! `JE_REQUIRE_PG=1` (as in CI), where a missing server fails the test.
 
+use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -64,7 +65,10 @@ pub fn schema(test: &str) -> Option<PgSchema> {
     let mut client = match postgres::Client::connect(&server, postgres::NoTls) {
         Ok(client) => client,
         Err(e) if !required() => {
-            eprintln!(
+            // Straight to the process's stderr: the harness keeps what a
+            // passing test prints with eprintln!, and a skip must be seen.
+            let _ = writeln!(
+                std::io::stderr(),
                 "SKIPPED: {test}: no PostgreSQL server at {server} ({e}); set JE_PG_URL to run it (JE_REQUIRE_PG=1 makes this a failure)"
             );
             return None;
