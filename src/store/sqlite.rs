@@ -63,6 +63,10 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../schema/0007_job_queue.sql"),
         then: None,
     },
+    Migration {
+        sql: include_str!("../../schema/0008_cheaper_digest_check.sql"),
+        then: None,
+    },
 ];
 
 /// Columns of an event row, in the order `read_row_into` expects.
