@@ -158,6 +158,18 @@ enum Commits {
     PerStep,
 }
 
+/// Which table the baseline writes to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Table {
+    /// The events table's shape (columns, unique indexes) without its
+    /// rules: no CHECK constraints, no triggers.
+    Plain,
+    /// The log's own table, rules and all (made by the store's migrations),
+    /// written with the store's own INSERT: exactly the engine's commits and
+    /// statements, with no engine.
+    Store,
+}
+
 /// The physical limit: the same rows (same pragmas, rows of similar size,
 /// same unique index) committed as `commits` says, with no engine. Returns
 /// events/s.
@@ -169,32 +181,70 @@ fn baseline(
     threads: usize,
     commits: Commits,
 ) -> f64 {
-    let setup = Connection::open(path).expect("open the baseline");
-    setup
-        .execute_batch(
-            "PRAGMA journal_mode = WAL;
-             CREATE TABLE events (position INTEGER PRIMARY KEY, job_id TEXT NOT NULL,
-                 job_no INTEGER NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL,
-                 schema_version INTEGER NOT NULL, recorded_at TEXT NOT NULL,
-                 payload TEXT NOT NULL, digest TEXT, mac TEXT,
-                 UNIQUE (job_no, seq)) STRICT;
-             CREATE UNIQUE INDEX events_job ON events (job_id) WHERE seq = 1;",
-        )
-        .expect("create the baseline table");
+    baseline_on(path, sync, jobs, steps, threads, commits, Table::Plain)
+}
+
+fn baseline_on(
+    path: &Path,
+    sync: Synchronous,
+    jobs: usize,
+    steps: usize,
+    threads: usize,
+    commits: Commits,
+    table: Table,
+) -> f64 {
+    match table {
+        Table::Plain => Connection::open(path)
+            .expect("open the baseline")
+            .execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 CREATE TABLE events (position INTEGER PRIMARY KEY, job_id TEXT NOT NULL,
+                     job_no INTEGER NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL,
+                     schema_version INTEGER NOT NULL, recorded_at TEXT NOT NULL,
+                     payload TEXT NOT NULL, digest TEXT, mac TEXT,
+                     UNIQUE (job_no, seq)) STRICT;
+                 CREATE UNIQUE INDEX events_job ON events (job_id) WHERE seq = 1;",
+            )
+            .expect("create the baseline table"),
+        Table::Store => drop(
+            SqliteStore::open_with(path, &SqliteOptions::default().with_synchronous(sync))
+                .expect("create the log's table"),
+        ),
+    }
     // Payloads shaped like the engine's: the plan once, then small step events.
     let plan_payload = serde_json::to_string(&plan(steps)).expect("plan serialises");
     let step_payload = r#"{"step_index":0,"output":{},"health_after":null}"#;
     let digest = "0".repeat(64);
+    // The store's own statement: a new job's number after every job's, a
+    // later event's the number its start got.
+    let insert = match table {
+        Table::Plain => {
+            "INSERT INTO events (job_id, job_no, seq, kind, schema_version, recorded_at, payload, digest)
+             VALUES (?1, ?2, ?3, ?6, 2, '2000-01-01T00:00:00.000000Z', ?4, ?5)"
+        }
+        Table::Store => {
+            "INSERT INTO events (job_id, job_no, seq, kind, schema_version, recorded_at, payload, digest, mac)
+             VALUES (?1,
+                     -- (?2, the baseline's own job number, goes unused: the
+                     -- table numbers jobs itself, as for the engine.)
+                     CASE WHEN ?3 = 1 AND ?2 > 0 THEN (SELECT coalesce(max(job_no), 0) + 1 FROM events)
+                          ELSE (SELECT job_no FROM events WHERE job_id = ?1 AND seq = 1) END,
+                     ?3, ?6, 2, '2000-01-01T00:00:00.000000Z', ?4, ?5, NULL)"
+        }
+    };
     let job_numbers = Arc::new(std::sync::atomic::AtomicI64::new(0));
     let start = Instant::now();
     let handles: Vec<_> = (0..threads)
         .map(|t| {
-            let (path, plan_payload, digest) = (path.to_path_buf(), plan_payload.clone(), digest.clone());
+            let (path, plan_payload, digest) =
+                (path.to_path_buf(), plan_payload.clone(), digest.clone());
             let job_numbers = job_numbers.clone();
             std::thread::spawn(move || {
                 let mut conn = Connection::open(&path).expect("open the baseline");
-                conn.busy_timeout(std::time::Duration::from_secs(30)).expect("busy timeout");
-                conn.pragma_update(None, "synchronous", sync_name(sync)).expect("synchronous");
+                conn.busy_timeout(std::time::Duration::from_secs(30))
+                    .expect("busy timeout");
+                conn.pragma_update(None, "synchronous", sync_name(sync))
+                    .expect("synchronous");
                 let rows_per_commit = match commits {
                     Commits::PerEvent => 1,
                     Commits::PerStep => 2,
@@ -209,13 +259,25 @@ fn baseline(
                             .transaction_with_behavior(TransactionBehavior::Immediate)
                             .expect("begin");
                         for _ in 0..rows_per_commit {
-                            let payload = if seq == 1 { plan_payload.as_str() } else { step_payload };
-                            tx.prepare_cached(
-                                "INSERT INTO events (job_id, job_no, seq, kind, schema_version, recorded_at, payload, digest)
-                                 VALUES (?1, ?2, ?3, 'StepStarted', 2, '2000-01-01T00:00:00.000000Z', ?4, ?5)",
-                            )
-                            .and_then(|mut s| s.execute(params![job, job_no, seq as i64, payload, digest]))
-                            .expect("insert");
+                            let payload = if seq == 1 {
+                                plan_payload.as_str()
+                            } else {
+                                step_payload
+                            };
+                            // The kinds the log's rules accept, in a job's order.
+                            let kind = match seq {
+                                1 => "JobStarted",
+                                s if s == events => "JobCompleted",
+                                s if s % 2 == 0 => "StepStarted",
+                                _ => "StepSucceeded",
+                            };
+                            tx.prepare_cached(insert)
+                                .and_then(|mut s| {
+                                    s.execute(params![
+                                        job, job_no, seq as i64, payload, digest, kind
+                                    ])
+                                })
+                                .expect("insert");
                             seq += 1;
                         }
                         tx.commit().expect("commit");
@@ -351,6 +413,7 @@ fn main() {
                 "{{\"sync\":\"{}\",\"threads\":{threads},\"jobs\":{jobs},\"steps\":{steps},\"events\":{events},\"runs\":{},\
                  \"engine_events_per_s\":{:.0},\"baseline_events_per_s\":{:.0},\"ratio\":{:.3},\
                  \"baseline_per_step_events_per_s\":{:.0},\"ratio_per_step\":{:.3},\
+                 \"same_table_per_step_events_per_s\":{:.0},\"ratio_same_table\":{:.3},\
                  \"single_stream_baseline_events_per_s\":{:.0},\"ratio_to_single_stream\":{:.3},\
                  \"replay_events_per_s\":{:.0},\"raw_replay_events_per_s\":{:.0},\"replay_ratio\":{:.3},\
                  \"verify_events_per_s\":{:.0},\"verify_ratio\":{:.3}}}",
@@ -361,6 +424,8 @@ fn main() {
                 row.ratio,
                 row.per_step,
                 row.ratio_per_step,
+                row.same_table,
+                row.ratio_same_table,
                 row.single,
                 row.ratio_to_single,
                 row.replay,
@@ -385,6 +450,9 @@ struct Row {
     ratio: f64,
     per_step: f64,
     ratio_per_step: f64,
+    /// The same commits into the log's own table (its CHECKs and triggers).
+    same_table: f64,
+    ratio_same_table: f64,
     single: f64,
     ratio_to_single: f64,
     replay: f64,
@@ -401,6 +469,7 @@ fn measure(options: &Options, scratch: &Path, sync: Synchronous, threads: usize)
     let (mut ratio, mut ratio_per_step, mut ratio_to_single) = (Vec::new(), Vec::new(), Vec::new());
     let (mut replay, mut raw, mut verify) = (Vec::new(), Vec::new(), Vec::new());
     let (mut replay_ratio, mut verify_ratio) = (Vec::new(), Vec::new());
+    let (mut same_table, mut ratio_same_table) = (Vec::new(), Vec::new());
     for run in 0..options.runs {
         let name =
             |what: &str| scratch.join(format!("{what}-{}-{threads}-{run}.db", sync_name(sync)));
@@ -409,20 +478,39 @@ fn measure(options: &Options, scratch: &Path, sync: Synchronous, threads: usize)
             name("per-event"),
             name("per-step"),
             name("single"),
+            name("per-step-same-table"),
         ];
         // The single-stream, one-commit-per-event baseline runs in every run
         // (at T=1 it is the per-event baseline itself).
-        let kinds = if threads == 1 { 3 } else { 4 };
-        let mut rates = [0.0; 4];
+        let order: Vec<usize> = if threads == 1 {
+            vec![0, 1, 2, 4]
+        } else {
+            vec![0, 1, 2, 3, 4]
+        };
+        let mut rates = [0.0; 5];
         // Rotate which goes first so that none always gets a warm disk.
-        for which in (0..kinds).cycle().skip(run % kinds).take(kinds) {
+        for &which in order
+            .iter()
+            .cycle()
+            .skip(run % order.len())
+            .take(order.len())
+        {
             // Start from a quiet disk: no writeback left from the last run.
             flush_disk();
             rates[which] = match which {
                 0 => engine(&dbs[0], sync, jobs, steps, threads),
                 1 => baseline(&dbs[1], sync, jobs, steps, threads, Commits::PerEvent),
                 2 => baseline(&dbs[2], sync, jobs, steps, threads, Commits::PerStep),
-                _ => baseline(&dbs[3], sync, jobs, steps, 1, Commits::PerEvent),
+                3 => baseline(&dbs[3], sync, jobs, steps, 1, Commits::PerEvent),
+                _ => baseline_on(
+                    &dbs[4],
+                    sync,
+                    jobs,
+                    steps,
+                    threads,
+                    Commits::PerStep,
+                    Table::Store,
+                ),
             };
         }
         if threads == 1 {
@@ -434,6 +522,8 @@ fn measure(options: &Options, scratch: &Path, sync: Synchronous, threads: usize)
         single.push(rates[3]);
         ratio.push(rates[0] / rates[1]);
         ratio_per_step.push(rates[0] / rates[2]);
+        same_table.push(rates[4]);
+        ratio_same_table.push(rates[0] / rates[4]);
         ratio_to_single.push(rates[0] / rates[3]);
         // A replay of this log takes milliseconds: every reader runs
         // several times, in turns, so that none always reads first.
@@ -464,6 +554,8 @@ fn measure(options: &Options, scratch: &Path, sync: Synchronous, threads: usize)
         ratio: median(ratio),
         per_step: median(per_step),
         ratio_per_step: median(ratio_per_step),
+        same_table: median(same_table),
+        ratio_same_table: median(ratio_same_table),
         single: median(single),
         ratio_to_single: median(ratio_to_single),
         replay: median(replay),

@@ -350,9 +350,7 @@ impl Run<'_> {
     /// the job's halt, sealed after what this run has recorded, then the
     /// job's result to whoever waits for it.
     fn time_out_later(&self, step: &JobStep, context: &ExecutionContext) -> Action {
-        let step_index = step.step_index;
-        let outcome = outcome_event(runner::timed_out(step.timeout_seconds, ""), step_index);
-        let events = [outcome, Event::JobHalted(JobHalted { step_index })];
+        let (step_index, timeout_seconds) = (step.step_index, step.timeout_seconds);
         let store = self.engine.store.clone();
         let clock = self.engine.clock.clone();
         let key = self.engine.head_key.clone();
@@ -363,8 +361,11 @@ impl Run<'_> {
             self.projector.events() + 1,
             self.projector.head(),
         );
+        // Built only if it fires: arming costs no allocation but the box.
         Box::new(move || {
             cancel.cancel();
+            let outcome = outcome_event(runner::timed_out(timeout_seconds, ""), step_index);
+            let events = [outcome, Event::JobHalted(JobHalted { step_index })];
             let mut records: Vec<EventRecord> = events
                 .iter()
                 .enumerate()
