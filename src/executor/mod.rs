@@ -648,6 +648,12 @@ impl JobExecutor {
                     message: crate::sync::panic_message(payload.as_ref()),
                 })
             });
+            // The caller may drop the executor the moment it has the answer,
+            // and its process end right after: it must then hold the last
+            // reference, so that the store is closed (SQLite checkpoints its
+            // log into the file) on its thread, not whenever this one runs
+            // again.
+            drop(engine);
             let _ = reply.send(result);
         });
         self.engine.pool.try_run(work).ok()?;
