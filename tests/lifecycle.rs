@@ -786,3 +786,56 @@ fn a_health_observer_that_panics_before_the_first_step_appends_nothing() {
     assert_eq!(store.last_seq(job).unwrap(), 0);
     assert_eq!(calls.load(Ordering::SeqCst), 0);
 }
+
+/// A host driving a job on a thread of its own (`drive_here`) is answered
+/// at a stuck step's deadline, while that thread is still in the handler.
+#[test]
+fn drive_here_answers_at_the_deadline_of_a_stuck_handler() {
+    let store: Arc<dyn EventStore> = Arc::new(SqliteStore::open_in_memory().unwrap());
+    let mut executor = JobExecutor::builder().store(store.clone()).build();
+    let (release, released) = mpsc::channel::<()>();
+    let released = std::sync::Mutex::new(released);
+    executor.register_handler("stuck", move |_: &JobStep, _: &ExecutionContext| {
+        let _ = released.lock().unwrap().recv();
+        StepOutput::succeeded(json!({}))
+    });
+    let executor = Arc::new(executor);
+    let job = Uuid::new_v4();
+    let (answered, answer) = mpsc::channel();
+    let start = Instant::now();
+    let host = {
+        let executor = executor.clone();
+        std::thread::spawn(move || {
+            executor.drive_here(job, Uuid::nil(), &[step(0, "stuck", 1)], "host", move |r| {
+                let _ = answered.send(r);
+            });
+        })
+    };
+    let result = answer
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap()
+        .unwrap();
+    assert!(
+        start.elapsed() < Duration::from_millis(1900),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(
+        !host.is_finished(),
+        "the host thread is still in the handler"
+    );
+    assert_eq!(result.final_status, JobStatus::Failed);
+    assert_eq!(
+        result.step_results[0].failure_kind,
+        Some(FailureKind::Timeout)
+    );
+    // Released, the handler's late result is dropped, and the host thread
+    // answers no second time.
+    release.send(()).unwrap();
+    host.join().unwrap();
+    assert!(answer.recv_timeout(Duration::from_millis(200)).is_err());
+    assert_eq!(
+        kinds(store.as_ref(), job),
+        ["JobStarted", "StepStarted", "StepFailed", "JobHalted"]
+    );
+}

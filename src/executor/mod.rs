@@ -35,6 +35,7 @@ use crate::store::QueuedJob;
 use crate::store::{EventStore, MemoryStore, StoreError};
 use crate::watchdog::Watchdog;
 pub use run::APPEND_RETRIES_MAX;
+use run::Answer;
 use run::Run;
 pub(crate) use run::RunControl;
 
@@ -391,6 +392,31 @@ impl Engine {
         }
     }
 
+    /// Drives `job` on this thread, calling its handlers here, and returns
+    /// the result for `answer` — which the watchdog answers itself if it
+    /// ends the job at a step's deadline while this thread is still in the
+    /// handler. A panic of the engine's own is returned as
+    /// [`ExecutorError::Driver`].
+    fn drive_here(
+        &self,
+        job: &QueuedJob,
+        answer: &Answer,
+    ) -> Result<ExecutionResult, ExecutorError> {
+        let control = RunControl {
+            answer: Some(answer.clone()),
+            ..RunControl::default()
+        };
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.start(job, None, control)
+        }))
+        .unwrap_or_else(|payload| {
+            Err(ExecutorError::Driver {
+                job_id: job.job_id,
+                message: crate::sync::panic_message(payload.as_ref()),
+            })
+        })
+    }
+
     /// The handler registered for `step_type`.
     fn handler(&self, step_type: &str) -> Option<Arc<dyn StepHandler>> {
         // Handlers are inserted whole: a poisoned map is consistent.
@@ -625,6 +651,41 @@ impl JobExecutor {
         self.engine.start(job, health_observer, control)
     }
 
+    /// Runs a job as `execute_job` does, but on the calling thread, calling
+    /// each step's handler right here (no hand-over per step), and gives
+    /// the result to `answer` — called exactly once. At a step's deadline,
+    /// if its handler has not returned, the watchdog records the timeout,
+    /// ends the job and calls `answer` itself, so whoever waits is answered
+    /// on time while this thread stays inside the handler. For hosts whose
+    /// handlers must run on threads of their own making (an interpreter's):
+    /// they drive jobs on those threads and wait elsewhere.
+    ///
+    /// ```
+    /// use std::sync::mpsc;
+    /// use job_executor::{create_default_executor, JobStatus, JobStep};
+    /// use uuid::Uuid;
+    ///
+    /// let executor = create_default_executor();
+    /// let (tx, rx) = mpsc::channel();
+    /// let steps = [JobStep::new(0, "capability_enable", "billing")];
+    /// executor.drive_here(Uuid::new_v4(), Uuid::new_v4(), &steps, "ops", move |result| {
+    ///     let _ = tx.send(result);
+    /// });
+    /// assert_eq!(rx.recv().unwrap().unwrap().final_status, JobStatus::Completed);
+    /// ```
+    pub fn drive_here(
+        &self,
+        job_id: Uuid,
+        contract_id: Uuid,
+        steps: &[JobStep],
+        executed_by: &str,
+        answer: impl FnOnce(Result<ExecutionResult, ExecutorError>) + Send + 'static,
+    ) {
+        let job = QueuedJob::new(job_id, contract_id, steps.to_vec(), executed_by);
+        let answer = Answer::new(answer);
+        answer.give(self.engine.drive_here(&job, &answer));
+    }
+
     /// Runs `job` on a pool thread that calls each step's handler itself —
     /// no hand-over per step — while the executor's watchdog keeps every
     /// deadline: at a step's deadline it records the timeout, ends the job
@@ -635,26 +696,17 @@ impl JobExecutor {
         let engine = self.engine.clone();
         let driven = job.clone();
         let work: crate::runner::Work = Box::new(move || {
-            let control = RunControl {
-                answer: Some(reply.clone()),
-                ..RunControl::default()
-            };
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                engine.start(&driven, None, control)
-            }))
-            .unwrap_or_else(|payload| {
-                Err(ExecutorError::Driver {
-                    job_id: driven.job_id,
-                    message: crate::sync::panic_message(payload.as_ref()),
-                })
+            let answer = Answer::new(move |result| {
+                let _ = reply.send(result);
             });
+            let result = engine.drive_here(&driven, &answer);
             // The caller may drop the executor the moment it has the answer,
             // and its process end right after: it must then hold the last
             // reference, so that the store is closed (SQLite checkpoints its
             // log into the file) on its thread, not whenever this one runs
             // again.
             drop(engine);
-            let _ = reply.send(result);
+            answer.give(result);
         });
         self.engine.pool.try_run(work).ok()?;
         Some(answer.recv().unwrap_or_else(|_| {

@@ -113,8 +113,39 @@ pub(crate) struct RunControl<'a> {
     pub(crate) answer: Option<Answer>,
 }
 
-/// Where a driven job's result goes.
-pub(crate) type Answer = std::sync::mpsc::SyncSender<Result<ExecutionResult, ExecutorError>>;
+/// Where a driven job's result goes: to whoever waits for it, once — from
+/// the thread that drove the job, or from the watchdog if it ended the job
+/// at a step's deadline first.
+#[derive(Clone)]
+pub(crate) struct Answer(Arc<std::sync::Mutex<Option<AnswerFn>>>);
+
+type AnswerFn = Box<dyn FnOnce(Result<ExecutionResult, ExecutorError>) + Send>;
+
+impl Answer {
+    pub(crate) fn new(
+        answer: impl FnOnce(Result<ExecutionResult, ExecutorError>) + Send + 'static,
+    ) -> Self {
+        Answer(Arc::new(std::sync::Mutex::new(Some(Box::new(answer)))))
+    }
+
+    /// Gives `result` to whoever waits, unless an answer was given already.
+    pub(crate) fn give(&self, result: Result<ExecutionResult, ExecutorError>) {
+        let answer = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(answer) = answer {
+            answer(result);
+        }
+    }
+}
+
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Answer")
+    }
+}
 
 impl RunControl<'_> {
     fn stopping(&self) -> bool {
@@ -377,9 +408,8 @@ impl Run<'_> {
             chain::seal(head, &mut records, key.as_ref());
             store.append(&records)?;
             if let Some(answer) = answer {
-                let result =
-                    projection::replay(store.as_ref(), job_id).map_err(ExecutorError::from);
-                let _ = answer.send(result);
+                answer
+                    .give(projection::replay(store.as_ref(), job_id).map_err(ExecutorError::from));
             }
             Ok(())
         })
