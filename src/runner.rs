@@ -34,8 +34,12 @@ use crate::sync::{Condvar, Mutex, lock, mpsc, panic_message, recv_timeout, threa
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PoolOptions {
-    /// The most handler threads at once (default 64). At the cap a step
-    /// waits for a free worker, against its own deadline.
+    /// The most handler threads at once (default 64), in each of the
+    /// executor's two pools: the one steps are handed to, and the one whose
+    /// threads drive whole jobs, calling their handlers themselves. At the
+    /// cap a handed-over step waits for a free worker, against its own
+    /// deadline; a job finding no free driver is driven by its caller's
+    /// thread.
     pub threads_max: usize,
     /// How long an idle worker waits for more work before it exits
     /// (default 60 s).

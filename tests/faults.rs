@@ -273,8 +273,10 @@ fn the_handler_pool_is_capped_and_a_step_waiting_past_its_deadline_never_runs() 
             StepOutput::succeeded(json!({}))
         });
     }
-    // Six jobs at once whose handlers never return: only CAP handlers ever
-    // start; every job still ends, at its deadline.
+    // Six jobs at once whose handlers never return: CAP of them are driven
+    // by threads that call their handlers themselves, CAP more hand their
+    // step to the handler pool, and the rest never start; every job still
+    // ends, at its deadline.
     let results: Vec<_> = std::thread::scope(|scope| {
         let running: Vec<_> = (0..6)
             .map(|_| {
@@ -294,7 +296,7 @@ fn the_handler_pool_is_capped_and_a_step_waiting_past_its_deadline_never_runs() 
             .map(|r| r.join().unwrap().unwrap())
             .collect()
     });
-    assert_eq!(entered.load(Ordering::SeqCst), CAP);
+    assert_eq!(entered.load(Ordering::SeqCst), 2 * CAP);
     let errors: Vec<String> = results
         .iter()
         .map(|r| r.step_results[0].error.clone().unwrap_or_default())
@@ -304,15 +306,16 @@ fn the_handler_pool_is_capped_and_a_step_waiting_past_its_deadline_never_runs() 
         .iter()
         .filter(|e| e.contains("the handler never started"))
         .count();
-    assert_eq!(never_started, 6 - CAP, "{errors:?}");
-    // With both workers still held, a quick step times out unstarted too...
+    assert_eq!(never_started, 6 - 2 * CAP, "{errors:?}");
+    // With every thread of both pools still held, a quick step times out
+    // unstarted too...
     let job = Uuid::new_v4();
     let result = executor
         .execute_job(job, Uuid::nil(), &[step(0, "ok", 1)], None, "t")
         .unwrap();
     assert_eq!(result.final_status, JobStatus::Failed);
-    // ...and never runs later, when a worker frees.
-    for _ in 0..CAP {
+    // ...and never runs later, when threads free.
+    for _ in 0..2 * CAP {
         release.send(()).unwrap();
     }
     let result = executor

@@ -332,6 +332,10 @@ pub(crate) struct Engine {
     clock: Arc<dyn Clock>,
     head_key: Option<HeadKey>,
     pool: HandlerPool,
+    /// Threads that drive whole jobs (calling their handlers themselves):
+    /// a pool of its own, so that drivers never take the threads that
+    /// steps handed over need.
+    drivers: HandlerPool,
     health_timeout: Duration,
     watchdog: Watchdog,
     /// Step outcomes known but not recorded, for `recover`.
@@ -542,6 +546,7 @@ impl ExecutorBuilder {
             store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
             clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
             head_key: self.head_key,
+            drivers: HandlerPool::new(self.pool.clone()),
             pool: HandlerPool::new(self.pool),
             health_timeout: self.health_timeout,
             watchdog: Watchdog::new(),
@@ -708,7 +713,7 @@ impl JobExecutor {
             drop(engine);
             answer.give(result);
         });
-        self.engine.pool.try_run(work).ok()?;
+        self.engine.drivers.try_run(work).ok()?;
         Some(answer.recv().unwrap_or_else(|_| {
             Err(ExecutorError::Driver {
                 job_id: job.job_id,
