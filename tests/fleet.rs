@@ -751,3 +751,38 @@ fn a_worker_that_cannot_renew_its_lease_starts_no_more_steps() {
         assert_eq!(result.final_status, JobStatus::Completed);
     }
 }
+
+/// `--db` also takes a libpq `key=value` string.
+#[test]
+fn a_libpq_key_value_string_names_a_postgres_log() {
+    let Some(schema) = pg::schema("keyvalue") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let server = pg::server_url();
+    let config: postgres::Config = server.parse().unwrap();
+    let host = match config.get_hosts().first() {
+        Some(postgres::config::Host::Tcp(host)) => host.clone(),
+        _ => "127.0.0.1".to_owned(),
+    };
+    let key_value = format!(
+        "host={host} port={} user={} dbname={} options=-csearch_path={}",
+        config.get_ports().first().copied().unwrap_or(5432),
+        config.get_user().unwrap_or("postgres"),
+        config.get_dbname().unwrap_or("test"),
+        schema.name()
+    );
+    let plan = write(
+        d,
+        "plan.json",
+        &json!({"contract_id": Uuid::nil(), "steps": [
+            {"step_index": 0, "step_type": "capability_enable", "target": "x"}]}),
+    );
+    let out = run(d, &["run", &plan, "--db", &key_value]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // The same log, through its URL.
+    let listed = text(&run(d, &["jobs", "--db", &schema.url()]).stdout);
+    assert!(listed.contains("COMPLETED\t1/1 steps"), "{listed}");
+    assert!(!d.join(&key_value).exists(), "taken for a file name");
+}
