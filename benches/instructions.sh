@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Instructions per event, counted by callgrind (repeatable whatever else the
 # machine does): the engine (`workload --generate`) and the same-commit raw
-# baseline (`workload --baseline-only`), each at two sizes, so that what the
+# baselines (`workload --baseline-only`: into a table of the same shape with
+# no rules, and, with --same-table, into the log's own table, its CHECKs and
+# triggers included), each at two sizes, so that what the
 # program does once (start-up, schema) cancels out:
 #   (Ir at 200 jobs - Ir at 100 jobs) / (events at 200 - events at 100).
 # Valgrind's CPU has no SHA extensions: SHA-256 runs its software code under
@@ -14,15 +16,17 @@ sync=${2:-normal}
 cargo build --release --quiet --example workload
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
-count() { # mode jobs
+count() { # jobs mode [flag]
     valgrind --tool=callgrind --callgrind-out-file="$scratch/cg.out" \
-        target/release/examples/workload "--$1" "$scratch/$1-$2.db" --jobs "$2" --steps 20 \
-        --threads "$threads" --sync "$sync" 2>&1 >/dev/null |
+        target/release/examples/workload "--$2" "$scratch/$2-$1.db" ${3:+"$3"} --jobs "$1" \
+        --steps 20 --threads "$threads" --sync "$sync" 2>&1 >/dev/null |
         sed -n 's/.*refs: *//p' | tr -d ,
 }
-for mode in generate baseline-only; do
-    small=$(count "$mode" 100)
-    large=$(count "$mode" 200)
+for what in generate baseline-only "baseline-only --same-table"; do
+    read -r mode flag <<< "$what"
+    small=$(count 100 "$mode" "$flag")
+    large=$(count 200 "$mode" "$flag")
+    rm -f "$scratch"/*.db*
     # 100 more jobs of 20 steps: 100 × 42 events.
-    echo "{\"what\":\"$mode\",\"threads\":$threads,\"sync\":\"$sync\",\"instructions_per_event\":$(( (large - small) / 4200 ))}"
+    echo "{\"what\":\"$what\",\"threads\":$threads,\"sync\":\"$sync\",\"instructions_per_event\":$(( (large - small) / 4200 ))}"
 done

@@ -10,7 +10,8 @@
 //! cargo run --release --example workload -- --replay-only FILE   # replay a whole log, streaming
 //! cargo run --release --example workload -- --scale FILE         # one job's replay as the log grows
 //! cargo run --release --example workload -- --generate FILE [--sync S] # write a log (NORMAL) and keep it
-//! cargo run --release --example workload -- --baseline-only FILE [--sync S] # only the same-commit baseline
+//! cargo run --release --example workload -- --baseline-only FILE [--sync S] [--same-table]
+//!     # only the same-commit baseline (into the log's own table with --same-table)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -38,6 +39,8 @@ struct Options {
     /// Only the same-commit baseline, into this file (to count its
     /// instructions apart from the engine's).
     baseline_only: Option<PathBuf>,
+    /// `--baseline-only` writes into the log's own table.
+    same_table: bool,
     /// `--sync` as given: `--generate` writes at NORMAL unless told.
     sync_given: bool,
 }
@@ -55,6 +58,7 @@ fn parse_args() -> Result<Options, String> {
         generate: None,
         scale: None,
         baseline_only: None,
+        same_table: false,
         sync_given: false,
     };
     let mut args = std::env::args().skip(1);
@@ -87,6 +91,7 @@ fn parse_args() -> Result<Options, String> {
             "--generate" => options.generate = Some(PathBuf::from(value()?)),
             "--scale" => options.scale = Some(PathBuf::from(value()?)),
             "--baseline-only" => options.baseline_only = Some(PathBuf::from(value()?)),
+            "--same-table" => options.same_table = true,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -381,13 +386,19 @@ fn main() {
     }
     if let Some(path) = &options.baseline_only {
         let sync = options.syncs[0];
-        let rate = baseline(
+        let table = if options.same_table {
+            Table::Store
+        } else {
+            Table::Plain
+        };
+        let rate = baseline_on(
             path,
             sync,
             options.jobs,
             options.steps,
             options.threads[0],
             Commits::PerStep,
+            table,
         );
         println!("{{\"baseline_events_per_s\":{rate:.0}}}");
         return;
