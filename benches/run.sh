@@ -34,6 +34,15 @@ for jobs in 10000 100000; do
     done
 done
 
+echo "== PostgreSQL: engine vs raw inserts with the same commits, T = 1 and 8" >&2
+cargo build --release --quiet --example workload_pg
+# Exits 3, saying SKIPPED, when no server answers at JE_PG_URL.
+if target/release/examples/workload_pg --jobs 200 --steps 20 --runs 7 --threads 1,8 \
+    > "$scratch/postgres.jsonl"; then
+    cp "$scratch/postgres.jsonl" "$out/postgres.jsonl"
+    cat "$out/postgres.jsonl"
+fi
+
 python3 benches/plot.py "$out/workload.jsonl" > docs/throughput.svg
 python3 benches/table.py "$out/workload.jsonl" >&2
 echo "wrote $out/*.jsonl and docs/throughput.svg" >&2

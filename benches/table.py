@@ -15,6 +15,8 @@ COLUMNS = [
     ("ratio", "ratio", "{:.2f}".format),
     ("baseline_per_step_events_per_s", "baseline, commit per step", "{:,.0f}".format),
     ("ratio_per_step", "ratio", "{:.2f}".format),
+    ("same_table_per_step_events_per_s", "same commits into the log's table", "{:,.0f}".format),
+    ("ratio_same_table", "ratio", "{:.2f}".format),
     ("single_stream_baseline_events_per_s", "single stream", "{:,.0f}".format),
     ("ratio_to_single_stream", "× single stream", "{:.2f}".format),
     ("replay_events_per_s", "replay ev/s", "{:,.0f}".format),
