@@ -47,6 +47,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../schema/postgres/0001_events.sql"),
     include_str!("../../schema/postgres/0002_job_queue.sql"),
     include_str!("../../schema/postgres/0003_job_starts.sql"),
+    include_str!("../../schema/postgres/0004_statement_checks.sql"),
 ];
 
 /// The schema version this build writes.
