@@ -120,9 +120,23 @@ pub fn context_to_py<'py>(
     py: Python<'py>,
     context: &ExecutionContext,
 ) -> PyResult<Bound<'py, PyAny>> {
+    let ids = (
+        context.job_id.into_pyobject(py)?.into_any(),
+        context.contract_id.into_pyobject(py)?.into_any(),
+    );
+    context_with_ids(py, context, ids)
+}
+
+/// As [`context_to_py`], with the job's and contract's ids given as Python
+/// values (a driven job converts them once, not at every step).
+pub fn context_with_ids<'py>(
+    py: Python<'py>,
+    context: &ExecutionContext,
+    (job_id, contract_id): (Bound<'py, PyAny>, Bound<'py, PyAny>),
+) -> PyResult<Bound<'py, PyAny>> {
     types(py)?.execution_context.bind(py).call1((
-        context.job_id,
-        context.contract_id,
+        job_id,
+        contract_id,
         context.step_index,
         &context.step_type,
         &context.target,

@@ -27,6 +27,7 @@ use pyo3::types::{PyDict, PyList};
 use uuid::Uuid;
 
 use crate::convert;
+use crate::drive;
 use crate::errors;
 use crate::handlers::{self, PyObserver};
 
@@ -51,7 +52,11 @@ fn open_store(
         Some(":memory:") => Arc::new(SqliteStore::open_in_memory()?),
         Some(name) => store::open(
             &Location::parse(name),
-            &OpenOptions::default().with_synchronous(synchronous),
+            // Python handlers take the interpreter's lock in turn: a leader
+            // waiting for every job to queue would wait behind their turns.
+            &OpenOptions::default()
+                .with_synchronous(synchronous)
+                .with_gather(false),
         )?,
     })
 }
@@ -299,6 +304,33 @@ impl PyJobExecutor {
         let plan = convert::plan(steps)?;
         let observer = health_observer.map(PyObserver::new).transpose()?;
         let executor = self.read(py);
+        if observer.is_none() {
+            // Driven on a Python handler thread, calling its handlers there.
+            let (reply, answer) = mpsc::sync_channel(1);
+            let request = drive::Request {
+                executor: executor.clone(),
+                job_id,
+                contract_id,
+                steps: plan.clone(),
+                executed_by: executed_by.clone(),
+                reply,
+            };
+            let answered = self.run_job(py, &executor, job_id, move || {
+                handlers::hand_over_job(request);
+                answer.recv()
+            })?;
+            match answered {
+                Ok(Ok(result)) => return result_to_py(py, result, None),
+                // No thread could take it, and nothing was recorded: run it
+                // as below.
+                Ok(Err(_refused)) => {}
+                Err(_) => {
+                    return Err(PyRuntimeError::new_err(
+                        "the job's driving thread stopped without an answer",
+                    ));
+                }
+            }
+        }
         let result = self.run_job(py, &executor, job_id, || {
             executor.execute_job(
                 job_id,

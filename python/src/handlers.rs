@@ -20,6 +20,7 @@ use pyo3::sync::PyOnceLock;
 use serde_json::Value;
 
 use crate::convert;
+use crate::drive;
 use crate::json;
 
 /// The last line of an exception's traceback: `ValueError: bad target`.
@@ -48,7 +49,7 @@ pub fn last_traceback_line(py: Python<'_>, err: &PyErr) -> String {
 }
 
 /// Why what a handler returned cannot be recorded.
-fn not_a_step_output(py: Python<'_>, err: &PyErr, step_type: &str) -> String {
+pub(crate) fn not_a_step_output(py: Python<'_>, err: &PyErr, step_type: &str) -> String {
     format!(
         "{} (the handler for step type {step_type:?} must return a StepOutput holding JSON values)",
         last_traceback_line(py, err)
@@ -76,7 +77,7 @@ pub struct PyHandler {
 /// needs the interpreter to hand a call over.
 struct Idle {
     doorbell: std::io::PipeWriter,
-    slot: Arc<Mutex<Option<Handed>>>,
+    slot: Arc<Mutex<Option<Task>>>,
 }
 
 /// A call handed to a Python handler thread.
@@ -84,6 +85,24 @@ struct Handed {
     handler: Arc<Py<PyAny>>,
     step_type: String,
     call: StepCall,
+}
+
+/// What a Python handler thread is handed: one handler call, or a whole job
+/// to drive, calling its handlers itself ([`crate::drive`]).
+enum Task {
+    Call(Handed),
+    Drive(drive::Request),
+}
+
+impl Task {
+    /// No thread could take it: the call fails its step saying why; a job
+    /// is given back to its caller, which runs it another way.
+    fn refuse(self, message: String) {
+        match self {
+            Task::Call(handed) => handed.call.fail(message),
+            Task::Drive(request) => request.refuse(message),
+        }
+    }
 }
 
 /// Python handler threads waiting for a call, shared by every executor. A
@@ -100,9 +119,15 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Hands `handed` to a waiting Python handler thread, or to a new one;
-/// when no thread can take it, fails its step saying why.
-fn hand_over(mut handed: Handed) {
+/// Hands a whole job to a Python handler thread to drive; when no thread
+/// can take it, gives it back through its reply.
+pub(crate) fn hand_over_job(request: drive::Request) {
+    hand_over(Task::Drive(request));
+}
+
+/// Hands `task` to a waiting Python handler thread, or to a new one;
+/// when no thread can take it, refuses it saying why.
+fn hand_over(mut handed: Task) {
     use std::io::Write;
     loop {
         let Some(idle) = lock(&IDLE).pop() else { break };
@@ -120,16 +145,14 @@ fn hand_over(mut handed: Handed) {
     start_thread(handed);
 }
 
-/// Starts a Python handler thread with `handed` as its first call; fails
-/// the step when it cannot.
-fn start_thread(handed: Handed) {
+/// Starts a Python handler thread with `handed` as its first task;
+/// refuses it when it cannot.
+fn start_thread(handed: Task) {
     use std::io::Write;
     let (reader, doorbell) = match std::io::pipe() {
         Ok(pipe) => pipe,
         Err(e) => {
-            handed
-                .call
-                .fail(format!("cannot create a pipe for a handler thread: {e}"));
+            handed.refuse(format!("cannot create a pipe for a handler thread: {e}"));
             return;
         }
     };
@@ -174,29 +197,36 @@ fn start_thread(handed: Handed) {
     };
     // Unless the thread took the call after all.
     if let Some(handed) = lock(&slot).take() {
-        handed.call.fail(failure);
+        handed.refuse(failure);
     }
 }
 
 /// A Python handler thread's end of its slot.
 #[pyclass(module = "job_executor", frozen)]
 pub struct Slot {
-    slot: Arc<Mutex<Option<Handed>>>,
+    slot: Arc<Mutex<Option<Task>>>,
     doorbell: std::io::PipeWriter,
 }
 
 #[pymethods]
 impl Slot {
-    /// The call left for this thread, as `(handler, step, context,
-    /// pending)`; `None` when there is none.
+    /// The task left for this thread: a call as `(handler, step, context,
+    /// pending)`, or a job to drive (a `Driven`); `None` when there is none.
     fn take<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
-        let Some(Handed {
-            handler,
-            step_type,
-            call,
-        }) = lock(&self.slot).take()
-        else {
-            return Ok(None);
+        let task = lock(&self.slot).take();
+        let (handler, step_type, call) = match task {
+            None => return Ok(None),
+            Some(Task::Drive(request)) => {
+                return Ok(drive::Driven::new(request)
+                    .map(|driven| Bound::new(py, driven))
+                    .transpose()?
+                    .map(Bound::into_any));
+            }
+            Some(Task::Call(Handed {
+                handler,
+                step_type,
+                call,
+            })) => (handler, step_type, call),
         };
         let converted = convert::job_step_to_py(py, call.step())
             .and_then(|step| Ok((step, convert::context_to_py(py, call.context())?)));
@@ -308,10 +338,13 @@ impl PyHandler {
 }
 
 impl StepHandler for PyHandler {
-    /// Only for a caller that runs the handler directly: the engine starts
-    /// every step through `start`.
+    /// In a job driven on a Python handler thread, the call goes out to
+    /// that thread's Python loop; otherwise (a caller that runs the handler
+    /// directly) it is made right here.
     fn execute(&self, step: &JobStep, context: &ExecutionContext) -> StepOutput {
-        match Python::attach(|py| self.call_here(py, step, context)) {
+        let called = drive::suspend(&self.call, &self.step_type, step, context)
+            .unwrap_or_else(|| Python::attach(|py| self.call_here(py, step, context)));
+        match called {
             Ok(out) => out,
             // Unwinds to the engine's catch around every handler call, with
             // no panic hook run: it is the handler's failure, not ours.
@@ -320,12 +353,16 @@ impl StepHandler for PyHandler {
     }
 
     fn start(&self, call: StepCall) -> Option<StepCall> {
-        let handed = Handed {
+        if drive::inside() {
+            // A job driven on a Python handler thread calls its handlers
+            // there (`execute`), with no hand-over.
+            return Some(call);
+        }
+        hand_over(Task::Call(Handed {
             handler: self.call.clone(),
             step_type: self.step_type.clone(),
             call,
-        };
-        hand_over(handed);
+        }));
         None
     }
 }

@@ -7,6 +7,7 @@
 //! runs, what is recorded, what a failure is) is the core crate's.
 
 mod convert;
+mod drive;
 mod errors;
 mod executor;
 mod handlers;

@@ -158,6 +158,31 @@ def test_jobs_in_threads_run_their_python_handlers_at_once() -> None:
     assert sorted(r.step_results[0].output["arrival"] for r in results) == [0, 1, 2, 3]
 
 
+def test_a_job_calls_its_python_handlers_on_one_python_thread_of_its_own() -> None:
+    # Without an observer a job is driven on a Python handler thread: every
+    # step is called there (no hand-over per step), never on the caller's
+    # thread, and that thread is a daemon the interpreter can leave behind.
+    seen: List[Any] = []
+
+    def note(step: je.JobStep, context: je.ExecutionContext) -> je.StepOutput:
+        thread = threading.current_thread()
+        seen.append((thread.ident, thread.daemon, thread.name))
+        return je.StepOutput(True, {})
+
+    executor = je.JobExecutor({"note": note})
+    result = run(executor, plan("note", "note", "note"))
+    assert result.final_status == je.JobStatus.COMPLETED
+    assert len(seen) == 3 and len(set(seen)) == 1
+    ident, daemon, name = seen[0]
+    assert ident != threading.get_ident() and daemon and name == "job-executor-handler"
+    # With an observer, steps are handed over one by one, each still on a
+    # Python handler thread.
+    seen.clear()
+    result = run(executor, plan("note", "note"), health_observer=CountingObserver())
+    assert result.final_status == je.JobStatus.COMPLETED
+    assert all(daemon and ident != threading.get_ident() for ident, daemon, _ in seen)
+
+
 def _python(script: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(script), *args],

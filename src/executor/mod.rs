@@ -305,7 +305,8 @@ pub enum CancelRequest {
 /// Runs job plans step by step, recording every fact in an event log.
 ///
 /// One executor can be shared by threads running different jobs: it is
-/// `Send + Sync`, and `execute_job` takes `&self`.
+/// `Send + Sync`, and `execute_job` takes `&self`. A clone is another handle
+/// on the same executor: the same handlers, store, clock and threads.
 ///
 /// ```
 /// use job_executor::{JobExecutor, JobStatus, JobStep, NoOpHandler};
@@ -320,6 +321,7 @@ pub enum CancelRequest {
 /// assert_eq!(result.final_status, JobStatus::Completed);
 /// assert_eq!(result.final_reason, "All steps completed successfully");
 /// ```
+#[derive(Clone)]
 pub struct JobExecutor {
     engine: Arc<Engine>,
 }
@@ -689,6 +691,26 @@ impl JobExecutor {
         let job = QueuedJob::new(job_id, contract_id, steps.to_vec(), executed_by);
         let answer = Answer::new(answer);
         answer.give(self.engine.drive_here(&job, &answer));
+    }
+
+    /// As [`JobExecutor::drive_here`], consuming this handle (a clone): it
+    /// lets go of the executor before answering, so that a caller which
+    /// drops its own executor on the answer closes the store on its thread
+    /// (SQLite folds its write-ahead log into the file then), not whenever
+    /// this thread ends.
+    pub fn drive(
+        self,
+        job_id: Uuid,
+        contract_id: Uuid,
+        steps: &[JobStep],
+        executed_by: &str,
+        answer: impl FnOnce(Result<ExecutionResult, ExecutorError>) + Send + 'static,
+    ) {
+        let job = QueuedJob::new(job_id, contract_id, steps.to_vec(), executed_by);
+        let answer = Answer::new(answer);
+        let result = self.engine.drive_here(&job, &answer);
+        drop(self);
+        answer.give(result);
     }
 
     /// Runs `job` on a pool thread that calls each step's handler itself —

@@ -62,6 +62,9 @@ pub struct OpenOptions {
     /// SQLite's durability of each commit (PostgreSQL always commits with
     /// `synchronous_commit = on`).
     pub synchronous: Synchronous,
+    /// Whether group commit's leaders wait for more appends
+    /// ([`SqliteOptions::gather`]).
+    pub gather: bool,
 }
 
 impl Default for OpenOptions {
@@ -70,6 +73,7 @@ impl Default for OpenOptions {
             create: true,
             read_only: false,
             synchronous: Synchronous::Full,
+            gather: true,
         }
     }
 }
@@ -97,6 +101,13 @@ impl OpenOptions {
         self.synchronous = synchronous;
         self
     }
+
+    /// With group commit's leaders gathering appends or not
+    /// ([`SqliteOptions::gather`]).
+    pub fn with_gather(mut self, gather: bool) -> Self {
+        self.gather = gather;
+        self
+    }
 }
 
 /// Opens the log at `location`.
@@ -108,7 +119,9 @@ impl OpenOptions {
 pub fn open(location: &Location, options: &OpenOptions) -> Result<Arc<dyn Log>, StoreError> {
     match location {
         Location::File(path) => {
-            let mut sqlite = SqliteOptions::default().with_synchronous(options.synchronous);
+            let mut sqlite = SqliteOptions::default()
+                .with_synchronous(options.synchronous)
+                .with_gather(options.gather);
             sqlite.create = options.create;
             sqlite.read_only = options.read_only;
             Ok(Arc::new(SqliteStore::open_with(path, &sqlite)?))
@@ -118,6 +131,7 @@ pub fn open(location: &Location, options: &OpenOptions) -> Result<Arc<dyn Log>, 
             let pg = super::PgOptions {
                 create: options.create,
                 read_only: options.read_only,
+                gather: options.gather,
                 ..super::PgOptions::default()
             };
             Ok(Arc::new(super::PgStore::open_with(connection, &pg)?))

@@ -1,0 +1,276 @@
+//! Jobs driven on Python handler threads: one hand-over per job instead of
+//! two thread switches per step.
+//!
+//! `execute_job` (without a health observer) hands the whole job to a
+//! Python handler thread (`job_executor._serve`), which drives it with the
+//! engine's [`JobExecutor::drive`]. The engine runs on a stack of its own
+//! (a coroutine): at each call of a Python handler it suspends, and the
+//! thread's Python loop calls the handler and resumes it with what the
+//! handler returned or raised. So the handler's code runs on a thread
+//! Python created with no Rust frame beneath it — a handler that never
+//! returns is an abandoned daemon thread like any other, which the
+//! interpreter stops at exit without unwinding through Rust — while the
+//! engine waits for nothing between steps. At a stuck step's deadline the
+//! engine's watchdog records the timeout, ends the job and answers the
+//! caller; the suspended engine is left with its thread.
+
+use std::cell::Cell;
+use std::sync::Arc;
+use std::sync::mpsc::SyncSender;
+
+use corosensei::stack::DefaultStack;
+use corosensei::{Coroutine, CoroutineResult, Yielder};
+use job_executor::{
+    ExecutionContext, ExecutionResult, ExecutorError, JobExecutor, JobStep, StepOutput,
+};
+use pyo3::prelude::*;
+use uuid::Uuid;
+
+use crate::convert;
+use crate::handlers::{last_traceback_line, not_a_step_output};
+
+/// The engine's stack while it drives a job: its deepest path (SQLite, a
+/// nested JSON payload) stays far below this; pages are only touched as used.
+const STACK_SIZE: usize = 8 << 20;
+
+/// What the caller waits for: the job's result, or — when no thread could
+/// take the job (nothing recorded) — why, so it runs the job another way.
+pub type Reply = SyncSender<Result<Result<ExecutionResult, ExecutorError>, String>>;
+
+/// A job to drive on a Python handler thread.
+pub struct Request {
+    pub executor: JobExecutor,
+    pub job_id: Uuid,
+    pub contract_id: Uuid,
+    pub steps: Vec<JobStep>,
+    pub executed_by: String,
+    pub reply: Reply,
+}
+
+impl Request {
+    /// No thread can take the job: the caller runs it another way.
+    pub fn refuse(self, message: String) {
+        let _ = self.reply.send(Err(message));
+    }
+}
+
+/// A handler call the suspended engine waits on.
+struct Call {
+    handler: Arc<Py<PyAny>>,
+    step_type: String,
+    step: JobStep,
+    context: ExecutionContext,
+}
+
+/// What the handler came to: its output, or why it has none (the
+/// traceback's last line).
+type Called = Result<StepOutput, String>;
+
+type Engine = Coroutine<Called, Call, (), DefaultStack>;
+
+thread_local! {
+    /// The yielder of the engine running on this thread, while it runs (not
+    /// while it is suspended).
+    static CURRENT: Cell<*const Yielder<Called, Call>> = const { Cell::new(std::ptr::null()) };
+}
+
+/// Whether this thread is running a driven job's engine.
+pub fn inside() -> bool {
+    CURRENT.with(|current| !current.get().is_null())
+}
+
+/// Inside a driven job's engine: suspends it with this call for the
+/// thread's Python loop to make, and returns what it came to. `None`
+/// elsewhere.
+pub fn suspend(
+    handler: &Arc<Py<PyAny>>,
+    step_type: &str,
+    step: &JobStep,
+    context: &ExecutionContext,
+) -> Option<Called> {
+    let yielder = CURRENT.with(|current| current.replace(std::ptr::null()));
+    if yielder.is_null() {
+        return None;
+    }
+    let call = Call {
+        handler: handler.clone(),
+        step_type: step_type.to_owned(),
+        step: step.clone(),
+        context: context.clone(),
+    };
+    // SAFETY: CURRENT is set only by the body of the engine running on this
+    // thread (`Running`), to that engine's yielder, for as long as the body
+    // runs; we are inside it, so the yielder is alive.
+    let called = unsafe { &*yielder }.suspend(call);
+    CURRENT.with(|current| current.set(yielder));
+    Some(called)
+}
+
+/// Marks this thread as running an engine for the guard's life, however
+/// the body ends (an unwinding engine must not leave a dangling yielder).
+struct Running;
+
+impl Running {
+    fn enter(yielder: &Yielder<Called, Call>) -> Running {
+        CURRENT.with(|current| current.set(yielder));
+        Running
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        CURRENT.with(|current| current.set(std::ptr::null()));
+    }
+}
+
+/// A value that stays on its thread, carried through `Python::detach`
+/// (whose closure runs on the calling thread, with the interpreter
+/// released).
+struct SameThread<T>(T);
+
+// SAFETY: only used to pass the engine into and out of `Python::detach`,
+// which runs its closure on the calling thread: the value never leaves it.
+unsafe impl<T> Send for SameThread<T> {}
+
+impl<T> SameThread<T> {
+    // A method, so that a closure captures the whole wrapper, not its field.
+    fn into_inner(self) -> T {
+        self.0
+    }
+}
+
+/// A job being driven on this Python handler thread; the thread's loop
+/// (`job_executor._serve.drive`) calls `start`, then `returned` or `raised`
+/// for each handler call it is given, until it is given `None`.
+#[pyclass(module = "job_executor", unsendable)]
+pub struct Driven {
+    engine: Option<Engine>,
+    /// The job's and contract's ids as Python values, once converted.
+    ids: Option<(Py<PyAny>, Py<PyAny>)>,
+    /// The step type of the call being made, for the error when a handler
+    /// returns something that is not a `StepOutput`.
+    step_type: String,
+}
+
+impl Driven {
+    /// The engine for `request`, not yet started; `None` (the request
+    /// refused) when no stack can be had.
+    pub fn new(request: Request) -> Option<Driven> {
+        let stack = match DefaultStack::new(STACK_SIZE) {
+            Ok(stack) => stack,
+            Err(e) => {
+                request.refuse(format!("cannot allocate a stack to drive a job: {e}"));
+                return None;
+            }
+        };
+        let engine = Coroutine::with_stack(stack, move |yielder, _: Called| {
+            let _running = Running::enter(yielder);
+            let Request {
+                executor,
+                job_id,
+                contract_id,
+                steps,
+                executed_by,
+                reply,
+            } = request;
+            executor.drive(job_id, contract_id, &steps, &executed_by, move |result| {
+                let _ = reply.send(Ok(result));
+            });
+        });
+        Some(Driven {
+            engine: Some(engine),
+            ids: None,
+            step_type: String::new(),
+        })
+    }
+
+    /// Resumes the engine with `called` until it needs a handler call made
+    /// by Python (returned as `(handler, step, context)`) or ends (`None`).
+    fn advance(&mut self, py: Python<'_>, mut called: Called) -> PyResult<Option<Py<PyAny>>> {
+        loop {
+            let Some(engine) = self.engine.as_mut() else {
+                return Ok(None);
+            };
+            let engine = SameThread(engine);
+            let resumed = py.detach(move || SameThread(engine.into_inner().resume(called)));
+            let call = match resumed.into_inner() {
+                CoroutineResult::Yield(call) => call,
+                CoroutineResult::Return(()) => {
+                    self.engine = None;
+                    return Ok(None);
+                }
+            };
+            let converted = self
+                .ids(py, &call.context)
+                .and_then(|ids| convert::context_with_ids(py, &call.context, ids))
+                .and_then(|context| Ok((convert::job_step_to_py(py, &call.step)?, context)));
+            match converted {
+                Ok((step, context)) => {
+                    self.step_type = call.step_type;
+                    let call = (call.handler.bind(py), step, context).into_pyobject(py)?;
+                    return Ok(Some(call.into_any().unbind()));
+                }
+                // The step cannot be shown to Python: it fails, and the
+                // engine goes on.
+                Err(err) => called = Err(last_traceback_line(py, &err)),
+            }
+        }
+    }
+}
+
+impl Driven {
+    fn ids<'py>(
+        &mut self,
+        py: Python<'py>,
+        context: &ExecutionContext,
+    ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+        let (job_id, contract_id) = match &self.ids {
+            Some(ids) => ids,
+            None => self.ids.insert((
+                context.job_id.into_pyobject(py)?.into_any().unbind(),
+                context.contract_id.into_pyobject(py)?.into_any().unbind(),
+            )),
+        };
+        Ok((job_id.bind(py).clone(), contract_id.bind(py).clone()))
+    }
+}
+
+#[pymethods]
+impl Driven {
+    /// Starts the engine: the first handler call to make, or `None`.
+    fn start(&mut self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        // The body ignores the first value.
+        self.advance(py, Err(String::new()))
+    }
+
+    /// The handler returned `returned`: the next call, or `None`.
+    fn returned(
+        &mut self,
+        py: Python<'_>,
+        returned: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<Py<PyAny>>> {
+        let called = convert::step_output(returned)
+            .map_err(|err| not_a_step_output(py, &err, &self.step_type));
+        self.advance(py, called)
+    }
+
+    /// The handler raised `raised`: the next call, or `None`.
+    fn raised(&mut self, py: Python<'_>, raised: &Bound<'_, PyAny>) -> PyResult<Option<Py<PyAny>>> {
+        let err = PyErr::from_value(raised.clone());
+        self.advance(py, Err(last_traceback_line(py, &err)))
+    }
+}
+
+impl Drop for Driven {
+    fn drop(&mut self) {
+        // An engine suspended mid-job is left as it is: dropping it would
+        // unwind its stack through the engine's own catch of handler
+        // panics. (Its job was answered by the watchdog or is not ours to
+        // end; the memory goes with the process.)
+        if let Some(engine) = self.engine.take()
+            && engine.started()
+        {
+            std::mem::forget(engine);
+        }
+    }
+}
