@@ -52,11 +52,7 @@ fn open_store(
         Some(":memory:") => Arc::new(SqliteStore::open_in_memory()?),
         Some(name) => store::open(
             &Location::parse(name),
-            // Python handlers take the interpreter's lock in turn: a leader
-            // waiting for every job to queue would wait behind their turns.
-            &OpenOptions::default()
-                .with_synchronous(synchronous)
-                .with_gather(false),
+            &OpenOptions::default().with_synchronous(synchronous),
         )?,
     })
 }

@@ -61,18 +61,10 @@ fn run_hook(hook: Option<Hook>, result: &AppendResult) -> Option<PanicPayload> {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct GroupCommit {
     state: Mutex<State>,
     arrived: Condvar,
-    /// A leader may wait for the jobs of the last batches to queue.
-    gather: bool,
-}
-
-impl Default for GroupCommit {
-    fn default() -> Self {
-        GroupCommit::new(true)
-    }
 }
 
 #[derive(Debug, Default)]
@@ -184,16 +176,6 @@ fn unknown(detail: impl Into<String>) -> StoreError {
 }
 
 impl GroupCommit {
-    /// A group commit whose leaders wait (briefly) for more appends when
-    /// `gather` is true, and commit what is queued at once when not.
-    pub(crate) fn new(gather: bool) -> Self {
-        GroupCommit {
-            state: Mutex::default(),
-            arrived: Condvar::default(),
-            gather,
-        }
-    }
-
     fn lock(&self) -> MutexGuard<'_, State> {
         lock(&self.state)
     }
@@ -288,8 +270,7 @@ impl GroupCommit {
         // Short commits are not worth a sleep while every job has a core
         // to run on: the others queue during the commit anyway. With more
         // jobs than cores they queue more slowly, and waiting pays again.
-        if self.gather && expected > have(&state) && (wait >= GATHER_WAIT_MIN || expected > cores())
-        {
+        if expected > have(&state) && (wait >= GATHER_WAIT_MIN || expected > cores()) {
             let deadline = Instant::now() + wait;
             state.leader_waiting = true;
             state.gather_target = expected - usize::from(own.is_some());
@@ -572,10 +553,9 @@ mod model_check {
     }
 
     /// `panic_commit`: the commit (from 1) that panics before writing;
-    /// `panic_hook`: the append (thread × APPENDS + round) whose hook panics;
-    /// `gather`: whether leaders wait for more appends.
-    fn scenario(panic_commit: Option<usize>, panic_hook: Option<usize>, gather: bool) {
-        let group = Arc::new(GroupCommit::new(gather));
+    /// `panic_hook`: the append (thread × APPENDS + round) whose hook panics.
+    fn scenario(panic_commit: Option<usize>, panic_hook: Option<usize>) {
+        let group = Arc::new(GroupCommit::default());
         let log = Arc::new(Mutex::new(Vec::<Uuid>::new()));
         let commits = Arc::new(AtomicUsize::new(0));
         let commit = {
@@ -642,21 +622,16 @@ mod model_check {
 
     #[test]
     fn group_commit_model_check() {
-        shuttle::check_pct(|| scenario(None, None, true), ITERATIONS, 3);
-    }
-
-    #[test]
-    fn group_commit_model_check_without_gathering() {
-        shuttle::check_pct(|| scenario(None, None, false), ITERATIONS, 3);
+        shuttle::check_pct(|| scenario(None, None), ITERATIONS, 3);
     }
 
     #[test]
     fn group_commit_model_check_with_a_panicking_commit() {
-        shuttle::check_pct(|| scenario(Some(2), None, true), ITERATIONS, 3);
+        shuttle::check_pct(|| scenario(Some(2), None), ITERATIONS, 3);
     }
 
     #[test]
     fn group_commit_model_check_with_a_panicking_hook() {
-        shuttle::check_pct(|| scenario(None, Some(3), true), ITERATIONS, 3);
+        shuttle::check_pct(|| scenario(None, Some(3)), ITERATIONS, 3);
     }
 }

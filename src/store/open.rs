@@ -62,9 +62,6 @@ pub struct OpenOptions {
     /// SQLite's durability of each commit (PostgreSQL always commits with
     /// `synchronous_commit = on`).
     pub synchronous: Synchronous,
-    /// Whether group commit's leaders wait for more appends
-    /// ([`SqliteOptions::gather`]).
-    pub gather: bool,
 }
 
 impl Default for OpenOptions {
@@ -73,7 +70,6 @@ impl Default for OpenOptions {
             create: true,
             read_only: false,
             synchronous: Synchronous::Full,
-            gather: true,
         }
     }
 }
@@ -101,13 +97,6 @@ impl OpenOptions {
         self.synchronous = synchronous;
         self
     }
-
-    /// With group commit's leaders gathering appends or not
-    /// ([`SqliteOptions::gather`]).
-    pub fn with_gather(mut self, gather: bool) -> Self {
-        self.gather = gather;
-        self
-    }
 }
 
 /// Opens the log at `location`.
@@ -119,9 +108,7 @@ impl OpenOptions {
 pub fn open(location: &Location, options: &OpenOptions) -> Result<Arc<dyn Log>, StoreError> {
     match location {
         Location::File(path) => {
-            let mut sqlite = SqliteOptions::default()
-                .with_synchronous(options.synchronous)
-                .with_gather(options.gather);
+            let mut sqlite = SqliteOptions::default().with_synchronous(options.synchronous);
             sqlite.create = options.create;
             sqlite.read_only = options.read_only;
             Ok(Arc::new(SqliteStore::open_with(path, &sqlite)?))
@@ -131,7 +118,6 @@ pub fn open(location: &Location, options: &OpenOptions) -> Result<Arc<dyn Log>, 
             let pg = super::PgOptions {
                 create: options.create,
                 read_only: options.read_only,
-                gather: options.gather,
                 ..super::PgOptions::default()
             };
             Ok(Arc::new(super::PgStore::open_with(connection, &pg)?))

@@ -73,9 +73,6 @@ pub struct PgOptions {
     pub read_only: bool,
     /// How long to wait for a connection.
     pub connect_timeout: Duration,
-    /// Whether group commit's leaders wait for more appends
-    /// ([`super::SqliteOptions::gather`]).
-    pub gather: bool,
 }
 
 impl Default for PgOptions {
@@ -84,7 +81,6 @@ impl Default for PgOptions {
             create: true,
             read_only: false,
             connect_timeout: Duration::from_secs(10),
-            gather: true,
         }
     }
 }
@@ -178,7 +174,7 @@ impl PgStore {
             read_only: options.read_only,
             writer: Mutex::new(None),
             readers: Mutex::new(Vec::new()),
-            group: GroupCommit::new(options.gather),
+            group: GroupCommit::default(),
         };
         let mut conn = store.connect()?;
         store.prepare_schema(&mut conn, options)?;

@@ -170,13 +170,6 @@ pub struct SqliteOptions {
     /// Caps the database at this many pages (`PRAGMA max_page_count`);
     /// appends past it fail with [`StoreError::Full`]. `None`: SQLite's limit.
     pub max_pages: Option<u64>,
-    /// Whether a group commit's leader waits — at most half a commit — for
-    /// the jobs of the last batches to queue before it commits (default
-    /// true): fewer, fuller commits when jobs run their handlers in
-    /// parallel. Turn it off when they cannot (handlers that take an
-    /// interpreter's lock in turn): the wait would only delay each commit
-    /// behind their turns.
-    pub gather: bool,
 }
 
 impl Default for SqliteOptions {
@@ -187,7 +180,6 @@ impl Default for SqliteOptions {
             create: true,
             read_only: false,
             max_pages: None,
-            gather: true,
         }
     }
 }
@@ -220,13 +212,6 @@ impl SqliteOptions {
     /// With this busy timeout.
     pub fn with_busy_timeout(mut self, busy_timeout: Duration) -> Self {
         self.busy_timeout = busy_timeout;
-        self
-    }
-
-    /// With group commit's leaders gathering appends (`true`, the default)
-    /// or not.
-    pub fn with_gather(mut self, gather: bool) -> Self {
-        self.gather = gather;
         self
     }
 
@@ -320,7 +305,7 @@ impl SqliteStore {
             readers: Some(Mutex::new(Vec::new())),
             busy_timeout: options.busy_timeout,
             layout,
-            group: GroupCommit::new(options.gather),
+            group: GroupCommit::default(),
         };
         if !options.read_only {
             store.migrate()?;
