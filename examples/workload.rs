@@ -21,9 +21,12 @@ use std::time::Instant;
 use job_executor::projection::replay_all;
 use job_executor::store::{EventStore, SqliteOptions, SqliteStore, Synchronous};
 use job_executor::verify::{VerifyOptions, verify_store};
-use job_executor::{JobExecutor, JobStep, NoOpHandler, replay};
+use job_executor::{JobExecutor, NoOpHandler, replay};
 use rusqlite::{Connection, TransactionBehavior, params};
 use uuid::Uuid;
+
+mod common;
+use common::{events_per_job, median, plan, raw_row};
 
 struct Options {
     jobs: usize,
@@ -109,21 +112,6 @@ fn sync_name(sync: Synchronous) -> &'static str {
         Synchronous::Full => "FULL",
         Synchronous::Normal => "NORMAL",
     }
-}
-
-fn plan(steps: usize) -> Vec<JobStep> {
-    (0..steps)
-        .map(|i| {
-            let mut step = JobStep::new(i as u32, "noop", format!("node-{i:04}"));
-            step.parameters = serde_json::json!({ "setting": "value", "index": i });
-            step
-        })
-        .collect()
-}
-
-/// Events a job of `steps` successful steps records.
-fn events_per_job(steps: usize) -> u64 {
-    2 + 2 * steps as u64
 }
 
 /// Runs the engine; returns events/s.
@@ -218,7 +206,6 @@ fn baseline_on(
     }
     // Payloads shaped like the engine's: the plan once, then small step events.
     let plan_payload = serde_json::to_string(&plan(steps)).expect("plan serialises");
-    let step_payload = r#"{"step_index":0,"output":{},"health_after":null}"#;
     let digest = "0".repeat(64);
     // The store's own statement: a new job's number after every job's, a
     // later event's the number its start got.
@@ -264,18 +251,7 @@ fn baseline_on(
                             .transaction_with_behavior(TransactionBehavior::Immediate)
                             .expect("begin");
                         for _ in 0..rows_per_commit {
-                            let payload = if seq == 1 {
-                                plan_payload.as_str()
-                            } else {
-                                step_payload
-                            };
-                            // The kinds the log's rules accept, in a job's order.
-                            let kind = match seq {
-                                1 => "JobStarted",
-                                s if s == events => "JobCompleted",
-                                s if s % 2 == 0 => "StepStarted",
-                                _ => "StepSucceeded",
-                            };
+                            let (kind, payload) = raw_row(seq, events, &plan_payload);
                             tx.prepare_cached(insert)
                                 .and_then(|mut s| {
                                     s.execute(params![
@@ -360,11 +336,6 @@ fn verify_rate(path: &Path) -> f64 {
 fn open_read(path: &Path) -> SqliteStore {
     let options = SqliteOptions::reader();
     SqliteStore::open_with(path, &options).expect("open the log")
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
 
 fn main() {

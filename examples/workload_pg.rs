@@ -33,9 +33,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use job_executor::store::PgStore;
-use job_executor::{JobExecutor, JobStep, NoOpHandler};
+use job_executor::{JobExecutor, NoOpHandler};
 use postgres::{Client, NoTls};
 use uuid::Uuid;
+
+mod common;
+use common::{events_per_job, median, plan, raw_row};
 
 const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
@@ -125,21 +128,6 @@ impl Drop for Schema {
     }
 }
 
-fn plan(steps: usize) -> Vec<JobStep> {
-    (0..steps)
-        .map(|i| {
-            let mut step = JobStep::new(i as u32, "noop", format!("node-{i:04}"));
-            step.parameters = serde_json::json!({ "setting": "value", "index": i });
-            step
-        })
-        .collect()
-}
-
-/// Events a job of `steps` successful steps records.
-fn events_per_job(steps: usize) -> u64 {
-    2 + 2 * steps as u64
-}
-
 /// Runs `work(t)` on `threads` threads; returns events/s for `jobs` jobs.
 fn timed(threads: usize, jobs: usize, steps: usize, work: impl Fn(usize) + Sync) -> f64 {
     let start = Instant::now();
@@ -212,7 +200,6 @@ fn raw(schema: &Schema, raw: Raw, jobs: usize, steps: usize, threads: usize) -> 
         Raw::LogTables => drop(PgStore::open(&schema.url()).expect("create the log's tables")),
     }
     let plan_payload = serde_json::to_string(&plan(steps)).expect("plan serialises");
-    let step_payload = r#"{"step_index":0,"output":{},"health_after":null}"#;
     let digest = "0".repeat(64);
     let job_numbers = AtomicU64::new(0);
     let rows_per_commit = match raw {
@@ -246,18 +233,7 @@ fn raw(schema: &Schema, raw: Raw, jobs: usize, steps: usize, threads: usize) -> 
                     }
                 }
                 for _ in 0..rows {
-                    let payload = if seq == 1 {
-                        plan_payload.as_str()
-                    } else {
-                        step_payload
-                    };
-                    // The kinds the log's rules accept, in a job's order.
-                    let kind = match seq {
-                        1 => "JobStarted",
-                        s if s == events => "JobCompleted",
-                        s if s % 2 == 0 => "StepStarted",
-                        _ => "StepSucceeded",
-                    };
+                    let (kind, payload) = raw_row(seq as u64, events as u64, &plan_payload);
                     match raw {
                         Raw::SameCommits | Raw::PerEvent => tx.execute(
                             plain.as_ref().expect("prepare"),
@@ -278,11 +254,6 @@ fn raw(schema: &Schema, raw: Raw, jobs: usize, steps: usize, threads: usize) -> 
             }
         }
     })
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
 
 fn main() {

@@ -20,11 +20,11 @@ use std::sync::mpsc::SyncSender;
 
 use corosensei::stack::DefaultStack;
 use corosensei::{Coroutine, CoroutineResult, Yielder};
+use job_executor::store::QueuedJob;
 use job_executor::{
     ExecutionContext, ExecutionResult, ExecutorError, JobExecutor, JobStep, StepOutput,
 };
 use pyo3::prelude::*;
-use uuid::Uuid;
 
 use crate::convert;
 use crate::handlers::{last_traceback_line, not_a_step_output};
@@ -40,10 +40,7 @@ pub type Reply = SyncSender<Result<Result<ExecutionResult, ExecutorError>, Strin
 /// A job to drive on a Python handler thread.
 pub struct Request {
     pub executor: JobExecutor,
-    pub job_id: Uuid,
-    pub contract_id: Uuid,
-    pub steps: Vec<JobStep>,
-    pub executed_by: String,
+    pub job: QueuedJob,
     pub reply: Reply,
 }
 
@@ -167,15 +164,18 @@ impl Driven {
             let _running = Running::enter(yielder);
             let Request {
                 executor,
-                job_id,
-                contract_id,
-                steps,
-                executed_by,
+                job,
                 reply,
             } = request;
-            executor.drive(job_id, contract_id, &steps, &executed_by, move |result| {
-                let _ = reply.send(Ok(result));
-            });
+            executor.drive(
+                job.job_id,
+                job.contract_id,
+                &job.steps,
+                &job.executed_by,
+                move |result| {
+                    let _ = reply.send(Ok(result));
+                },
+            );
         });
         Some(Driven {
             engine: Some(engine),

@@ -12,7 +12,8 @@ use std::time::Duration;
 use job_executor::chain::{Digest, HeadKey};
 use job_executor::clock::LogicalClock;
 use job_executor::store::{
-    self, EventStore, Location, MemoryStore, OpenOptions, SqliteStore, StoreError, Synchronous,
+    self, EventStore, Location, MemoryStore, OpenOptions, QueuedJob, SqliteStore, StoreError,
+    Synchronous,
 };
 use job_executor::verify::{VerifyOptions, verify_store};
 use job_executor::{
@@ -305,10 +306,7 @@ impl PyJobExecutor {
             let (reply, answer) = mpsc::sync_channel(1);
             let request = drive::Request {
                 executor: executor.clone(),
-                job_id,
-                contract_id,
-                steps: plan.clone(),
-                executed_by: executed_by.clone(),
+                job: QueuedJob::new(job_id, contract_id, plan.clone(), &executed_by),
                 reply,
             };
             let answered = self.run_job(py, &executor, job_id, move || {

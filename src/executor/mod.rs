@@ -688,9 +688,8 @@ impl JobExecutor {
         executed_by: &str,
         answer: impl FnOnce(Result<ExecutionResult, ExecutorError>) + Send + 'static,
     ) {
-        let job = QueuedJob::new(job_id, contract_id, steps.to_vec(), executed_by);
-        let answer = Answer::new(answer);
-        answer.give(self.engine.drive_here(&job, &answer));
+        self.clone()
+            .drive(job_id, contract_id, steps, executed_by, answer);
     }
 
     /// As [`JobExecutor::drive_here`], consuming this handle (a clone): it
