@@ -196,8 +196,12 @@ def test_ctrl_c_cancels_the_job_after_recording_the_step_in_flight(db: str) -> N
     job_id = uuid.uuid4()
     child = _python(
         """
-        import sys, time, uuid
+        import signal, sys, time, uuid
         import job_executor as je
+
+        # Python leaves SIGINT ignored when it starts with it ignored (as
+        # under a non-interactive shell's `&`): handle it as a terminal does.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
         def slow(step, context):
             time.sleep(0.3)
