@@ -755,8 +755,10 @@ const INSERT: &str = "INSERT INTO events
 /// Every fenced job's epoch, under a share lock of its row.
 const FENCES: &str = "SELECT job_id, epoch FROM jobs WHERE job_id = ANY($1) FOR SHARE";
 /// A whole batch: positions (and new jobs' numbers) from the head row, whose
-/// lock is held to the commit, then every row in the batch's order. Returns
-/// the position before the first row.
+/// lock is held to the commit, then every row, numbered in the batch's
+/// order (the rules are checked once the statement's rows are all in, so
+/// the order rows go in does not matter). Returns the position before the
+/// first row; the insert runs to completion though nothing reads it.
 const WHOLE: &str = "WITH head AS (
         UPDATE log_head SET position = position + $1, job_no = job_no + $2
         RETURNING position - $1 AS first, job_no - $2 AS last_job),
@@ -770,10 +772,8 @@ const WHOLE: &str = "WITH head AS (
         FROM head, unnest($3::uuid[], $4::bigint[], $5::bigint[], $6::text[], $7::integer[],
                           $8::text[], $9::text[], $10::text[], $11::text[])
              WITH ORDINALITY AS t(job_id, new_job, seq, kind, schema_version, recorded_at,
-                                  payload, digest, mac, n)
-        ORDER BY t.n
-        RETURNING 1)
-    SELECT head.first, (SELECT count(*) FROM inserted) FROM head";
+                                  payload, digest, mac, n))
+    SELECT head.first FROM head";
 const JOB_EVENTS: &str =
     "SELECT position, job_id, seq, kind, schema_version, recorded_at, payload, digest, mac
     FROM events WHERE job_no = (SELECT job_no FROM events WHERE job_id = $1 AND seq = 1)
