@@ -203,15 +203,17 @@ impl Driven {
             let converted = self
                 .ids(py, &call.context)
                 .and_then(|ids| convert::context_with_ids(py, &call.context, ids))
-                .and_then(|context| Ok((convert::job_step_to_py(py, &call.step)?, context)));
+                .and_then(|context| {
+                    let step = convert::job_step_to_py(py, &call.step)?;
+                    (call.handler.bind(py), step, context).into_pyobject(py)
+                });
             match converted {
-                Ok((step, context)) => {
+                Ok(python_call) => {
                     self.step_type = call.step_type;
-                    let call = (call.handler.bind(py), step, context).into_pyobject(py)?;
-                    return Ok(Some(call.into_any().unbind()));
+                    return Ok(Some(python_call.into_any().unbind()));
                 }
-                // The step cannot be shown to Python: it fails, and the
-                // engine goes on.
+                // The call cannot be made in Python: the step fails, and the
+                // engine goes on (never left waiting for its deadline).
                 Err(err) => called = Err(last_traceback_line(py, &err)),
             }
         }
@@ -266,9 +268,11 @@ impl Drop for Driven {
         // An engine suspended mid-job is left as it is: dropping it would
         // unwind its stack through the engine's own catch of handler
         // panics. (Its job was answered by the watchdog or is not ours to
-        // end; the memory goes with the process.)
+        // end; the memory goes with the process.) One not started, or
+        // finished (even by a panic), is dropped with its stack.
         if let Some(engine) = self.engine.take()
             && engine.started()
+            && !engine.done()
         {
             std::mem::forget(engine);
         }

@@ -319,9 +319,10 @@ impl PyJobExecutor {
                 // as below.
                 Ok(Err(_refused)) => {}
                 Err(_) => {
-                    return Err(PyRuntimeError::new_err(
-                        "the job's driving thread stopped without an answer",
-                    ));
+                    return Err(PyRuntimeError::new_err(format!(
+                        "the thread driving job {job_id} stopped without an answer; \
+                         its log may hold a step in doubt (see recover())"
+                    )));
                 }
             }
         }
