@@ -255,20 +255,6 @@ impl Lcg {
     }
 }
 
-fn seed() -> u64 {
-    let seed = std::env::var("KILL_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    eprintln!("failover seed: {seed} (rerun with KILL_SEED={seed})");
-    seed
-}
-
 fn spawn_worker(dir: &Path, db: &str, id: &str, lease: &str, until_idle: bool) -> Child {
     let mut args = vec![
         "worker",
@@ -317,7 +303,7 @@ fn marker_plan(dir: &Path, job: usize, steps: usize) -> Value {
 fn failover(db: &Db, dir: &Path) {
     const JOBS: usize = 60;
     const STEPS: usize = 3;
-    let seed = seed();
+    let seed = common::kill_seed("failover");
     let mut rng = Lcg(seed);
     std::fs::create_dir_all(dir.join("runs")).unwrap();
     std::fs::create_dir_all(dir.join("markers")).unwrap();

@@ -114,16 +114,7 @@ impl Lcg {
 
 #[test]
 fn twenty_random_kill_9s_never_run_a_step_twice() {
-    let seed = std::env::var("KILL_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    eprintln!("kill test seed: {seed} (rerun with KILL_SEED={seed})");
+    let seed = common::kill_seed("kill test");
     let mut rng = Lcg(seed);
     let steps = 120;
     let dir = tempfile::tempdir().unwrap();

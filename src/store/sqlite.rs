@@ -1192,14 +1192,7 @@ impl JobQueue for SqliteStore {
     fn queued_job(&self, job_id: Uuid) -> Result<Option<(QueuedJob, QueueState)>, StoreError> {
         let row = self.with_reader("reading the job queue", |conn| {
             let read = |e| classify(&self.path, "reading the job queue", e);
-            let has_queue: bool = conn
-                .query_row(
-                    "SELECT count(*) > 0 FROM sqlite_schema WHERE type = 'table' AND name = 'jobs'",
-                    [],
-                    |row| row.get(0),
-                )
-                .map_err(read)?;
-            if !has_queue {
+            if !has_queue(conn).map_err(read)? {
                 return Ok(None);
             }
             conn.query_row(
@@ -1217,14 +1210,7 @@ impl JobQueue for SqliteStore {
     fn queued(&self) -> Result<Vec<QueueEntry>, StoreError> {
         self.with_reader("listing the job queue", |conn| {
             let read = |e| classify(&self.path, "listing the job queue", e);
-            let has_queue: bool = conn
-                .query_row(
-                    "SELECT count(*) > 0 FROM sqlite_schema WHERE type = 'table' AND name = 'jobs'",
-                    [],
-                    |row| row.get(0),
-                )
-                .map_err(read)?;
-            if !has_queue {
+            if !has_queue(conn).map_err(read)? {
                 // A log written before the queue existed: nothing is queued.
                 return Ok(Vec::new());
             }
@@ -1288,4 +1274,14 @@ impl SqliteStore {
         tx.commit().map_err(|e| classify(&self.path, context, e))?;
         Ok(value)
     }
+}
+
+/// Whether the database has the job queue's table (a log written before the
+/// queue existed has none: nothing is queued there).
+fn has_queue(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT count(*) > 0 FROM sqlite_schema WHERE type = 'table' AND name = 'jobs'",
+        [],
+        |row| row.get(0),
+    )
 }

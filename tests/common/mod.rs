@@ -302,3 +302,19 @@ pub fn reader(path: &std::path::Path) -> job_executor::store::SqliteStore {
     job_executor::store::SqliteStore::open_with(path, &job_executor::store::SqliteOptions::reader())
         .unwrap()
 }
+
+/// The seed of a randomised kill test: `KILL_SEED` when set, else the
+/// clock's; printed (under `what`) so that a failing run can be replayed.
+#[allow(dead_code)] // not every test binary kills processes
+pub fn kill_seed(what: &str) -> u64 {
+    let seed = std::env::var("KILL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |since| since.as_nanos() as u64)
+        });
+    eprintln!("{what} seed: {seed} (rerun with KILL_SEED={seed})");
+    seed
+}
