@@ -360,15 +360,21 @@ impl Engine {
             job.executed_by.as_str(),
         );
         validate_plan(steps).map_err(|source| ExecutorError::InvalidPlan { job_id, source })?;
-        let stored = self
-            .store
-            .last_seq(job_id)
-            .map_err(|source| ExecutorError::Store { job_id, source })?;
-        if stored > 0 {
-            return Err(ExecutorError::JobAlreadyExists {
-                job_id,
-                events: stored,
-            });
+        // A job id already in the log is refused by its first append (the
+        // log's (job, seq) check; nothing is recorded and no handler runs),
+        // which saves a read per job. With an observer, the log is asked
+        // first, so that a refused job costs no health observation.
+        if health_observer.is_some() {
+            let stored = self
+                .store
+                .last_seq(job_id)
+                .map_err(|source| ExecutorError::Store { job_id, source })?;
+            if stored > 0 {
+                return Err(ExecutorError::JobAlreadyExists {
+                    job_id,
+                    events: stored,
+                });
+            }
         }
         let mut run = Run {
             engine: self,
