@@ -265,19 +265,17 @@ fn raw(schema: &Schema, raw: Raw, jobs: usize, steps: usize, threads: usize) -> 
                 }
                 for _ in 0..rows {
                     let (kind, payload) = raw_row(seq as u64, events as u64, &plan_payload);
-                    match raw {
-                        Raw::SameCommits | Raw::PerEvent => tx.execute(
+                    if let Raw::LogTables = raw {
+                        position += 1;
+                        tx.execute(
+                            log.as_ref().expect("prepare"),
+                            &[&position, &job, &job_no, &seq, &kind, &payload, &digest],
+                        )
+                    } else {
+                        tx.execute(
                             plain.as_ref().expect("prepare"),
                             &[&job, &job_no, &seq, &kind, &payload, &digest],
-                        ),
-                        Raw::LogTables => {
-                            position += 1;
-                            tx.execute(
-                                log.as_ref().expect("prepare"),
-                                &[&position, &job, &job_no, &seq, &kind, &payload, &digest],
-                            )
-                        }
-                        Raw::OneStatement => unreachable!("written above, one statement a commit"),
+                        )
                     }
                     .expect("insert");
                     seq += 1;

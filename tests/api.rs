@@ -265,6 +265,26 @@ fn a_job_id_runs_at_most_once() {
 }
 
 #[test]
+fn a_refused_re_run_with_an_observer_observes_nothing() {
+    let (executor, store) = executor_with_store();
+    let job_id = Uuid::new_v4();
+    let health = observer();
+    executor
+        .execute_job(job_id, Uuid::new_v4(), &plan(&["ok"]), Some(&health), "ops")
+        .unwrap();
+    let (reads, before) = (health.reads.load(Ordering::SeqCst), store.all_events());
+    let err = executor
+        .execute_job(job_id, Uuid::new_v4(), &plan(&["ok"]), Some(&health), "ops")
+        .unwrap_err();
+    assert!(
+        matches!(err, ExecutorError::JobAlreadyExists { job_id: id, events: 4 } if id == job_id),
+        "{err}"
+    );
+    assert_eq!(health.reads.load(Ordering::SeqCst), reads, "no health read");
+    assert_eq!(store.all_events(), before, "nothing appended");
+}
+
+#[test]
 fn invalid_plan_is_refused_before_anything_is_appended() {
     let (executor, store) = executor_with_store();
     let mut steps = plan(&["ok", "ok"]);
