@@ -44,10 +44,10 @@ use crate::events::EventRecord;
 /// The schema migrations, in order; migration `i` brings the schema to
 /// version `i + 1`.
 const MIGRATIONS: &[&str] = &[
-    include_str!("../../schema/postgres/0001_events.sql"),
-    include_str!("../../schema/postgres/0002_job_queue.sql"),
-    include_str!("../../schema/postgres/0003_job_starts.sql"),
-    include_str!("../../schema/postgres/0004_statement_checks.sql"),
+    include_str!("../../../schema/postgres/0001_events.sql"),
+    include_str!("../../../schema/postgres/0002_job_queue.sql"),
+    include_str!("../../../schema/postgres/0003_job_starts.sql"),
+    include_str!("../../../schema/postgres/0004_statement_checks.sql"),
 ];
 
 /// The schema version this build writes.

@@ -36,35 +36,35 @@ struct Migration {
 /// The schema migrations, in order; migration `i` brings the schema to version `i + 1`.
 const MIGRATIONS: &[Migration] = &[
     Migration {
-        sql: include_str!("../../schema/0001_events.sql"),
+        sql: include_str!("../../../schema/0001_events.sql"),
         then: None,
     },
     Migration {
-        sql: include_str!("../../schema/0002_hash_chain.sql"),
+        sql: include_str!("../../../schema/0002_hash_chain.sql"),
         then: Some(seal_unsealed_events),
     },
     Migration {
-        sql: include_str!("../../schema/0003_cancel_and_resume.sql"),
+        sql: include_str!("../../../schema/0003_cancel_and_resume.sql"),
         then: None,
     },
     Migration {
-        sql: include_str!("../../schema/0004_one_lookup_per_append.sql"),
+        sql: include_str!("../../../schema/0004_one_lookup_per_append.sql"),
         then: None,
     },
     Migration {
-        sql: include_str!("../../schema/0005_cluster_jobs.sql"),
+        sql: include_str!("../../../schema/0005_cluster_jobs.sql"),
         then: None,
     },
     Migration {
-        sql: include_str!("../../schema/0006_one_insert_trigger.sql"),
+        sql: include_str!("../../../schema/0006_one_insert_trigger.sql"),
         then: None,
     },
     Migration {
-        sql: include_str!("../../schema/0007_job_queue.sql"),
+        sql: include_str!("../../../schema/0007_job_queue.sql"),
         then: None,
     },
     Migration {
-        sql: include_str!("../../schema/0008_cheaper_digest_check.sql"),
+        sql: include_str!("../../../schema/0008_cheaper_digest_check.sql"),
         then: None,
     },
 ];
