@@ -60,8 +60,8 @@ pub const PG_SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
 const JOB_NO: &str = "(SELECT job_no FROM events WHERE job_id = $1 AND seq = 1)";
 
 /// A job's last stored seq, 0 for none.
-const LAST_SEQ: &str = "SELECT coalesce(max(seq), 0) FROM events WHERE job_no = \
-                        (SELECT job_no FROM events WHERE job_id = $1 AND seq = 1)";
+static LAST_SEQ: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT coalesce(max(seq), 0) FROM events WHERE job_no = {JOB_NO}"));
 
 /// A job's events in seq order.
 static JOB_EVENTS: LazyLock<String> = LazyLock::new(|| {
@@ -333,35 +333,17 @@ impl PgStore {
 
     /// Maps a server error to the store error a user can act on.
     fn classify(&self, context: &'static str, error: postgres::Error) -> StoreError {
-        let detail = error_text(&error);
+        let (target, detail) = (self.server(), error_text(&error));
         let Some(code) = error.code() else {
             // No answer from the server: the connection failed.
-            return StoreError::Unavailable {
-                target: self.server(),
-                detail,
-            };
+            return StoreError::Unavailable { target, detail };
         };
         match code.code() {
-            "25006" | "42501" => StoreError::ReadOnly {
-                target: self.server(),
-                detail,
-            },
-            "53100" => StoreError::Full {
-                target: self.server(),
-                detail,
-            },
-            "40001" | "40P01" | "55P03" | "57014" => StoreError::Busy {
-                target: self.server(),
-                detail,
-            },
-            "57P01" | "57P02" | "57P03" | "53300" => StoreError::Unavailable {
-                target: self.server(),
-                detail,
-            },
-            "XX001" | "XX002" => StoreError::Corrupt {
-                target: self.server(),
-                detail,
-            },
+            "25006" | "42501" => StoreError::ReadOnly { target, detail },
+            "53100" => StoreError::Full { target, detail },
+            "40001" | "40P01" | "55P03" | "57014" => StoreError::Busy { target, detail },
+            "57P01" | "57P02" | "57P03" | "53300" => StoreError::Unavailable { target, detail },
+            "XX001" | "XX002" => StoreError::Corrupt { target, detail },
             other => StoreError::Database {
                 context,
                 source: DatabaseError {
@@ -371,6 +353,7 @@ impl PgStore {
             },
         }
     }
+
     /// One job's rows, in seq order, to `visit`.
     fn read_job(
         &self,
@@ -494,7 +477,7 @@ impl EventStore for PgStore {
     fn last_seq(&self, job_id: Uuid) -> Result<u64, StoreError> {
         self.with_reader(|conn| {
             let read = |e| self.classify("reading a job's last seq", e);
-            let statement = conn.prepared(LAST_SEQ).map_err(read)?;
+            let statement = conn.prepared(&LAST_SEQ).map_err(read)?;
             let last: i64 = conn
                 .client
                 .query_one(&statement, &[&job_id])

@@ -317,7 +317,7 @@ impl BatchWriter for Writer<'_> {
         );
         let conn = &mut *self.conn;
         let stored = |job_id: Uuid| {
-            let statement = conn.prepared(LAST_SEQ).ok()?;
+            let statement = conn.prepared(&LAST_SEQ).ok()?;
             let row = conn.client.query_one(&statement, &[&job_id]).ok()?;
             Some(row.get::<_, i64>(0).max(0).cast_unsigned())
         };
