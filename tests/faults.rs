@@ -458,11 +458,12 @@ impl EventStore for UnknownCommit {
     fn last_seq(&self, job_id: Uuid) -> Result<u64, job_executor::store::StoreError> {
         self.inner.last_seq(job_id)
     }
-    fn load_job(
+    fn visit_job(
         &self,
         job_id: Uuid,
-    ) -> Result<Vec<job_executor::events::EventRecord>, job_executor::store::StoreError> {
-        self.inner.load_job(job_id)
+        visit: &mut dyn FnMut(&job_executor::events::EventRecord) -> bool,
+    ) -> Result<(), job_executor::store::StoreError> {
+        self.inner.visit_job(job_id, visit)
     }
     fn scan(
         &self,

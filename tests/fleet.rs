@@ -617,11 +617,12 @@ impl job_executor::store::EventStore for Unrenewable {
     fn last_seq(&self, job_id: Uuid) -> Result<u64, job_executor::store::StoreError> {
         self.0.last_seq(job_id)
     }
-    fn load_job(
+    fn visit_job(
         &self,
         job_id: Uuid,
-    ) -> Result<Vec<job_executor::events::EventRecord>, job_executor::store::StoreError> {
-        self.0.load_job(job_id)
+        visit: &mut dyn FnMut(&job_executor::events::EventRecord) -> bool,
+    ) -> Result<(), job_executor::store::StoreError> {
+        self.0.visit_job(job_id, visit)
     }
     fn scan(
         &self,
@@ -661,7 +662,7 @@ impl job_executor::store::JobQueue for Unrenewable {
         _lease: Duration,
     ) -> Result<Vec<job_executor::store::Fence>, job_executor::store::StoreError> {
         Err(job_executor::store::StoreError::Unavailable {
-            target: "queue".into(),
+            target: job_executor::store::Target::Server("queue".into()),
             detail: "partitioned".into(),
         })
     }

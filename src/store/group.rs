@@ -32,14 +32,15 @@ const GATHER_WAIT_MAX: Duration = Duration::from_millis(2);
 
 /// The shortest wait worth a sleep: a commit that does not wait for the
 /// disk (`synchronous = NORMAL`) is over before a sleeping leader would be
-/// woken (25–50 µs on small VMs). (The model checker has no clock: there
-/// every wait is explored.)
+/// woken, so the leader commits at once instead. (The model checker has no
+/// clock: there every wait is explored.)
 #[cfg(not(feature = "shuttle"))]
 const GATHER_WAIT_MIN: Duration = Duration::from_micros(50);
 #[cfg(feature = "shuttle")]
 const GATHER_WAIT_MIN: Duration = Duration::ZERO;
 
-type AppendResult = Result<Vec<u64>, StoreError>;
+/// What one append comes to: its events' positions, or why it failed.
+pub(super) type AppendResult = Result<Vec<u64>, StoreError>;
 type PanicPayload = Box<dyn Any + Send>;
 
 /// What to run once an append is committed.

@@ -130,6 +130,20 @@ impl EventStore for MemoryStore {
             .map_or(0, |seqs| seqs.len() as u64))
     }
 
+    fn visit_job(
+        &self,
+        job_id: Uuid,
+        visit: &mut dyn FnMut(&EventRecord) -> bool,
+    ) -> Result<(), StoreError> {
+        // Copied out first: `visit` runs with the lock released.
+        for record in self.load_job(job_id)? {
+            if !visit(&record) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     fn load_job(&self, job_id: Uuid) -> Result<Vec<EventRecord>, StoreError> {
         let inner = self.lock();
         Ok(inner.jobs.get(&job_id).map_or_else(Vec::new, |indices| {

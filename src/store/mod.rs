@@ -13,6 +13,7 @@ mod open;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod queue;
+mod sql;
 mod sqlite;
 
 use std::path::PathBuf;
@@ -104,6 +105,8 @@ pub trait EventStore: Send + Sync {
 
     /// Hands the job's events to `visit` one at a time, in seq order,
     /// without collecting them; `visit` returns `false` to stop early.
+    /// Costs O(the job's events). `visit` runs under no lock of the
+    /// store's: it may call the store.
     ///
     /// # Errors
     /// [`StoreError`] when the log cannot be read.
@@ -111,14 +114,7 @@ pub trait EventStore: Send + Sync {
         &self,
         job_id: Uuid,
         visit: &mut dyn FnMut(&EventRecord) -> bool,
-    ) -> Result<(), StoreError> {
-        for record in self.load_job(job_id)? {
-            if !visit(&record) {
-                break;
-            }
-        }
-        Ok(())
-    }
+    ) -> Result<(), StoreError>;
 
     /// The job's last stored seq, 0 when it has no events.
     ///
@@ -126,11 +122,19 @@ pub trait EventStore: Send + Sync {
     /// [`StoreError`] when the log cannot be read.
     fn last_seq(&self, job_id: Uuid) -> Result<u64, StoreError>;
 
-    /// Every event of one job, in seq order. Costs O(the job's events).
+    /// Every event of one job, in seq order, collected from
+    /// [`visit_job`](Self::visit_job).
     ///
     /// # Errors
     /// [`StoreError`] when the log cannot be read.
-    fn load_job(&self, job_id: Uuid) -> Result<Vec<EventRecord>, StoreError>;
+    fn load_job(&self, job_id: Uuid) -> Result<Vec<EventRecord>, StoreError> {
+        let mut records = Vec::new();
+        self.visit_job(job_id, &mut |record| {
+            records.push(record.clone());
+            true
+        })?;
+        Ok(records)
+    }
 
     /// Every event of the log, each job's events together in seq order,
     /// handed to `visit` one at a time so that memory does not grow with the
@@ -160,11 +164,12 @@ pub trait EventStore: Send + Sync {
     fn unfinished_jobs(&self) -> Result<Vec<Uuid>, StoreError> {
         let mut unfinished = Vec::new();
         for job_id in self.job_ids()? {
-            let records = self.load_job(job_id)?;
-            if records
-                .last()
-                .is_some_and(|r| !TERMINAL_KINDS.contains(&r.kind.as_str()))
-            {
+            let mut ended = None;
+            self.visit_job(job_id, &mut |record| {
+                ended = Some(TERMINAL_KINDS.contains(&record.kind.as_str()));
+                true
+            })?;
+            if ended == Some(false) {
                 unfinished.push(job_id);
             }
         }
@@ -176,6 +181,26 @@ pub trait EventStore: Send + Sync {
     /// # Errors
     /// [`StoreError`] when the log cannot be read.
     fn job_ids(&self) -> Result<Vec<Uuid>, StoreError>;
+}
+
+/// The database a store error is about, as users name it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Target {
+    /// A SQLite file, by the path it was opened at.
+    File(PathBuf),
+    /// A database server, as `postgres://user@host:port/db` (never with a
+    /// password), or what the store was given when that cannot be told.
+    Server(String),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::File(path) => path.display().fmt(f),
+            Target::Server(server) => f.write_str(server),
+        }
+    }
 }
 
 /// A failure of the event log itself.
@@ -213,8 +238,8 @@ pub enum StoreError {
     /// be tried again.
     #[error("{target}: the database cannot be reached: {detail}")]
     Unavailable {
-        /// The database, as given (without its password).
-        target: String,
+        /// The server.
+        target: Target,
         /// What failed.
         detail: String,
     },
@@ -239,60 +264,68 @@ pub enum StoreError {
         /// Why.
         detail: String,
     },
-    /// The database file does not exist and the store was asked not to create it.
-    #[error("{}: no such database", path.display())]
+    /// The database (a file, or a server's schema holding a log) does not
+    /// exist and the store was asked not to create it.
+    #[error("{target}: no such database")]
     NotFound {
-        /// The path given.
-        path: PathBuf,
+        /// The database.
+        target: Target,
     },
-    /// The file exists but is not a job-executor database; it was not modified.
-    #[error("{}: not a job-executor database ({reason}); the file was left untouched", path.display())]
+    /// The database (a file, or a server's schema) exists but is not a
+    /// job-executor database; it was not modified.
+    #[error("{target}: not a job-executor database ({reason}); the file was left untouched")]
     NotOurs {
-        /// The path given.
-        path: PathBuf,
+        /// The database.
+        target: Target,
         /// What gave it away.
         reason: String,
     },
     /// The database was written by a newer build.
-    #[error("{}: schema version {found} is newer than this build supports ({supported}); upgrade job-executor", path.display())]
+    #[error(
+        "{target}: schema version {found} is newer than this build supports ({supported}); upgrade job-executor"
+    )]
     SchemaTooNew {
-        /// The path given.
-        path: PathBuf,
+        /// The database.
+        target: Target,
         /// The version stored.
         found: u32,
         /// The newest version this build knows.
         supported: u32,
     },
     /// The database (or its directory) cannot be written.
-    #[error("{}: the database is read-only (check the permissions of the file and its directory): {detail}", path.display())]
+    #[error(
+        "{target}: the database is read-only (check the permissions of the file and its directory): {detail}"
+    )]
     ReadOnly {
-        /// The path given.
-        path: PathBuf,
+        /// The database.
+        target: Target,
         /// What the database reported.
         detail: String,
     },
     /// The disk (or the database's page limit) is full.
-    #[error("{}: no space left for the database (disk full or page limit reached): {detail}", path.display())]
+    #[error("{target}: no space left for the database (disk full or page limit reached): {detail}")]
     Full {
-        /// The path given.
-        path: PathBuf,
+        /// The database.
+        target: Target,
         /// What the database reported.
         detail: String,
     },
     /// Another connection held the database lock past the busy timeout.
     /// Nothing was written; the append may be tried again.
-    #[error("{}: the database stayed locked by another process past the busy timeout: {detail}", path.display())]
+    #[error(
+        "{target}: the database stayed locked by another process past the busy timeout: {detail}"
+    )]
     Busy {
-        /// The path given.
-        path: PathBuf,
+        /// The database.
+        target: Target,
         /// What the database reported.
         detail: String,
     },
     /// The database is damaged.
-    #[error("{}: database is corrupt: {detail}", path.display())]
+    #[error("{target}: database is corrupt: {detail}")]
     Corrupt {
-        /// The path given.
-        path: PathBuf,
+        /// The database.
+        target: Target,
         /// What the database reported.
         detail: String,
     },
@@ -307,10 +340,10 @@ pub enum StoreError {
         detail: String,
     },
     /// Reading the file failed.
-    #[error("{}: {source}", path.display())]
+    #[error("{target}: {source}")]
     Io {
-        /// The path given.
-        path: PathBuf,
+        /// The database.
+        target: Target,
         /// The I/O error.
         #[source]
         source: Arc<std::io::Error>,

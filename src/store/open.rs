@@ -124,7 +124,7 @@ pub fn open(location: &Location, options: &OpenOptions) -> Result<Arc<dyn Log>, 
         }
         #[cfg(not(feature = "postgres"))]
         Location::Postgres(_) => Err(StoreError::Unavailable {
-            target: "postgres".into(),
+            target: super::Target::Server("postgres".into()),
             detail: "this build has no PostgreSQL support (the `postgres` feature)".into(),
         }),
     }

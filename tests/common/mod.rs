@@ -173,8 +173,12 @@ impl job_executor::store::EventStore for FaultyStore {
     fn last_seq(&self, job_id: Uuid) -> Result<u64, job_executor::store::StoreError> {
         self.inner.last_seq(job_id)
     }
-    fn load_job(&self, job_id: Uuid) -> Result<Vec<EventRecord>, job_executor::store::StoreError> {
-        self.inner.load_job(job_id)
+    fn visit_job(
+        &self,
+        job_id: Uuid,
+        visit: &mut dyn FnMut(&EventRecord) -> bool,
+    ) -> Result<(), job_executor::store::StoreError> {
+        self.inner.visit_job(job_id, visit)
     }
     fn scan(
         &self,
