@@ -485,6 +485,17 @@ impl NoteSignature {
         &self.signature
     }
 
+    /// The timestamp a cosignature line claims (its first 8 bytes, when it
+    /// has a cosignature's length), unverified: trust it only once the
+    /// line verified under a cosigning key.
+    pub fn claimed_timestamp(&self) -> Option<u64> {
+        if self.signature.len() != COSIGNATURE_BYTES {
+            return None;
+        }
+        let stamp: [u8; 8] = self.signature[..8].try_into().ok()?;
+        Some(u64::from_be_bytes(stamp))
+    }
+
     /// Whether this line is by the key `key`, by name and id.
     pub fn is_by(&self, key: &VerifierKey) -> bool {
         self.name == key.name && self.key_id == key.id
