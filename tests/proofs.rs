@@ -393,7 +393,7 @@ fn go_notes_sign_and_open_as_go_does() {
     assert_eq!(
         Note::parse(forged.as_bytes())
             .unwrap()
-            .verify(&[peter.clone()]),
+            .verify(std::slice::from_ref(&peter)),
         Err(VerifyError::Invalid {
             name: "PeterNeumann".into(),
             key_id: KeyId(0xc74f20a3)
