@@ -554,8 +554,8 @@ mod tests {
         let witness = SignerKey::from_seed("w1", KeyType::Cosignature, &[2; 32]).unwrap();
         let cp = Checkpoint::new("log", 3, [5; 32]).unwrap();
         let mut signed = SignedCheckpoint::sign(cp, &log).unwrap();
-        let log_key = [log.verifier_key()];
-        let witness_key = [witness.verifier_key()];
+        let log_key = [log.verifier_key().clone()];
+        let witness_key = [witness.verifier_key().clone()];
         assert!(signed.verify(&log_key, &witness_key, 0).is_ok());
         assert!(matches!(
             signed.verify(&log_key, &witness_key, 1),

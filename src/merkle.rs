@@ -219,8 +219,20 @@ fn range_hashes<S: SubtreeSource>(
         push_range_nodes(start, end, &mut nodes);
         spans.push(from..nodes.len());
     }
+    let hashes = read_nodes(&nodes, source)?;
+    Ok(spans
+        .into_iter()
+        .map(|span| fold_right(&hashes[span]))
+        .collect())
+}
+
+/// The hashes of `nodes` from `source`, one per node.
+fn read_nodes<S: SubtreeSource>(
+    nodes: &[Node],
+    source: &S,
+) -> Result<Vec<Hash>, TreeError<S::Error>> {
     let hashes = source
-        .subtree_hashes(&nodes)
+        .subtree_hashes(nodes)
         .map_err(|source| TreeError::Source { source })?;
     if hashes.len() != nodes.len() {
         return Err(TreeError::ShortAnswer {
@@ -228,10 +240,7 @@ fn range_hashes<S: SubtreeSource>(
             got: hashes.len(),
         });
     }
-    Ok(spans
-        .into_iter()
-        .map(|span| fold_right(&hashes[span]))
-        .collect())
+    Ok(hashes)
 }
 
 /// The root of the tree of the first `size` leaves.
@@ -363,6 +372,17 @@ fn b64(hash: &Hash) -> String {
     base64::engine::general_purpose::STANDARD.encode(hash)
 }
 
+/// A proof has exactly as many hashes as its sizes call for.
+fn check_length(expected: usize, proof: &[Hash]) -> Result<(), ProofError> {
+    if proof.len() != expected {
+        return Err(ProofError::WrongLength {
+            expected,
+            got: proof.len(),
+        });
+    }
+    Ok(())
+}
+
 /// Right-shifts both numbers until `fn_` is odd or 0 (RFC 9162's step).
 fn shift_while_even(fn_: &mut u64, sn: &mut u64) {
     while *fn_ != 0 && *fn_ & 1 == 0 {
@@ -384,13 +404,7 @@ pub fn root_from_inclusion(
     if index >= size {
         return Err(ProofError::LeafOutOfRange { index, size });
     }
-    let expected = inclusion_ranges(index, size).len();
-    if proof.len() != expected {
-        return Err(ProofError::WrongLength {
-            expected,
-            got: proof.len(),
-        });
-    }
+    check_length(inclusion_ranges(index, size).len(), proof)?;
     let (mut fn_, mut sn) = (index, size - 1);
     let mut r = *leaf_hash;
     for p in proof {
@@ -445,13 +459,7 @@ pub fn verify_consistency(
     if old_size == 0 || old_size > new_size {
         return Err(ProofError::BadSizes { old_size, new_size });
     }
-    let expected = consistency_ranges(old_size, new_size).len();
-    if proof.len() != expected {
-        return Err(ProofError::WrongLength {
-            expected,
-            got: proof.len(),
-        });
-    }
+    check_length(consistency_ranges(old_size, new_size).len(), proof)?;
     let (old_computed, new_computed) = if old_size == new_size {
         (*old_root, *old_root)
     } else {
@@ -571,16 +579,7 @@ impl CompactRange {
         size: u64,
         source: &S,
     ) -> Result<CompactRange, TreeError<S::Error>> {
-        let nodes = CompactRange::peak_nodes(size);
-        let peaks = source
-            .subtree_hashes(&nodes)
-            .map_err(|source| TreeError::Source { source })?;
-        if peaks.len() != nodes.len() {
-            return Err(TreeError::ShortAnswer {
-                asked: nodes.len(),
-                got: peaks.len(),
-            });
-        }
+        let peaks = read_nodes(&CompactRange::peak_nodes(size), source)?;
         Ok(CompactRange { size, peaks })
     }
 

@@ -252,14 +252,30 @@ impl VerifierKey {
         let mut public_key = [0u8; 32];
         public_key.copy_from_slice(&key);
         let verifier = VerifierKey::new(name, key_type, &public_key)?;
-        if verifier.id != stated {
+        verifier.check_stated_id(stated)?;
+        Ok(verifier)
+    }
+
+    /// `NAME+HASH+BASE64(type ‖ key_bytes)`: the verifier key's text with
+    /// its public key, the private key's (after its prefix) with the seed.
+    fn encode(&self, key_bytes: &[u8; 32]) -> String {
+        let mut data = [0u8; 33];
+        data[0] = self.key_type.byte();
+        data[1..].copy_from_slice(key_bytes);
+        let text = format!("{}+{}+{}", self.name, self.id, BASE64.encode(data));
+        data.fill(0);
+        text
+    }
+
+    fn check_stated_id(&self, stated: KeyId) -> Result<(), KeyError> {
+        if self.id != stated {
             return Err(KeyError::KeyIdMismatch {
-                name: name.to_string(),
+                name: self.name.clone(),
                 stated,
-                computed: verifier.id,
+                computed: self.id,
             });
         }
-        Ok(verifier)
+        Ok(())
     }
 
     /// The key's name.
@@ -285,7 +301,7 @@ impl VerifierKey {
     /// Whether `signature` (the bytes after the key id) is this key's
     /// signature of `text`; for a cosigning key, also the signature's
     /// timestamp. `None` when it does not verify.
-    pub fn check(&self, text: &str, signature: &[u8]) -> Option<Option<u64>> {
+    fn check(&self, text: &str, signature: &[u8]) -> Option<Option<u64>> {
         match self.key_type {
             KeyType::Ed25519 => {
                 let signature = Signature::from_slice(signature).ok()?;
@@ -312,10 +328,7 @@ impl VerifierKey {
 
 impl fmt::Display for VerifierKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut data = Vec::with_capacity(33);
-        data.push(self.key_type.byte());
-        data.extend_from_slice(self.key.as_bytes());
-        write!(f, "{}+{}+{}", self.name, self.id, BASE64.encode(data))
+        f.write_str(&self.encode(self.key.as_bytes()))
     }
 }
 
@@ -342,9 +355,7 @@ fn cosigned_message(timestamp: u64, text: &str) -> String {
 /// (type 0x04). Its `Debug` shows no secret; the secret is zeroed on drop.
 #[derive(Clone)]
 pub struct SignerKey {
-    name: String,
-    key_type: KeyType,
-    id: KeyId,
+    public: VerifierKey,
     key: SigningKey,
 }
 
@@ -373,16 +384,9 @@ impl SignerKey {
         key_type: KeyType,
         seed: &[u8; 32],
     ) -> Result<SignerKey, KeyError> {
-        if !is_valid_key_name(name) {
-            return Err(KeyError::BadName(name.to_string()));
-        }
         let key = SigningKey::from_bytes(seed);
-        Ok(SignerKey {
-            name: name.to_string(),
-            key_type,
-            id: KeyId::of(name, key_type, key.verifying_key().as_bytes()),
-            key,
-        })
+        let public = VerifierKey::new(name, key_type, key.verifying_key().as_bytes())?;
+        Ok(SignerKey { public, key })
     }
 
     /// Reads `PRIVATE+KEY+NAME+HASH+BASE64(type ‖ seed)` (no surrounding
@@ -403,61 +407,33 @@ impl SignerKey {
         let key = SignerKey::from_seed(name, key_type, &bytes);
         bytes.fill(0);
         let key = key?;
-        if key.id != stated {
-            return Err(KeyError::KeyIdMismatch {
-                name: name.to_string(),
-                stated,
-                computed: key.id,
-            });
-        }
+        key.public.check_stated_id(stated)?;
         Ok(key)
     }
 
     /// The private-key text. It is the secret: write it only where the
     /// key's owner alone can read it.
     pub fn to_private_text(&self) -> String {
-        let mut data = Vec::with_capacity(33);
-        data.push(self.key_type.byte());
-        data.extend_from_slice(self.key.as_bytes());
-        let text = format!(
-            "{PRIVATE_PREFIX}{}+{}+{}",
-            self.name,
-            self.id,
-            BASE64.encode(&data)
-        );
-        data.fill(0);
-        text
+        format!(
+            "{PRIVATE_PREFIX}{}",
+            self.public.encode(self.key.as_bytes())
+        )
     }
 
-    /// The public half, to give to whoever checks the signatures.
-    pub fn verifier_key(&self) -> VerifierKey {
-        VerifierKey {
-            name: self.name.clone(),
-            key_type: self.key_type,
-            id: self.id,
-            key: self.key.verifying_key(),
-        }
-    }
-
-    /// The key's name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The key's signature type.
-    pub fn key_type(&self) -> KeyType {
-        self.key_type
-    }
-
-    /// The key's id.
-    pub fn id(&self) -> KeyId {
-        self.id
+    /// The public half, to give to whoever checks the signatures (its name,
+    /// type and id are this key's).
+    pub fn verifier_key(&self) -> &VerifierKey {
+        &self.public
     }
 }
 
 impl fmt::Debug for SignerKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "SignerKey({}+{}, <secret>)", self.name, self.id)
+        write!(
+            f,
+            "SignerKey({}+{}, <secret>)",
+            self.public.name, self.public.id
+        )
     }
 }
 
@@ -782,8 +758,8 @@ impl Note {
         require_type(key, KeyType::Ed25519)?;
         let signature = key.key.sign(self.text.as_bytes()).to_bytes().to_vec();
         self.add_signature(NoteSignature {
-            name: key.name.clone(),
-            key_id: key.id,
+            name: key.public.name.clone(),
+            key_id: key.public.id,
             signature,
         })
     }
@@ -804,8 +780,8 @@ impl Note {
         signature.extend_from_slice(&timestamp.to_be_bytes());
         signature.extend_from_slice(&key.key.sign(message.as_bytes()).to_bytes());
         self.add_signature(NoteSignature {
-            name: key.name.clone(),
-            key_id: key.id,
+            name: key.public.name.clone(),
+            key_id: key.public.id,
             signature,
         })
     }
@@ -872,10 +848,10 @@ impl Note {
 }
 
 fn require_type(key: &SignerKey, wanted: KeyType) -> Result<(), SignError> {
-    if key.key_type != wanted {
+    if key.public.key_type != wanted {
         return Err(SignError::WrongKeyType {
-            name: key.name.clone(),
-            found: key.key_type,
+            name: key.public.name.clone(),
+            found: key.public.key_type,
             wanted,
         });
     }
@@ -912,7 +888,7 @@ mod tests {
             let again = SignerKey::parse(&private).unwrap();
             assert_eq!(again.verifier_key(), signer.verifier_key());
             let public = signer.verifier_key().to_string();
-            assert_eq!(VerifierKey::parse(&public).unwrap(), signer.verifier_key());
+            assert_eq!(&VerifierKey::parse(&public).unwrap(), signer.verifier_key());
             assert!(!format!("{signer:?}").contains(&private[30..]));
         }
     }
@@ -945,9 +921,9 @@ mod tests {
         assert_ne!(a.verifier_key(), b.verifier_key());
         let mut note = Note::new("hello\n").unwrap();
         note.sign(&a).unwrap();
-        assert!(note.verify(&[a.verifier_key()]).is_ok());
+        assert!(note.verify(&[a.verifier_key().clone()]).is_ok());
         assert!(matches!(
-            note.verify(&[b.verifier_key()]),
+            note.verify(&[b.verifier_key().clone()]),
             Err(VerifyError::Unverifiable { .. })
         ));
     }
@@ -970,7 +946,7 @@ mod tests {
             Err(SignError::TimestampOutOfRange(1 << 63))
         );
         note.cosign(&witness, 1_700_000_000).unwrap();
-        let verified = note.verify(&[witness.verifier_key()]).unwrap();
+        let verified = note.verify(&[witness.verifier_key().clone()]).unwrap();
         assert_eq!(verified.verified[0].timestamp, Some(1_700_000_000));
     }
 
@@ -981,7 +957,7 @@ mod tests {
         note.cosign(&witness, 1).unwrap();
         note.cosign(&witness, 2).unwrap();
         assert_eq!(note.signatures().len(), 1);
-        let verified = note.verify(&[witness.verifier_key()]).unwrap();
+        let verified = note.verify(&[witness.verifier_key().clone()]).unwrap();
         assert_eq!(verified.verified[0].timestamp, Some(2));
     }
 

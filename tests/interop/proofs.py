@@ -77,6 +77,14 @@ def subproof(m, leaves, whole):
     return subproof(m - k, leaves[k:], False) + [mth(leaves[:k])]
 
 
+def shift_while_even(fn, sn):
+    """Right-shift both until fn is odd or 0 (§2.1.3.2 and §2.1.4.2)."""
+    while fn & 1 == 0 and fn != 0:
+        fn >>= 1
+        sn >>= 1
+    return fn, sn
+
+
 def verify_inclusion(leaf, index, size, proof, root):
     """§2.1.3.2."""
     if index >= size:
@@ -87,10 +95,7 @@ def verify_inclusion(leaf, index, size, proof, root):
             return False
         if fn & 1 or fn == sn:
             r = node_hash(p, r)
-            if not fn & 1:
-                while fn & 1 == 0 and fn != 0:
-                    fn >>= 1
-                    sn >>= 1
+            fn, sn = shift_while_even(fn, sn)
         else:
             r = node_hash(r, p)
         fn >>= 1
@@ -117,10 +122,7 @@ def verify_consistency(first, second, first_hash, second_hash, proof):
         if fn & 1 or fn == sn:
             fr = node_hash(c, fr)
             sr = node_hash(c, sr)
-            if not fn & 1:
-                while fn & 1 == 0 and fn != 0:
-                    fn >>= 1
-                    sn >>= 1
+            fn, sn = shift_while_even(fn, sn)
         else:
             sr = node_hash(sr, c)
         fn >>= 1
