@@ -33,6 +33,7 @@
 
 pub mod bundle;
 pub mod chain;
+pub mod checkpoint;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod clock;
@@ -42,7 +43,9 @@ pub mod events;
 pub mod executor;
 pub mod handler;
 pub mod machine;
+pub mod merkle;
 pub mod model;
+pub mod note;
 pub mod projection;
 pub mod report;
 pub mod result;
