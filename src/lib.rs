@@ -41,6 +41,7 @@ pub mod command;
 pub mod events;
 pub mod executor;
 pub mod handler;
+pub mod jobs;
 pub mod machine;
 pub mod model;
 pub mod projection;
@@ -55,8 +56,8 @@ mod watchdog;
 pub mod worker;
 
 pub use executor::{
-    CancelRequest, EXECUTOR_VERSION, ExecutorBuilder, ExecutorError, JobExecutor, Recovery,
-    UnrecordedOutcome, create_default_executor,
+    CancelRequest, EXECUTOR_VERSION, ExecutorBuilder, ExecutorConfig, ExecutorError, JobExecutor,
+    Recovery, UnrecordedOutcome, create_default_executor,
 };
 pub use handler::{FailingHandler, HealthObserver, NoOpHandler, StepCall, StepHandler};
 pub use model::{CancelSignal, ExecutionContext, JobStatus, JobStep, StepOutput, StepStatus};
