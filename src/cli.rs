@@ -16,18 +16,20 @@ use uuid::Uuid;
 
 use crate::bundle::{BundleError, export, verify_bundle};
 use crate::chain::{Digest, HeadKey, KeyError};
-use crate::clock::{LogicalClock, derived_job_id};
 #[cfg(unix)]
 use crate::command::CommandHandler;
-use crate::executor::{CancelRequest, ExecutorError, JobExecutor, Recovery, register_defaults};
+use crate::executor::{
+    ExecutorConfig, ExecutorError, JobExecutor, LogLocation, Recovery, register_defaults,
+};
+use crate::jobs::job_rows;
 use crate::model::{JobStatus, PlanError, PlanFile, validate_plan};
-use crate::projection::{Projector, ReplayError, execution_result_to_evidence, replay};
+use crate::projection::{ReplayError, execution_result_to_evidence, replay};
 use crate::report::{JobPage, ReportError, ReportOptions, write_site};
 use crate::result::ExecutionResult;
 use crate::store::{
     self, EventStore, Location, Log, OpenOptions, QueueState, QueuedJob, StoreError, Synchronous,
 };
-use crate::verify::{VerifyOptions, verify_store};
+use crate::verify::{Summary, VerifyOptions, verify_store};
 use crate::worker::{Worker, WorkerOptions};
 
 /// The database file used when `--db` is not given.
@@ -58,38 +60,9 @@ pub struct DbArg {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Execute a plan; print its evidence. Exit 0 if COMPLETED, 1 if FAILED.
-    Run {
-        /// The plan: {"job_id"?: uuid, "contract_id": uuid, "steps": [...]}.
-        plan: PathBuf,
-        /// The event log database.
-        #[command(flatten)]
-        db: DbArg,
-        /// Who runs the job, recorded in JobStarted.
-        #[arg(long, default_value = "job-executor")]
-        executed_by: String,
-        /// Logical clock, and a job id derived from the plan when it has none:
-        /// the same plan gives byte-identical output and events.
-        #[arg(long)]
-        deterministic: bool,
-        /// Durability of each commit: full (fsync per event) or normal (WAL, faster).
-        #[arg(long, value_enum, default_value_t = SyncMode::Full)]
-        synchronous: SyncMode,
-        /// Authenticate every head with HMAC-SHA256 under the key in this file.
-        #[arg(long)]
-        key_file: Option<PathBuf>,
-    },
+    Run(RunArgs),
     /// Print a stored job's evidence, rebuilt from its events (or from a bundle).
-    Replay {
-        /// The job id.
-        #[arg(required_unless_present = "bundle", conflicts_with = "bundle")]
-        job_id: Option<String>,
-        /// The event log database.
-        #[command(flatten)]
-        db: DbArg,
-        /// Replay an audit bundle instead of the database (after verifying it).
-        #[arg(long)]
-        bundle: Option<PathBuf>,
-    },
+    Replay(ReplayArgs),
     /// Print a stored job's events as JSON Lines, in seq order.
     Events {
         /// The job id.
@@ -106,21 +79,7 @@ pub enum Command {
     },
     /// Check every stored job's hash chain and EXEC-001..006 (or one bundle).
     /// Exit 1 on any violation.
-    Verify {
-        /// The event log database.
-        #[command(flatten)]
-        db: DbArg,
-        /// A head kept earlier, JOB_ID=sha256:HEX: the job's log must still
-        /// contain it (detects a cut-off tail). Repeatable.
-        #[arg(long, value_name = "JOB_ID=sha256:HEX")]
-        expect: Vec<String>,
-        /// Also check every head's HMAC under the key in this file.
-        #[arg(long)]
-        key_file: Option<PathBuf>,
-        /// Verify an audit bundle offline instead of the database.
-        #[arg(long, conflicts_with = "expect")]
-        bundle: Option<PathBuf>,
-    },
+    Verify(VerifyArgs),
     /// Close every step left in doubt by a stopped executor: record it failed
     /// (interrupted) and halt its job. Jobs stopped between steps are listed
     /// for `resume`. Run it when no executor is running on the database.
@@ -133,55 +92,12 @@ pub enum Command {
         key_file: Option<PathBuf>,
     },
     /// Continue a job stopped between steps at its next step; print its evidence.
-    Resume {
-        /// The job id.
-        job_id: String,
-        /// The event log database.
-        #[command(flatten)]
-        db: DbArg,
-        /// Who resumes the job, recorded in JobResumed.
-        #[arg(long, default_value = "job-executor")]
-        executed_by: String,
-        /// Authenticate the events it records with the key in this file.
-        #[arg(long)]
-        key_file: Option<PathBuf>,
-    },
+    Resume(ResumeArgs),
     /// Ask a job to stop: its executor finishes the step in flight and starts no other.
-    Cancel {
-        /// The job id.
-        job_id: String,
-        /// The event log database.
-        #[command(flatten)]
-        db: DbArg,
-        /// Why, recorded with the request.
-        #[arg(long, default_value = "cancelled on request")]
-        reason: String,
-        /// Authenticate the event it records with the key in this file.
-        #[arg(long)]
-        key_file: Option<PathBuf>,
-    },
+    Cancel(CancelArgs),
     /// Write a self-contained HTML audit report: of one job, of an audit
     /// bundle, or of every job (an index and a page per job).
-    Report {
-        /// The job id.
-        #[arg(required_unless_present_any = ["bundle", "all"], conflicts_with_all = ["bundle", "all"])]
-        job_id: Option<String>,
-        /// The event log database.
-        #[command(flatten)]
-        db: DbArg,
-        /// Report on an audit bundle instead of the database.
-        #[arg(long, conflicts_with = "all")]
-        bundle: Option<PathBuf>,
-        /// Every job: index.html and one page per job, into the --out directory.
-        #[arg(long, requires = "out")]
-        all: bool,
-        /// Write the page here (with --all, the directory) instead of stdout.
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Also check every event's MAC under the key in this file.
-        #[arg(long)]
-        key_file: Option<PathBuf>,
-    },
+    Report(ReportArgs),
     /// Copy a whole log to another store (SQLite file or PostgreSQL), job by
     /// job, checking every job's chain as it goes; every digest is kept, so
     /// every head stays the same.
@@ -195,53 +111,175 @@ pub enum Command {
         to: String,
     },
     /// Queue a plan for a worker to run; print its job id.
-    Submit {
-        /// The plan: {"job_id"?: uuid, "contract_id": uuid, "steps": [...]}.
-        plan: PathBuf,
-        /// The event log database.
-        #[command(flatten)]
-        db: DbArg,
-        /// Who submits the job, recorded in its JobStarted.
-        #[arg(long, default_value = "job-executor")]
-        executed_by: String,
-    },
+    Submit(SubmitArgs),
     /// Claim submitted jobs and run them (with the CLI's handlers), taking
     /// over jobs whose worker's lease ran out. SIGTERM/SIGINT: finish the
     /// steps in flight, give the jobs back, exit 0.
-    Worker {
-        /// The event log database.
-        #[command(flatten)]
-        db: DbArg,
-        /// Jobs run at once.
-        #[arg(long, default_value_t = 4)]
-        concurrency: usize,
-        /// How long a claim lasts unless renewed (renewed every third).
-        #[arg(long, default_value_t = 30.0)]
-        lease_seconds: f64,
-        /// This worker's name in leases and in `jobs` (default: host:pid).
-        #[arg(long)]
-        worker_id: Option<String>,
-        /// Exit once nothing is submitted or running.
-        #[arg(long)]
-        until_idle: bool,
-        /// Authenticate the events it records with the key in this file.
-        #[arg(long)]
-        key_file: Option<PathBuf>,
-    },
+    Worker(WorkerArgs),
     /// Write a job's self-contained audit bundle (JSON).
-    Export {
-        /// The job id.
-        job_id: String,
-        /// The event log database.
-        #[command(flatten)]
-        db: DbArg,
-        /// Write the bundle here instead of stdout.
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Check the log's MACs under the key in this file before exporting.
-        #[arg(long)]
-        key_file: Option<PathBuf>,
-    },
+    Export(ExportArgs),
+}
+
+/// `run`'s arguments.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The plan: {"job_id"?: uuid, "contract_id": uuid, "steps": [...]}.
+    pub plan: PathBuf,
+    /// The event log database.
+    #[command(flatten)]
+    pub db: DbArg,
+    /// Who runs the job, recorded in JobStarted.
+    #[arg(long, default_value = "job-executor")]
+    pub executed_by: String,
+    /// Logical clock, and a job id derived from the plan when it has none:
+    /// the same plan gives byte-identical output and events.
+    #[arg(long)]
+    pub deterministic: bool,
+    /// Durability of each commit: full (fsync per event) or normal (WAL, faster).
+    #[arg(long, value_enum, default_value_t = SyncMode::Full)]
+    pub synchronous: SyncMode,
+    /// Authenticate every head with HMAC-SHA256 under the key in this file.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+}
+
+/// `replay`'s arguments.
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// The job id.
+    #[arg(required_unless_present = "bundle", conflicts_with = "bundle")]
+    pub job_id: Option<String>,
+    /// The event log database.
+    #[command(flatten)]
+    pub db: DbArg,
+    /// Replay an audit bundle instead of the database (after verifying it).
+    #[arg(long)]
+    pub bundle: Option<PathBuf>,
+}
+
+/// `verify`'s arguments.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The event log database.
+    #[command(flatten)]
+    pub db: DbArg,
+    /// A head kept earlier, JOB_ID=sha256:HEX: the job's log must still
+    /// contain it (detects a cut-off tail). Repeatable.
+    #[arg(long, value_name = "JOB_ID=sha256:HEX")]
+    pub expect: Vec<String>,
+    /// Also check every head's HMAC under the key in this file.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// Verify an audit bundle offline instead of the database.
+    #[arg(long, conflicts_with = "expect")]
+    pub bundle: Option<PathBuf>,
+}
+
+/// `resume`'s arguments.
+#[derive(Debug, Args)]
+pub struct ResumeArgs {
+    /// The job id.
+    pub job_id: String,
+    /// The event log database.
+    #[command(flatten)]
+    pub db: DbArg,
+    /// Who resumes the job, recorded in JobResumed.
+    #[arg(long, default_value = "job-executor")]
+    pub executed_by: String,
+    /// Authenticate the events it records with the key in this file.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+}
+
+/// `cancel`'s arguments.
+#[derive(Debug, Args)]
+pub struct CancelArgs {
+    /// The job id.
+    pub job_id: String,
+    /// The event log database.
+    #[command(flatten)]
+    pub db: DbArg,
+    /// Why, recorded with the request.
+    #[arg(long, default_value = "cancelled on request")]
+    pub reason: String,
+    /// Authenticate the event it records with the key in this file.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+}
+
+/// `report`'s arguments.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The job id.
+    #[arg(required_unless_present_any = ["bundle", "all"], conflicts_with_all = ["bundle", "all"])]
+    pub job_id: Option<String>,
+    /// The event log database.
+    #[command(flatten)]
+    pub db: DbArg,
+    /// Report on an audit bundle instead of the database.
+    #[arg(long, conflicts_with = "all")]
+    pub bundle: Option<PathBuf>,
+    /// Every job: index.html and one page per job, into the --out directory.
+    #[arg(long, requires = "out")]
+    pub all: bool,
+    /// Write the page here (with --all, the directory) instead of stdout.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Also check every event's MAC under the key in this file.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+}
+
+/// `submit`'s arguments.
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// The plan: {"job_id"?: uuid, "contract_id": uuid, "steps": [...]}.
+    pub plan: PathBuf,
+    /// The event log database.
+    #[command(flatten)]
+    pub db: DbArg,
+    /// Who submits the job, recorded in its JobStarted.
+    #[arg(long, default_value = "job-executor")]
+    pub executed_by: String,
+}
+
+/// `worker`'s arguments.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// The event log database.
+    #[command(flatten)]
+    pub db: DbArg,
+    /// Jobs run at once.
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// How long a claim lasts unless renewed (renewed every third).
+    #[arg(long, default_value_t = 30.0)]
+    pub lease_seconds: f64,
+    /// This worker's name in leases and in `jobs` (default: host:pid).
+    #[arg(long)]
+    pub worker_id: Option<String>,
+    /// Exit once nothing is submitted or running.
+    #[arg(long)]
+    pub until_idle: bool,
+    /// Authenticate the events it records with the key in this file.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+}
+
+/// `export`'s arguments.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The job id.
+    pub job_id: String,
+    /// The event log database.
+    #[command(flatten)]
+    pub db: DbArg,
+    /// Write the bundle here instead of stdout.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Check the log's MACs under the key in this file before exporting.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
 }
 
 /// `--synchronous` values.
@@ -343,98 +381,19 @@ pub fn main(cli: Cli) -> ExitCode {
 
 fn dispatch(command: Command) -> Result<u8, CliError> {
     match command {
-        Command::Run {
-            plan,
-            db,
-            executed_by,
-            deterministic,
-            synchronous,
-            key_file,
-        } => run(&RunArgs {
-            plan_path: &plan,
-            db: &db.db,
-            executed_by: &executed_by,
-            deterministic,
-            synchronous,
-            key_file: key_file.as_deref(),
-        }),
-        Command::Replay { job_id, db, bundle } => {
-            replay_command(job_id.as_deref(), &db.db, bundle.as_deref())
-        }
+        Command::Run(args) => run(&args),
+        Command::Replay(args) => replay_command(&args),
         Command::Events { job_id, db } => events(&job_id, &db.db),
         Command::Jobs { db } => jobs(&*open_existing(&db.db)?),
-        Command::Verify {
-            db,
-            expect,
-            key_file,
-            bundle,
-        } => {
-            let key = read_key(key_file.as_deref())?;
-            match bundle {
-                Some(bundle) => verify_one_bundle(&bundle, key.as_ref()),
-                None => {
-                    let options = VerifyOptions::default()
-                        .with_key(key)
-                        .with_expected_heads(parse_expectations(&expect)?);
-                    verify(&*open_existing(&db.db)?, &options)
-                }
-            }
-        }
+        Command::Verify(args) => verify_command(&args),
         Command::Recover { db, key_file } => recover(&db.db, key_file.as_deref()),
-        Command::Resume {
-            job_id,
-            db,
-            executed_by,
-            key_file,
-        } => resume(&job_id, &db.db, &executed_by, key_file.as_deref()),
-        Command::Cancel {
-            job_id,
-            db,
-            reason,
-            key_file,
-        } => cancel(&job_id, &db.db, &reason, key_file.as_deref()),
-        Command::Report {
-            job_id,
-            db,
-            bundle,
-            all,
-            out,
-            key_file,
-        } => report(&ReportArgs {
-            job_id: job_id.as_deref(),
-            db: &db.db,
-            bundle: bundle.as_deref(),
-            all,
-            out: out.as_deref(),
-            key_file: key_file.as_deref(),
-        }),
-        Command::Export {
-            job_id,
-            db,
-            out,
-            key_file,
-        } => export_command(&job_id, &db.db, out.as_deref(), key_file.as_deref()),
+        Command::Resume(args) => resume(&args),
+        Command::Cancel(args) => cancel(&args),
+        Command::Report(args) => report(&args),
+        Command::Export(args) => export_command(&args),
         Command::Copy { from, to } => copy(&from, &to),
-        Command::Submit {
-            plan,
-            db,
-            executed_by,
-        } => submit(&plan, &db.db, &executed_by),
-        Command::Worker {
-            db,
-            concurrency,
-            lease_seconds,
-            worker_id,
-            until_idle,
-            key_file,
-        } => worker(&WorkerArgs {
-            db: &db.db,
-            concurrency,
-            lease_seconds,
-            worker_id: worker_id.as_deref(),
-            until_idle,
-            key_file: key_file.as_deref(),
-        }),
+        Command::Submit(args) => submit(&args),
+        Command::Worker(args) => worker(&args),
     }
 }
 
@@ -455,52 +414,105 @@ fn read_plan(plan_path: &Path) -> Result<PlanFile, CliError> {
     Ok(plan)
 }
 
-fn submit(plan_path: &Path, db: &str, executed_by: &str) -> Result<u8, CliError> {
-    let plan = read_plan(plan_path)?;
+/// The executor configuration of a command: the log at `db`, opened with
+/// `open`, and the key in `key_file`.
+fn config(
+    db: &str,
+    open: OpenOptions,
+    key_file: Option<&Path>,
+) -> Result<ExecutorConfig, CliError> {
+    Ok(ExecutorConfig::new(LogLocation::At(Location::parse(db)))
+        .with_open(open)
+        .with_head_key(read_key(key_file)?))
+}
+
+/// An executor on `log`, as `config` says, with the CLI's handlers: the
+/// seed's no-op step types, and `command`.
+fn executor_on(config: &ExecutorConfig, log: Arc<dyn Log>) -> JobExecutor {
+    let mut executor = config.configure(JobExecutor::builder().store(log)).build();
+    register_cli_handlers(&mut executor);
+    executor
+}
+
+/// The CLI's handlers: the seed's no-op step types, and `command`.
+fn register_cli_handlers(executor: &mut JobExecutor) {
+    register_defaults(executor);
+    #[cfg(unix)]
+    executor.register_handler("command", CommandHandler);
+}
+
+fn run(args: &RunArgs) -> Result<u8, CliError> {
+    // Everything about the input is checked before the database is touched.
+    let plan = read_plan(&args.plan)?;
+    let synchronous = match args.synchronous {
+        SyncMode::Full => Synchronous::Full,
+        SyncMode::Normal => Synchronous::Normal,
+    };
+    let config = config(
+        &args.db.db,
+        OpenOptions::default(),
+        args.key_file.as_deref(),
+    )?
+    .with_synchronous(synchronous)
+    .deterministic(args.deterministic);
+    let job_id = config.job_id(&plan);
+    let executor = executor_on(&config, config.open_log()?);
+    let result = executor.execute_job(
+        job_id,
+        plan.contract_id,
+        &plan.steps,
+        None,
+        &args.executed_by,
+    )?;
+    print_evidence(&result)?;
+    Ok(exit_code(&result))
+}
+
+/// 0 for a job that completed, 1 for one that failed or was cancelled.
+fn exit_code(result: &ExecutionResult) -> u8 {
+    match result.final_status {
+        JobStatus::Completed => 0,
+        _ => 1,
+    }
+}
+
+fn submit(args: &SubmitArgs) -> Result<u8, CliError> {
+    let plan = read_plan(&args.plan)?;
     let job_id = plan.job_id.unwrap_or_else(Uuid::new_v4);
-    let log = store::open(&Location::parse(db), &OpenOptions::default())?;
-    let job = QueuedJob::new(job_id, plan.contract_id, plan.steps, executed_by);
-    match crate::worker::submit(&*log, &job) {
-        Err(StoreError::Conflict { .. }) => Err(ExecutorError::JobAlreadyExists {
-            job_id,
-            events: log.last_seq(job_id)?,
-        }
-        .into()),
-        other => other.map_err(CliError::from),
-    }?;
+    let log = store::open(&Location::parse(&args.db.db), &OpenOptions::default())?;
+    let job = QueuedJob::new(job_id, plan.contract_id, plan.steps, &args.executed_by);
+    crate::worker::submit(&*log, &job).map_err(|e| match e {
+        ExecutorError::Store { source, .. } => CliError::Store(source),
+        e => CliError::Executor(e),
+    })?;
     let mut out = io::stdout().lock();
     writeln!(out, "{job_id}")?;
     out.flush()?;
     Ok(0)
 }
 
-struct WorkerArgs<'a> {
-    db: &'a str,
-    concurrency: usize,
-    lease_seconds: f64,
-    worker_id: Option<&'a str>,
-    until_idle: bool,
-    key_file: Option<&'a Path>,
-}
-
-fn worker(args: &WorkerArgs<'_>) -> Result<u8, CliError> {
-    let key = read_key(args.key_file)?;
+fn worker(args: &WorkerArgs) -> Result<u8, CliError> {
+    let config = config(
+        &args.db.db,
+        OpenOptions::default(),
+        args.key_file.as_deref(),
+    )?;
     let lease = std::time::Duration::try_from_secs_f64(args.lease_seconds)
         .ok()
         .filter(|lease| !lease.is_zero())
         .ok_or(CliError::Lease(args.lease_seconds))?;
-    let log = store::open(&Location::parse(args.db), &OpenOptions::default())?;
+    let log = config.open_log()?;
     let mut options = WorkerOptions::default()
         .with_concurrency(args.concurrency)
         .with_lease(lease);
-    if let Some(id) = args.worker_id {
+    if let Some(id) = &args.worker_id {
         options = options.with_worker_id(id);
     }
     if args.until_idle {
         options = options.until_idle();
     }
     let worker_id = options.worker_id.clone();
-    let mut worker = Worker::with_key_and_clock(log, options, key, None);
+    let mut worker = Worker::with(log, options, |builder| config.configure(builder));
     register_cli_handlers(worker.executor_mut());
     let stop = worker.stop_flag();
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -556,13 +568,13 @@ fn copy(from: &str, to: &str) -> Result<u8, CliError> {
     Ok(0)
 }
 
-fn replay_command(job_id: Option<&str>, db: &str, bundle: Option<&Path>) -> Result<u8, CliError> {
-    let result = match (bundle, job_id) {
+fn replay_command(args: &ReplayArgs) -> Result<u8, CliError> {
+    let result = match (&args.bundle, &args.job_id) {
         (Some(bundle), _) => verify_bundle(&read_file(bundle)?, None)?,
         (None, Some(job_id)) => {
             // The argument is checked before the database is touched.
             let job_id = parse_job_id(job_id)?;
-            replay(&*open_existing(db)?, job_id)?
+            replay(&*open_existing(&args.db.db)?, job_id)?
         }
         // clap requires one of the two.
         (None, None) => unreachable!("clap requires JOB_ID or --bundle"),
@@ -594,93 +606,71 @@ fn events(job_id: &str, db: &str) -> Result<u8, CliError> {
     Ok(0)
 }
 
-fn resume(
-    job_id: &str,
-    db: &str,
-    executed_by: &str,
-    key_file: Option<&Path>,
-) -> Result<u8, CliError> {
-    let job_id = parse_job_id(job_id)?;
-    let executor = existing_executor(db, key_file)?;
-    let result = executor.resume(job_id, None, executed_by)?;
+fn resume(args: &ResumeArgs) -> Result<u8, CliError> {
+    let job_id = parse_job_id(&args.job_id)?;
+    let config = config(
+        &args.db.db,
+        OpenOptions::existing(),
+        args.key_file.as_deref(),
+    )?;
+    let executor = executor_on(&config, config.open_log()?);
+    let result = executor.resume(job_id, None, &args.executed_by)?;
     print_evidence(&result)?;
     Ok(exit_code(&result))
 }
 
-fn cancel(job_id: &str, db: &str, reason: &str, key_file: Option<&Path>) -> Result<u8, CliError> {
-    let job_id = parse_job_id(job_id)?;
-    let log = store::open(&Location::parse(db), &OpenOptions::existing())?;
-    let executor = cli_executor(log.clone(), key_file)?;
+fn cancel(args: &CancelArgs) -> Result<u8, CliError> {
+    let job_id = parse_job_id(&args.job_id)?;
+    let config = config(
+        &args.db.db,
+        OpenOptions::existing(),
+        args.key_file.as_deref(),
+    )?;
+    let log = config.open_log()?;
+    let executor = executor_on(&config, log.clone());
+    let done = executor
+        .cancel(&*log, job_id, &args.reason)
+        .map_err(|e| match e {
+            // The queue could not be read.
+            ExecutorError::Log { source } => CliError::Store(source),
+            e => CliError::Executor(e),
+        })?;
     let mut out = io::stdout().lock();
-    let requested = match executor.request_cancel(job_id, reason) {
-        // Submitted, not started: it ends before it starts.
-        Err(ExecutorError::UnknownJob { .. }) => match log.queued_job(job_id)? {
-            Some((job, _)) => match executor.cancel_queued(&job, reason) {
-                Ok(_) => {
-                    writeln!(out, "job {job_id} cancelled before it started")?;
-                    return Ok(0);
-                }
-                // A worker started it meanwhile: ask it to stop.
-                Err(ExecutorError::JobAlreadyExists { .. }) => {
-                    executor.request_cancel(job_id, reason)?
-                }
-                Err(e) => return Err(e.into()),
-            },
-            None => return Err(ExecutorError::UnknownJob { job_id }.into()),
-        },
-        other => other?,
-    };
-    match requested {
-        CancelRequest::Recorded { seq } => {
-            writeln!(out, "cancel requested for job {job_id} (seq {seq})")?
-        }
-        CancelRequest::AlreadyRequested => {
-            writeln!(out, "cancel already requested for job {job_id}")?
-        }
-    }
+    writeln!(out, "{}", done.line(job_id))?;
     Ok(0)
 }
 
-fn export_command(
-    job_id: &str,
-    db: &str,
-    out: Option<&Path>,
-    key_file: Option<&Path>,
-) -> Result<u8, CliError> {
-    let job_id = parse_job_id(job_id)?;
-    let key = read_key(key_file)?;
-    let bytes = export(&*open_existing(db)?, job_id, key.as_ref())?.to_bytes();
+fn export_command(args: &ExportArgs) -> Result<u8, CliError> {
+    let job_id = parse_job_id(&args.job_id)?;
+    let key = read_key(args.key_file.as_deref())?;
+    let bytes = export(&*open_existing(&args.db.db)?, job_id, key.as_ref())?.to_bytes();
+    write_out(args.out.as_deref(), &bytes)
+}
+
+/// `bytes` to the file `out`, or to stdout.
+fn write_out(out: Option<&Path>, bytes: &[u8]) -> Result<u8, CliError> {
     match out {
-        Some(path) => std::fs::write(path, &bytes).map_err(|source| CliError::File {
+        Some(path) => std::fs::write(path, bytes).map_err(|source| CliError::File {
             path: path.to_path_buf(),
             source,
         })?,
         None => {
             let mut stdout = io::stdout().lock();
-            stdout.write_all(&bytes)?;
+            stdout.write_all(bytes)?;
             stdout.flush()?;
         }
     }
     Ok(0)
 }
 
-struct ReportArgs<'a> {
-    job_id: Option<&'a str>,
-    db: &'a str,
-    bundle: Option<&'a Path>,
-    all: bool,
-    out: Option<&'a Path>,
-    key_file: Option<&'a Path>,
-}
-
 /// `report`: every input is read and checked before anything is written.
-fn report(args: &ReportArgs<'_>) -> Result<u8, CliError> {
-    let options = ReportOptions::default().with_key(read_key(args.key_file)?);
+fn report(args: &ReportArgs) -> Result<u8, CliError> {
+    let options = ReportOptions::default().with_key(read_key(args.key_file.as_deref())?);
     if args.all {
-        let Some(dir) = args.out else {
+        let Some(dir) = &args.out else {
             unreachable!("clap requires --out with --all")
         };
-        let log = open_existing(args.db)?;
+        let log = open_existing(&args.db.db)?;
         let owners = log
             .queued()?
             .into_iter()
@@ -690,111 +680,21 @@ fn report(args: &ReportArgs<'_>) -> Result<u8, CliError> {
         write_site(&*log, dir, &options.with_owners(owners))?;
         return Ok(0);
     }
-    let page = match (args.bundle, args.job_id) {
+    let page = match (&args.bundle, &args.job_id) {
         (Some(bundle), _) => JobPage::from_bundle(&read_file(bundle)?, &options)?,
         (None, Some(job_id)) => {
             let job_id = parse_job_id(job_id)?;
-            let records = open_existing(args.db)?.load_job(job_id)?;
+            let records = open_existing(&args.db.db)?.load_job(job_id)?;
             JobPage::from_log(job_id, &records, &options)?
         }
         (None, None) => unreachable!("clap requires JOB_ID, --bundle or --all"),
     };
-    let html = page.render()?;
-    match args.out {
-        Some(path) => std::fs::write(path, html).map_err(|source| CliError::File {
-            path: path.to_path_buf(),
-            source,
-        })?,
-        None => {
-            let mut stdout = io::stdout().lock();
-            stdout.write_all(html.as_bytes())?;
-            stdout.flush()?;
-        }
-    }
-    Ok(0)
-}
-
-struct RunArgs<'a> {
-    plan_path: &'a Path,
-    db: &'a str,
-    executed_by: &'a str,
-    deterministic: bool,
-    synchronous: SyncMode,
-    key_file: Option<&'a Path>,
-}
-
-fn run(args: &RunArgs<'_>) -> Result<u8, CliError> {
-    // Everything about the input is checked before the database is touched.
-    let plan = read_plan(args.plan_path)?;
-    let key = read_key(args.key_file)?;
-    let job_id = match plan.job_id {
-        Some(id) => id,
-        None if args.deterministic => derived_job_id(plan.contract_id, &plan.steps),
-        None => Uuid::new_v4(),
-    };
-    let options = OpenOptions::default().with_synchronous(match args.synchronous {
-        SyncMode::Full => Synchronous::Full,
-        SyncMode::Normal => Synchronous::Normal,
-    });
-    let store = store::open(&Location::parse(args.db), &options)?;
-    let mut builder = JobExecutor::builder().store(store);
-    if args.deterministic {
-        builder = builder.clock(Arc::new(LogicalClock::default()));
-    }
-    if let Some(key) = key {
-        builder = builder.head_key(key);
-    }
-    let mut executor = builder.build();
-    register_cli_handlers(&mut executor);
-    let result = executor.execute_job(
-        job_id,
-        plan.contract_id,
-        &plan.steps,
-        None,
-        args.executed_by,
-    )?;
-    print_evidence(&result)?;
-    Ok(exit_code(&result))
-}
-
-/// 0 for a job that completed, 1 for one that failed or was cancelled.
-fn exit_code(result: &ExecutionResult) -> u8 {
-    match result.final_status {
-        JobStatus::Completed => 0,
-        _ => 1,
-    }
-}
-
-/// The CLI's handlers: the seed's no-op step types, and `command`.
-fn register_cli_handlers(executor: &mut JobExecutor) {
-    register_defaults(executor);
-    #[cfg(unix)]
-    executor.register_handler("command", CommandHandler);
-}
-
-/// An executor over an existing database (never created here), for the
-/// commands that append to jobs already in it.
-fn existing_executor(db: &str, key_file: Option<&Path>) -> Result<JobExecutor, CliError> {
-    cli_executor(
-        store::open(&Location::parse(db), &OpenOptions::existing())?,
-        key_file,
-    )
-}
-
-/// An executor on `log` with the CLI's handlers and the key in `key_file`.
-fn cli_executor(log: Arc<dyn Log>, key_file: Option<&Path>) -> Result<JobExecutor, CliError> {
-    let key = read_key(key_file)?;
-    let mut builder = JobExecutor::builder().store(log);
-    if let Some(key) = key {
-        builder = builder.head_key(key);
-    }
-    let mut executor = builder.build();
-    register_cli_handlers(&mut executor);
-    Ok(executor)
+    write_out(args.out.as_deref(), page.render()?.as_bytes())
 }
 
 fn recover(db: &str, key_file: Option<&Path>) -> Result<u8, CliError> {
-    let executor = existing_executor(db, key_file)?;
+    let config = config(db, OpenOptions::existing(), key_file)?;
+    let executor = executor_on(&config, config.open_log()?);
     let actions = executor.recover()?;
     let mut out = io::stdout().lock();
     for action in &actions {
@@ -862,67 +762,33 @@ fn print_evidence(result: &ExecutionResult) -> Result<(), CliError> {
     Ok(())
 }
 
-/// `jobs`: every job of the log in start order, then the jobs submitted
-/// and not started yet; a running job's worker in a last column.
+/// `jobs`: one line per job ([`job_rows`]).
 fn jobs(log: &dyn Log) -> Result<u8, CliError> {
-    let queued = log.queued()?;
-    let owner_of = |job_id: Uuid| {
-        queued
-            .iter()
-            .find(|e| e.job_id == job_id && e.state == QueueState::Running)
-            .and_then(|e| e.owner.as_deref())
-            .map(|owner| format!("\towner={owner}"))
-            .unwrap_or_default()
-    };
     let mut out = io::BufWriter::new(io::stdout().lock());
-    let logged = log.job_ids()?;
-    for &job_id in &logged {
-        let mut projector = Projector::new(job_id);
-        let mut broken = None;
-        for record in log.load_job(job_id)? {
-            if let Err(e) = projector.apply_record(&record) {
-                broken = Some(e);
-                break;
-            }
-        }
-        match (projector.result(), broken) {
-            (Some(result), None) => writeln!(
-                out,
-                "{}\t{}\t{}/{} steps\t{}\t{}{}",
-                job_id,
-                result.final_status,
-                result.steps_succeeded,
-                result.steps_planned,
-                crate::events::format_timestamp(&result.started_at),
-                crate::events::format_timestamp(&result.completed_at),
-                owner_of(job_id),
-            )?,
-            (_, Some(e)) => writeln!(out, "{job_id}\tINVALID\t{e}")?,
-            (None, None) => writeln!(out, "{job_id}\tINVALID\tno events")?,
-        }
-    }
-    for entry in queued.iter().filter(|e| !logged.contains(&e.job_id)) {
-        let status = match entry.state {
-            QueueState::Running => "RUNNING",
-            _ => "SUBMITTED",
-        };
-        writeln!(
-            out,
-            "{}\t{status}\t0/{} steps\t{}\t-{}",
-            entry.job_id,
-            entry.steps,
-            entry.submitted_at,
-            owner_of(entry.job_id),
-        )?;
+    for row in job_rows(log)? {
+        writeln!(out, "{}", row?)?;
     }
     out.flush()?;
     Ok(0)
 }
 
-fn verify(store: &dyn EventStore, options: &VerifyOptions) -> Result<u8, CliError> {
-    let mut out = io::BufWriter::new(io::stdout().lock());
-    let total = store.last_position()?;
-    let progress = (io::stderr().is_terminal() && total >= PROGRESS_EVENTS_MIN).then(|| {
+fn verify_command(args: &VerifyArgs) -> Result<u8, CliError> {
+    let key = read_key(args.key_file.as_deref())?;
+    match &args.bundle {
+        Some(bundle) => verify_one_bundle(bundle, key.as_ref()),
+        None => {
+            let options = VerifyOptions::default()
+                .with_key(key)
+                .with_expected_heads(parse_expectations(&args.expect)?);
+            verify(&*open_existing(&args.db.db)?, &options)
+        }
+    }
+}
+
+/// A progress bar for a log of `total` events, when it is long and stderr
+/// is a terminal.
+fn progress_bar(total: u64) -> Option<indicatif::ProgressBar> {
+    (io::stderr().is_terminal() && total >= PROGRESS_EVENTS_MIN).then(|| {
         let bar = indicatif::ProgressBar::new(total);
         bar.set_style(
             indicatif::ProgressStyle::with_template(
@@ -931,7 +797,12 @@ fn verify(store: &dyn EventStore, options: &VerifyOptions) -> Result<u8, CliErro
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         bar
-    });
+    })
+}
+
+fn verify(store: &dyn EventStore, options: &VerifyOptions) -> Result<u8, CliError> {
+    let mut out = io::BufWriter::new(io::stdout().lock());
+    let progress = progress_bar(store.last_position()?);
     let mut write_error = None;
     let summary = verify_store(
         store,
@@ -963,11 +834,14 @@ fn verify(store: &dyn EventStore, options: &VerifyOptions) -> Result<u8, CliErro
     if let Some(e) = write_error {
         return Err(e.into());
     }
-    let authenticated = if options.key.is_some() {
-        ", heads authenticated"
-    } else {
-        ""
-    };
+    print_summary(&mut out, &summary, options.key.is_some())?;
+    out.flush()?;
+    Ok(if summary.failed_jobs == 0 { 0 } else { 1 })
+}
+
+/// `verify`'s last lines: the verdict, and a note on unsealed events.
+fn print_summary(out: &mut impl Write, summary: &Summary, keyed: bool) -> io::Result<()> {
+    let authenticated = if keyed { ", heads authenticated" } else { "" };
     if summary.failed_jobs == 0 {
         writeln!(
             out,
@@ -988,8 +862,7 @@ fn verify(store: &dyn EventStore, options: &VerifyOptions) -> Result<u8, CliErro
             summary.unsealed
         )?;
     }
-    out.flush()?;
-    Ok(if summary.failed_jobs == 0 { 0 } else { 1 })
+    Ok(())
 }
 
 fn verify_one_bundle(path: &Path, key: Option<&HeadKey>) -> Result<u8, CliError> {

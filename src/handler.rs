@@ -5,11 +5,12 @@
 //! (EXEC-005), and an observer cannot be asked to change health (EXEC-004).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use serde_json::Value;
 
-use crate::model::{ExecutionContext, JobStep, StepOutput};
-pub use crate::runner::StepCall;
+use crate::model::{ExecutionContext, FailureKind, JobStep, StepOutput};
+use crate::sync::mpsc;
 
 /// Performs one type of step.
 ///
@@ -59,6 +60,111 @@ impl<H: StepHandler + ?Sized> StepHandler for Arc<H> {
 
     fn start(&self, call: StepCall) -> Option<StepCall> {
         (**self).start(call)
+    }
+}
+
+/// What running a step's handler came to.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    Succeeded(Value),
+    Failed {
+        failure: FailureKind,
+        error: String,
+        output: Option<Value>,
+    },
+}
+
+impl Outcome {
+    /// The outcome a handler's output stands for.
+    pub(crate) fn of(out: StepOutput) -> Outcome {
+        if out.success {
+            Outcome::Succeeded(out.output)
+        } else {
+            Outcome::Failed {
+                failure: FailureKind::HandlerFailed,
+                error: out.error.unwrap_or_else(|| "Step failed".to_owned()),
+                output: Some(out.output),
+            }
+        }
+    }
+
+    /// The outcome of a step whose call was dropped unsettled.
+    pub(crate) fn abandoned() -> Outcome {
+        Outcome::Failed {
+            failure: FailureKind::Panic,
+            error: "Execution error: the handler's thread stopped without an outcome".into(),
+            output: None,
+        }
+    }
+}
+
+/// An outcome, and whether it came past the step's deadline.
+pub(crate) type Reply = (Outcome, bool);
+
+/// A step handed to its handler: the step, its context, and where its
+/// outcome goes. The executor makes one for every step it runs; a handler
+/// whose [`StepHandler::start`] takes it runs the step on a thread of its
+/// own and settles it with [`complete`](Self::complete) or
+/// [`fail`](Self::fail).
+///
+/// Dropping a call unsettled fails its step (`Execution error: the
+/// handler's thread stopped without an outcome`). Settling it after the
+/// step's deadline records nothing: the executor has recorded the timeout.
+#[derive(Debug)]
+pub struct StepCall {
+    step: JobStep,
+    context: ExecutionContext,
+    reply: mpsc::SyncSender<Reply>,
+}
+
+impl StepCall {
+    /// A call of `step`, and where its outcome will come in.
+    pub(crate) fn new(
+        step: JobStep,
+        context: ExecutionContext,
+    ) -> (StepCall, mpsc::Receiver<Reply>) {
+        let (reply, outcome) = mpsc::sync_channel(1);
+        (
+            StepCall {
+                step,
+                context,
+                reply,
+            },
+            outcome,
+        )
+    }
+
+    /// The step to run.
+    pub fn step(&self) -> &JobStep {
+        &self.step
+    }
+
+    /// What the handler may know about it, its deadline included.
+    pub fn context(&self) -> &ExecutionContext {
+        &self.context
+    }
+
+    /// Settles the step with what the handler returned, as if
+    /// [`StepHandler::execute`] had returned it.
+    pub fn complete(self, output: StepOutput) {
+        self.send(Outcome::of(output));
+    }
+
+    /// Settles the step as failed the way a handler that panics fails it:
+    /// `Execution error: <message>`, failure kind `panic`.
+    pub fn fail(self, message: impl Into<String>) {
+        self.send(Outcome::Failed {
+            failure: FailureKind::Panic,
+            error: format!("Execution error: {}", message.into()),
+            output: None,
+        });
+    }
+
+    /// Settles the step with `outcome`, noting whether it came late.
+    pub(crate) fn send(self, outcome: Outcome) {
+        let late = self.context.deadline.is_some_and(|d| Instant::now() >= d);
+        // After a timeout nobody listens: the late outcome is dropped here.
+        let _ = self.reply.send((outcome, late));
     }
 }
 

@@ -42,6 +42,7 @@ pub mod command;
 pub mod events;
 pub mod executor;
 pub mod handler;
+pub mod jobs;
 pub mod machine;
 pub mod merkle;
 pub mod model;
@@ -58,8 +59,8 @@ mod watchdog;
 pub mod worker;
 
 pub use executor::{
-    CancelRequest, EXECUTOR_VERSION, ExecutorBuilder, ExecutorError, JobExecutor, Recovery,
-    UnrecordedOutcome, create_default_executor,
+    CancelRequest, EXECUTOR_VERSION, ExecutorBuilder, ExecutorConfig, ExecutorError, JobExecutor,
+    Recovery, UnrecordedOutcome, create_default_executor,
 };
 pub use handler::{FailingHandler, HealthObserver, NoOpHandler, StepCall, StepHandler};
 pub use model::{CancelSignal, ExecutionContext, JobStatus, JobStep, StepOutput, StepStatus};

@@ -176,6 +176,14 @@ impl JobStatus {
             JobStatus::Cancelled => "CANCELLED",
         }
     }
+
+    /// Whether a job with this status has ended: nothing more happens to it.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled
+        )
+    }
 }
 
 impl std::fmt::Display for JobStatus {

@@ -23,10 +23,8 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
-use crate::handler::StepHandler;
-use crate::model::{CancelSignal, ExecutionContext, FailureKind, JobStep, StepOutput};
+use crate::handler::{Outcome, Reply, StepCall, StepHandler};
+use crate::model::{CancelSignal, ExecutionContext, FailureKind, JobStep};
 use crate::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use crate::sync::{Condvar, Mutex, lock, mpsc, panic_message, recv_timeout, thread, wait_timeout};
 
@@ -84,20 +82,6 @@ impl PoolOptions {
     }
 }
 
-/// What running a step's handler came to.
-#[derive(Debug)]
-pub(crate) enum Outcome {
-    Succeeded(Value),
-    Failed {
-        failure: FailureKind,
-        error: String,
-        output: Option<Value>,
-    },
-}
-
-/// An outcome, and whether it came past the step's deadline.
-type Reply = (Outcome, bool);
-
 /// Who got to a queued task first: a worker starting it, or its executor
 /// giving up on it at the deadline.
 const WAITING: u8 = 0;
@@ -108,56 +92,6 @@ struct Task {
     handler: Arc<dyn StepHandler>,
     call: StepCall,
     claim: Arc<AtomicU8>,
-}
-
-/// A step handed to its handler: the step, its context, and where its
-/// outcome goes. The executor makes one for every step it runs; a handler
-/// whose [`StepHandler::start`] takes it runs the step on a thread of its
-/// own and settles it with [`complete`](Self::complete) or
-/// [`fail`](Self::fail).
-///
-/// Dropping a call unsettled fails its step (`Execution error: the
-/// handler's thread stopped without an outcome`). Settling it after the
-/// step's deadline records nothing: the executor has recorded the timeout.
-#[derive(Debug)]
-pub struct StepCall {
-    step: JobStep,
-    context: ExecutionContext,
-    reply: mpsc::SyncSender<Reply>,
-}
-
-impl StepCall {
-    /// The step to run.
-    pub fn step(&self) -> &JobStep {
-        &self.step
-    }
-
-    /// What the handler may know about it, its deadline included.
-    pub fn context(&self) -> &ExecutionContext {
-        &self.context
-    }
-
-    /// Settles the step with what the handler returned, as if
-    /// [`StepHandler::execute`] had returned it.
-    pub fn complete(self, output: StepOutput) {
-        self.send(outcome_of(output));
-    }
-
-    /// Settles the step as failed the way a handler that panics fails it:
-    /// `Execution error: <message>`, failure kind `panic`.
-    pub fn fail(self, message: impl Into<String>) {
-        self.send(Outcome::Failed {
-            failure: FailureKind::Panic,
-            error: format!("Execution error: {}", message.into()),
-            output: None,
-        });
-    }
-
-    fn send(self, outcome: Outcome) {
-        let late = self.context.deadline.is_some_and(|d| Instant::now() >= d);
-        // After a timeout nobody listens: the late outcome is dropped here.
-        let _ = self.reply.send((outcome, late));
-    }
 }
 
 /// A step handed (or about to be handed) to a worker: what its executor
@@ -172,7 +106,7 @@ pub(crate) struct Dispatch {
 
 /// How long an idle worker polls for its next task before it sleeps: the
 /// executor usually hands over the next step within two commits, and a
-/// polling worker saves the wake-up (tens of microseconds) on each step.
+/// polling worker saves a thread wake-up on each step.
 const WORKER_SPIN: Duration = Duration::from_micros(250);
 /// How long the executor polls for a quick handler's outcome before it sleeps.
 const RESULT_SPIN: Duration = Duration::from_micros(50);
@@ -203,9 +137,8 @@ struct Shared {
     spinning: AtomicUsize,
     /// Executor threads polling for an outcome right now; at most `spinners_max`.
     waiting: AtomicUsize,
-    /// Jobs being driven right now. Polling only pays while every job can
-    /// have a core: with more, the cores are better left to the work itself
-    /// (measured: +26 % at two jobs on two cores, -10 to -30 % at four).
+    /// Jobs running right now. Polling only pays while every job can have
+    /// a core: with more, a poller takes a core from the work it waits for.
     jobs: AtomicUsize,
     /// The most jobs at which threads poll: the number of cores.
     polling_jobs_max: usize,
@@ -273,19 +206,14 @@ impl HandlerPool {
         step: &JobStep,
         context: ExecutionContext,
     ) -> (Handover, Dispatch) {
-        let (reply, outcome) = mpsc::sync_channel(1);
+        let (call, outcome) = StepCall::new(step.clone(), context);
         let claim = Arc::new(AtomicU8::new(WAITING));
         let dispatch = Dispatch {
             outcome,
             claim: claim.clone(),
-            cancel: context.cancel.clone(),
-            deadline: context.deadline,
+            cancel: call.context().cancel.clone(),
+            deadline: call.context().deadline,
             timeout_seconds: step.timeout_seconds,
-        };
-        let call = StepCall {
-            step: step.clone(),
-            context,
-            reply,
         };
         let shared = self.shared.clone();
         let hand_over = move || match handler.start(call) {
@@ -354,11 +282,7 @@ impl HandlerPool {
                     timed_out("")
                 }
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => Outcome::Failed {
-                failure: FailureKind::Panic,
-                error: "Execution error: the handler's thread stopped without an outcome".into(),
-                output: None,
-            },
+            Err(mpsc::RecvTimeoutError::Disconnected) => Outcome::abandoned(),
         }
     }
 }
@@ -493,7 +417,7 @@ pub(crate) fn call(
     // The handler only gets shared references, so a panic cannot leave
     // anything half-changed: asserting unwind safety is sound.
     match catch_unwind(AssertUnwindSafe(|| handler.execute(step, context))) {
-        Ok(out) => outcome_of(out),
+        Ok(out) => Outcome::of(out),
         Err(payload) => Outcome::Failed {
             failure: FailureKind::Panic,
             error: format!("Execution error: {}", panic_message(payload.as_ref())),
@@ -511,12 +435,7 @@ pub(crate) fn call_or_start(
     step: &JobStep,
     context: &ExecutionContext,
 ) -> Outcome {
-    let (reply, outcome) = mpsc::sync_channel(1);
-    let started = StepCall {
-        step: step.clone(),
-        context: context.clone(),
-        reply,
-    };
+    let (started, outcome) = StepCall::new(step.clone(), context.clone());
     let Some(started) = handler.start(started) else {
         let answered = match context.deadline {
             Some(deadline) => {
@@ -531,27 +450,10 @@ pub(crate) fn call_or_start(
             Ok((_, true)) | Err(mpsc::RecvTimeoutError::Timeout) => {
                 timed_out(step.timeout_seconds, "")
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => Outcome::Failed {
-                failure: FailureKind::Panic,
-                error: "Execution error: the handler's thread stopped without an outcome".into(),
-                output: None,
-            },
+            Err(mpsc::RecvTimeoutError::Disconnected) => Outcome::abandoned(),
         };
     };
-    call(handler, &started.step, &started.context)
-}
-
-/// The outcome a handler's output stands for.
-fn outcome_of(out: StepOutput) -> Outcome {
-    if out.success {
-        Outcome::Succeeded(out.output)
-    } else {
-        Outcome::Failed {
-            failure: FailureKind::HandlerFailed,
-            error: out.error.unwrap_or_else(|| "Step failed".to_owned()),
-            output: Some(out.output),
-        }
-    }
+    call(handler, started.step(), started.context())
 }
 
 /// The outcome of a step whose deadline passed before its handler answered.
@@ -577,7 +479,7 @@ fn run_task(task: Task) {
         // the step is recorded timed out, and its handler never runs.
         return;
     }
-    let outcome = call(handler.as_ref(), &started.step, &started.context);
+    let outcome = call(handler.as_ref(), started.step(), started.context());
     started.send(outcome);
 }
 
@@ -611,6 +513,8 @@ mod model_check {
     use shuttle::sync::atomic::AtomicUsize;
 
     use super::*;
+    use serde_json::Value;
+
     use crate::model::StepOutput;
 
     const EXECUTORS: usize = 3;

@@ -31,12 +31,11 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use crate::chain::HeadKey;
-use crate::clock::Clock;
 use crate::events::EventRecord;
-use crate::executor::{ExecutorError, JobExecutor, RunControl};
+use crate::executor::{ExecutorBuilder, ExecutorError, JobExecutor, RunControl};
 use crate::handler::StepHandler;
-use crate::model::{CancelSignal, JobStatus};
+use crate::model::CancelSignal;
+use crate::result::ExecutionResult;
 use crate::store::{AppendOptions, Claim, EventStore, Fence, JobQueue, Log, QueuedJob, StoreError};
 
 /// How a worker runs.
@@ -104,10 +103,15 @@ fn default_worker_id() -> String {
 /// Submits a job to the queue of `log`; a worker will run it.
 ///
 /// # Errors
-/// [`StoreError::Conflict`] when the job id is already queued or in the
-/// log; other store failures.
-pub fn submit(log: &dyn JobQueue, job: &QueuedJob) -> Result<(), StoreError> {
-    log.submit(job)
+/// [`ExecutorError::JobAlreadyExists`] when the job id is already queued or
+/// in the log (a job is executed at most once); [`ExecutorError::Store`]
+/// for other store failures.
+pub fn submit(log: &dyn Log, job: &QueuedJob) -> Result<(), ExecutorError> {
+    let job_id = job.job_id;
+    match log.submit(job) {
+        Err(StoreError::Conflict { .. }) => Err(ExecutorError::already_exists(log, job_id)),
+        other => other.map_err(|source| ExecutorError::Store { job_id, source }),
+    }
 }
 
 /// What a worker did.
@@ -142,6 +146,43 @@ pub struct WorkerReport {
 /// let report = worker.run()?;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
+///
+/// Its building blocks are public, for a fleet loop of an embedder's own:
+/// [`Leases`] (claims held, renewed, lost), [`FencedStore`] (the log as a
+/// claim allows it), [`JobExecutor::take_up`] under a [`RunControl`], and
+/// [`Ended`] (what became of a claimed job):
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use job_executor::executor::RunControl;
+/// use job_executor::store::{Log, MemoryStore, QueuedJob};
+/// use job_executor::worker::{Ended, FencedStore, Leases, submit};
+/// use job_executor::{JobExecutor, JobStep, NoOpHandler};
+/// use uuid::Uuid;
+///
+/// let log: Arc<dyn Log> = Arc::new(MemoryStore::new());
+/// let steps = vec![JobStep::new(0, "capability_enable", "billing")];
+/// submit(&*log, &QueuedJob::new(Uuid::new_v4(), Uuid::new_v4(), steps, "ops"))?;
+///
+/// let leases = Arc::new(Leases::new());
+/// let fenced = Arc::new(FencedStore::new(log.clone(), leases.clone()));
+/// let mut executor = JobExecutor::builder().store(fenced).build();
+/// executor.register_handler("capability_enable", NoOpHandler);
+/// let lease = Duration::from_secs(30);
+/// // (A thread of its own calls `leases.renew(&*log, "me", lease)` every third of a lease.)
+/// while let Some(claim) = leases.claim(&*log, "me", lease)? {
+///     let job_id = claim.fence.job_id;
+///     let control = RunControl::new().cancel_signal(leases.cancel_signal(job_id).unwrap_or_default());
+///     let ended = Ended::of(&executor.take_up(&claim.job, "me", control));
+///     leases.let_go(job_id);
+///     if let Some(finished) = ended.releases() {
+///         log.release(claim.fence, finished)?;
+///     }
+///     assert_eq!(ended, Ended::Finished);
+/// }
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct Worker {
     log: Arc<dyn Log>,
     leases: Arc<Leases>,
@@ -165,17 +206,16 @@ impl Worker {
     }
 
     /// A worker whose executor is set up by `configure` (its clock, head key,
-    /// handler pool, …); the store is always the fenced view of `log`.
+    /// handler pool, …: [`ExecutorConfig::configure`](crate::executor::ExecutorConfig::configure)
+    /// sets it up as a configuration says); the store is always the fenced
+    /// view of `log`.
     pub fn with(
         log: Arc<dyn Log>,
         options: WorkerOptions,
-        configure: impl FnOnce(crate::ExecutorBuilder) -> crate::ExecutorBuilder,
+        configure: impl FnOnce(ExecutorBuilder) -> ExecutorBuilder,
     ) -> Self {
-        let leases = Arc::new(Leases::default());
-        let fenced = Arc::new(FencedStore {
-            inner: log.clone(),
-            leases: leases.clone(),
-        });
+        let leases = Arc::new(Leases::new());
+        let fenced = Arc::new(FencedStore::new(log.clone(), leases.clone()));
         let executor = configure(JobExecutor::builder()).store(fenced).build();
         Worker {
             log,
@@ -184,24 +224,6 @@ impl Worker {
             options,
             stop: Arc::new(AtomicBool::new(false)),
         }
-    }
-
-    /// A worker with a head key and a clock, as the CLI builds it.
-    pub fn with_key_and_clock(
-        log: Arc<dyn Log>,
-        options: WorkerOptions,
-        key: Option<HeadKey>,
-        clock: Option<Arc<dyn Clock>>,
-    ) -> Self {
-        Worker::with(log, options, |mut builder| {
-            if let Some(key) = key {
-                builder = builder.head_key(key);
-            }
-            if let Some(clock) = clock {
-                builder = builder.clock(clock);
-            }
-            builder
-        })
     }
 
     /// Registers `handler` for `step_type`.
@@ -257,58 +279,39 @@ impl Worker {
     /// One slot: claims and runs jobs one after the other. A queue that
     /// cannot be reached is tried again, backing off up to ten polls.
     fn work(&self, report: &Mutex<WorkerReport>) -> Result<(), StoreError> {
+        let (worker_id, lease) = (&self.options.worker_id, self.options.lease);
         let mut unreachable = 0u32;
-        loop {
-            if self.stop.load(Ordering::SeqCst) {
-                return Ok(());
-            }
-            let asked = Instant::now();
-            let claimed = match self.log.claim(&self.options.worker_id, self.options.lease) {
-                Ok(claimed) => {
-                    unreachable = 0;
-                    claimed
-                }
+        while !self.stop.load(Ordering::SeqCst) {
+            let claimed = match self.leases.claim(&*self.log, worker_id, lease) {
+                Ok(claimed) => claimed,
                 Err(e) if e.is_transient() => {
                     unreachable = (unreachable + 1).min(10);
-                    eprintln!(
-                        "job-executor worker {}: cannot claim a job: {e}",
-                        self.options.worker_id
-                    );
+                    eprintln!("job-executor worker {worker_id}: cannot claim a job: {e}");
                     std::thread::sleep(self.options.idle_poll * unreachable);
                     continue;
                 }
                 Err(e) => return Err(e),
             };
-            match claimed {
-                Some(claim) => {
-                    self.leases.hold(&claim, asked, self.options.lease);
-                    let ended = self.run_claim(&claim);
-                    self.leases.drop_job(claim.fence.job_id);
-                    let mut report = lock(report);
-                    report.claimed += 1;
-                    match ended {
-                        Ended::Finished => {
-                            report.finished += 1;
-                            self.log.release(claim.fence, true)?;
-                        }
-                        Ended::Stopped => {
-                            report.released += 1;
-                            self.log.release(claim.fence, false)?;
-                        }
-                        Ended::Lost => report.lost += 1,
-                        Ended::Failed(error) => {
-                            eprintln!(
-                                "job-executor worker {}: job {}: {error}",
-                                self.options.worker_id, claim.fence.job_id
-                            );
-                            report.failed.push((claim.fence.job_id, error));
-                        }
-                    }
+            unreachable = 0;
+            let Some(claim) = claimed else {
+                if self.options.until_idle && self.log.queued()?.is_empty() {
+                    break;
                 }
-                None if self.options.until_idle && self.log.queued()?.is_empty() => return Ok(()),
-                None => std::thread::sleep(self.options.idle_poll),
+                std::thread::sleep(self.options.idle_poll);
+                continue;
+            };
+            let ended = self.run_claim(&claim);
+            self.leases.let_go(claim.fence.job_id);
+            if let Some(finished) = ended.releases() {
+                self.log.release(claim.fence, finished)?;
             }
+            if let Ended::Failed(error) = &ended {
+                let job_id = claim.fence.job_id;
+                eprintln!("job-executor worker {worker_id}: job {job_id}: {error}");
+            }
+            lock(report).count(claim.fence.job_id, ended);
         }
+        Ok(())
     }
 
     /// Runs one claimed job as far as the worker may take it.
@@ -320,26 +323,18 @@ impl Worker {
                 self.options.worker_id
             );
         }
-        let control = RunControl {
-            stop: Some(&self.stop),
-            cancel_requested: self.leases.cancel_signal(job_id),
-            answer: None,
-        };
-        match self
-            .executor
-            .run_claimed(&claim.job, &self.options.worker_id, control)
-        {
-            Ok(result) if is_terminal(result.final_status) => Ended::Finished,
-            Ok(_) => Ended::Stopped,
-            Err(e) if fenced(&e) => Ended::Lost,
-            Err(ExecutorError::JobEnded { .. }) => Ended::Finished,
-            Err(e) => Ended::Failed(e.to_string()),
+        let mut control = RunControl::new().stop_on(&self.stop);
+        if let Some(signal) = self.leases.cancel_signal(job_id) {
+            control = control.cancel_signal(signal);
         }
+        Ended::of(
+            &self
+                .executor
+                .take_up(&claim.job, &self.options.worker_id, control),
+        )
     }
 
-    /// Renews the leases held, every third of a lease, until told to stop;
-    /// marks the ones lost, and raises the cancel signal of jobs someone
-    /// asked to cancel.
+    /// Renews the leases held, every third of a lease, until told to stop.
     fn renew_leases(&self, renewing: &AtomicBool) {
         let period = (self.options.lease / 3).max(Duration::from_millis(10));
         let mut last = Instant::now();
@@ -349,66 +344,73 @@ impl Worker {
                 continue;
             }
             last = Instant::now();
-            let fences = self.leases.fences();
-            if fences.is_empty() {
-                continue;
-            }
-            match self
-                .log
-                .renew(&self.options.worker_id, &fences, self.options.lease)
-            {
-                Ok(held) => {
-                    self.leases
-                        .renewed(&fences, &held, last, self.options.lease);
-                    for fence in &held {
-                        if self.cancel_requested(fence.job_id) {
-                            self.leases.cancel_requested(fence.job_id);
-                        }
-                    }
-                }
-                // Unrenewed, the leases run out on their own: no new step
-                // starts once they do.
-                Err(e) => eprintln!(
+            let renewed =
+                self.leases
+                    .renew(&*self.log, &self.options.worker_id, self.options.lease);
+            // Unrenewed, the leases run out on their own: no new step
+            // starts once they do.
+            if let Err(e) = renewed {
+                eprintln!(
                     "job-executor worker {}: cannot renew leases: {e}",
                     self.options.worker_id
-                ),
+                );
             }
         }
     }
+}
 
-    /// Whether the job's log has a cancel request.
-    fn cancel_requested(&self, job_id: Uuid) -> bool {
-        let mut requested = false;
-        let _ = self.log.visit_job(job_id, &mut |record| {
-            requested |= record.kind == "JobCancelRequested";
-            true
-        });
-        requested
+impl WorkerReport {
+    /// Counts a claimed job that came to `ended`.
+    fn count(&mut self, job_id: Uuid, ended: Ended) {
+        self.claimed += 1;
+        match ended {
+            Ended::Finished => self.finished += 1,
+            Ended::Stopped => self.released += 1,
+            Ended::Lost => self.lost += 1,
+            Ended::Failed(error) => self.failed.push((job_id, error)),
+        }
     }
 }
 
-/// How far a claimed job got.
-enum Ended {
-    /// Terminal (or found so): it leaves the queue.
+/// What became of a claimed job once its executor returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Ended {
+    /// It ended (or was found ended): it leaves the queue.
     Finished,
-    /// Stopped between steps, as asked: back to the queue.
+    /// It stopped between steps, as asked: back to the queue.
     Stopped,
-    /// Taken over by another worker.
+    /// Another worker took it over (the claim's fence no longer held, or
+    /// someone else appended to it).
     Lost,
-    /// Its run failed; its lease will run out and someone else try.
+    /// Its run failed otherwise (the log, a bug): its lease will run out
+    /// and another claim try again.
     Failed(String),
 }
 
-fn is_terminal(status: JobStatus) -> bool {
-    matches!(
-        status,
-        JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled
-    )
-}
+impl Ended {
+    /// What `taken_up` — [`JobExecutor::take_up`]'s answer — means for the
+    /// claim.
+    pub fn of(taken_up: &Result<ExecutionResult, ExecutorError>) -> Ended {
+        match taken_up {
+            Ok(result) if result.final_status.is_terminal() => Ended::Finished,
+            Ok(_) => Ended::Stopped,
+            Err(e) if e.is_taken_over() => Ended::Lost,
+            Err(ExecutorError::JobEnded { .. }) => Ended::Finished,
+            Err(e) => Ended::Failed(e.to_string()),
+        }
+    }
 
-fn fenced(error: &ExecutorError) -> bool {
-    matches!(error.store_error(), Some(StoreError::Fenced { .. }))
-        || matches!(error, ExecutorError::Conflict { .. })
+    /// How the claim is given up: `Some(true)` — finished, it leaves the
+    /// queue; `Some(false)` — back to the queue, to be claimed again at
+    /// once; `None` — not at all (lost, or left for its lease to run out).
+    pub fn releases(&self) -> Option<bool> {
+        match self {
+            Ended::Finished => Some(true),
+            Ended::Stopped => Some(false),
+            Ended::Lost | Ended::Failed(_) => None,
+        }
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -421,11 +423,12 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The claims a worker holds, with how long each is good for by the
 /// worker's own clock: until a renewal made at `asked` was answered, plus
 /// the lease, less a margin for clocks that drift.
-#[derive(Default)]
-struct Leases {
+#[derive(Debug, Default)]
+pub struct Leases {
     held: Mutex<HashMap<Uuid, Held>>,
 }
 
+#[derive(Debug)]
 struct Held {
     fence: Fence,
     valid_until: Instant,
@@ -439,7 +442,31 @@ fn margin(lease: Duration) -> Duration {
 }
 
 impl Leases {
-    fn hold(&self, claim: &Claim, asked: Instant, lease: Duration) {
+    /// No claims held.
+    pub fn new() -> Self {
+        Leases::default()
+    }
+
+    /// Claims a job of `log`'s queue for `owner`, for `lease`, and holds it.
+    ///
+    /// # Errors
+    /// The queue's.
+    pub fn claim(
+        &self,
+        log: &dyn JobQueue,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<Option<Claim>, StoreError> {
+        let asked = Instant::now();
+        let claim = log.claim(owner, lease)?;
+        if let Some(claim) = &claim {
+            self.hold(claim, asked, lease);
+        }
+        Ok(claim)
+    }
+
+    /// Holds `claim`, asked for at `asked`, for `lease`.
+    pub fn hold(&self, claim: &Claim, asked: Instant, lease: Duration) {
         lock(&self.held).insert(
             claim.fence.job_id,
             Held {
@@ -450,15 +477,42 @@ impl Leases {
         );
     }
 
-    fn drop_job(&self, job_id: Uuid) {
+    /// Holds `job_id`'s claim no more (its appends are no longer fenced).
+    pub fn let_go(&self, job_id: Uuid) {
         lock(&self.held).remove(&job_id);
     }
 
-    fn fences(&self) -> Vec<Fence> {
+    /// The fences of the claims held.
+    pub fn fences(&self) -> Vec<Fence> {
         lock(&self.held).values().map(|h| h.fence).collect()
     }
 
-    fn renewed(&self, asked_for: &[Fence], held: &[Fence], asked: Instant, lease: Duration) {
+    /// Renews every claim held, for `owner`, for `lease`: a claim taken
+    /// over meanwhile starts no more steps; a job someone asked to cancel
+    /// gets its cancel signal raised. One round of what a worker's renewal
+    /// thread does every third of a lease.
+    ///
+    /// # Errors
+    /// The queue's: the leases were not renewed, and run out on their own.
+    pub fn renew(&self, log: &dyn Log, owner: &str, lease: Duration) -> Result<(), StoreError> {
+        let fences = self.fences();
+        if fences.is_empty() {
+            return Ok(());
+        }
+        let asked = Instant::now();
+        let held = log.renew(owner, &fences, lease)?;
+        self.renewed(&fences, &held, asked, lease);
+        for fence in &held {
+            if cancel_requested(log, fence.job_id) {
+                self.raise_cancel(fence.job_id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Notes a renewal asked for `asked_for` at `asked`: the claims in
+    /// `held` are good for another `lease`; the others were taken over.
+    pub fn renewed(&self, asked_for: &[Fence], held: &[Fence], asked: Instant, lease: Duration) {
         let mut leases = lock(&self.held);
         for fence in asked_for {
             if let Some(h) = leases.get_mut(&fence.job_id).filter(|h| h.fence == *fence) {
@@ -472,13 +526,15 @@ impl Leases {
         }
     }
 
-    fn cancel_signal(&self, job_id: Uuid) -> Option<CancelSignal> {
+    /// The signal raised when `job_id` is asked to cancel, while held.
+    pub fn cancel_signal(&self, job_id: Uuid) -> Option<CancelSignal> {
         lock(&self.held)
             .get(&job_id)
             .map(|h| h.cancel_requested.clone())
     }
 
-    fn cancel_requested(&self, job_id: Uuid) {
+    /// Raises `job_id`'s cancel signal, if held.
+    pub fn raise_cancel(&self, job_id: Uuid) {
         if let Some(h) = lock(&self.held).get(&job_id) {
             h.cancel_requested.cancel();
         }
@@ -492,12 +548,37 @@ impl Leases {
     }
 }
 
+/// Whether the job's log has a cancel request.
+fn cancel_requested(log: &dyn Log, job_id: Uuid) -> bool {
+    let mut requested = false;
+    let _ = log.visit_job(job_id, &mut |record| {
+        requested |= record.kind == "JobCancelRequested";
+        true
+    });
+    requested
+}
+
 /// The log as a worker's executor sees it: every append of a claimed job
 /// carries the claim's fence, and a step does not start once the claim's
-/// lease may have run out.
-struct FencedStore {
+/// lease may have run out. Appends of jobs not held go through unfenced.
+pub struct FencedStore {
     inner: Arc<dyn Log>,
     leases: Arc<Leases>,
+}
+
+impl FencedStore {
+    /// `log`, fenced by the claims in `leases`.
+    pub fn new(log: Arc<dyn Log>, leases: Arc<Leases>) -> Self {
+        FencedStore { inner: log, leases }
+    }
+}
+
+impl std::fmt::Debug for FencedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FencedStore")
+            .field("leases", &self.leases)
+            .finish_non_exhaustive()
+    }
 }
 
 impl EventStore for FencedStore {

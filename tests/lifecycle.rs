@@ -787,10 +787,10 @@ fn a_health_observer_that_panics_before_the_first_step_appends_nothing() {
     assert_eq!(calls.load(Ordering::SeqCst), 0);
 }
 
-/// A host driving a job on a thread of its own (`drive_here`) is answered
+/// A host driving a job on a thread of its own (`drive`) is answered
 /// at a stuck step's deadline, while that thread is still in the handler.
 #[test]
-fn drive_here_answers_at_the_deadline_of_a_stuck_handler() {
+fn drive_answers_at_the_deadline_of_a_stuck_handler() {
     let store: Arc<dyn EventStore> = Arc::new(SqliteStore::open_in_memory().unwrap());
     let mut executor = JobExecutor::builder().store(store.clone()).build();
     let (release, released) = mpsc::channel::<()>();
@@ -806,7 +806,8 @@ fn drive_here_answers_at_the_deadline_of_a_stuck_handler() {
     let host = {
         let executor = executor.clone();
         std::thread::spawn(move || {
-            executor.drive_here(job, Uuid::nil(), &[step(0, "stuck", 1)], "host", move |r| {
+            let executor = JobExecutor::clone(&executor);
+            executor.drive(job, Uuid::nil(), &[step(0, "stuck", 1)], "host", move |r| {
                 let _ = answered.send(r);
             });
         })

@@ -14,8 +14,8 @@ use pyo3::types::{PyDict, PyList, PyType};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::handlers::CancelSignal;
 use crate::json;
+use crate::signal::CancelSignal;
 
 /// The dataclasses and enums of `job_executor._types`, looked up once; each
 /// field is the class of the same name.

@@ -1,9 +1,10 @@
 //! Jobs driven on Python handler threads: one hand-over per job instead of
 //! two thread switches per step.
 //!
-//! `execute_job` (without a health observer) hands the whole job to a
-//! Python handler thread (`job_executor._serve`), which drives it with the
-//! engine's [`JobExecutor::drive`]. The engine runs on a stack of its own
+//! The engine's `execute_job` (without a health observer) hands the whole
+//! job to its drivers — here, a Python handler thread
+//! (`job_executor._serve`, [`crate::threads`]), which drives it with the
+//! engine's [`DriveJob::drive`]. The engine runs on a stack of its own
 //! (a coroutine): at each call of a Python handler it suspends, and the
 //! thread's Python loop calls the handler and resumes it with what the
 //! handler returned or raised. So the handler's code runs on a thread
@@ -16,40 +17,19 @@
 
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;
-use std::sync::mpsc::SyncSender;
 
 use corosensei::stack::DefaultStack;
 use corosensei::{Coroutine, CoroutineResult, Yielder};
-use job_executor::store::QueuedJob;
-use job_executor::{
-    ExecutionContext, ExecutionResult, ExecutorError, JobExecutor, JobStep, StepOutput,
-};
+use job_executor::executor::DriveJob;
+use job_executor::{ExecutionContext, JobStep, StepOutput};
 use pyo3::prelude::*;
 
 use crate::convert;
-use crate::handlers::{last_traceback_line, not_a_step_output};
+use crate::errors::{last_traceback_line, not_a_step_output};
 
 /// The engine's stack while it drives a job: its deepest path (SQLite, a
 /// nested JSON payload) stays far below this; pages are only touched as used.
 const STACK_SIZE: usize = 8 << 20;
-
-/// What the caller waits for: the job's result, or — when no thread could
-/// take the job (nothing recorded) — why, so it runs the job another way.
-pub type Reply = SyncSender<Result<Result<ExecutionResult, ExecutorError>, String>>;
-
-/// A job to drive on a Python handler thread.
-pub struct Request {
-    pub executor: JobExecutor,
-    pub job: QueuedJob,
-    pub reply: Reply,
-}
-
-impl Request {
-    /// No thread can take the job: the caller runs it another way.
-    pub fn refuse(self, message: String) {
-        let _ = self.reply.send(Err(message));
-    }
-}
 
 /// A handler call the suspended engine waits on.
 struct Call {
@@ -67,9 +47,8 @@ type Engine = Coroutine<Called, Call, (), DefaultStack>;
 
 thread_local! {
     /// The stack of the last engine that finished on this thread, for its
-    /// next job: a stack mapped for each job and unmapped after it costs a
-    /// TLB shootdown on every core at each unmap (a fifth of the process's
-    /// time with 8 jobs at once on a 2-vCPU VM).
+    /// next job: unmapping a stack makes every core flush its TLB, so a
+    /// thread keeps one rather than mapping one per job.
     static SPARE: RefCell<Option<DefaultStack>> = const { RefCell::new(None) };
     /// The yielder of the engine running on this thread, while it runs (not
     /// while it is suspended).
@@ -155,36 +134,20 @@ pub struct Driven {
 }
 
 impl Driven {
-    /// The engine for `request`, not yet started; `None` (the request
-    /// refused) when no stack can be had.
-    pub fn new(request: Request) -> Option<Driven> {
+    /// The engine for `job`, not yet started; `None` (the job given back
+    /// to its caller, which runs it another way) when no stack can be had.
+    pub fn new(job: DriveJob) -> Option<Driven> {
         let spare = SPARE
             .try_with(|spare| spare.borrow_mut().take())
             .ok()
             .flatten();
-        let stack = match spare.map_or_else(|| DefaultStack::new(STACK_SIZE), Ok) {
-            Ok(stack) => stack,
-            Err(e) => {
-                request.refuse(format!("cannot allocate a stack to drive a job: {e}"));
-                return None;
-            }
-        };
+        // Without a stack the job is dropped here, which gives it back.
+        let stack = spare
+            .map_or_else(|| DefaultStack::new(STACK_SIZE), Ok)
+            .ok()?;
         let engine = Coroutine::with_stack(stack, move |yielder, _: Called| {
             let _running = Running::enter(yielder);
-            let Request {
-                executor,
-                job,
-                reply,
-            } = request;
-            executor.drive(
-                job.job_id,
-                job.contract_id,
-                &job.steps,
-                &job.executed_by,
-                move |result| {
-                    let _ = reply.send(Ok(result));
-                },
-            );
+            job.drive();
         });
         Some(Driven {
             engine: Some(engine),
@@ -195,7 +158,11 @@ impl Driven {
 
     /// Resumes the engine with `called` until it needs a handler call made
     /// by Python (returned as `(handler, step, context)`) or ends (`None`).
-    fn advance(&mut self, py: Python<'_>, mut called: Called) -> PyResult<Option<Py<PyAny>>> {
+    fn run_until_call(
+        &mut self,
+        py: Python<'_>,
+        mut called: Called,
+    ) -> PyResult<Option<Py<PyAny>>> {
         loop {
             let Some(engine) = self.engine.as_mut() else {
                 return Ok(None);
@@ -253,7 +220,7 @@ impl Driven {
     /// Starts the engine: the first handler call to make, or `None`.
     fn start(&mut self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
         // The body ignores the first value.
-        self.advance(py, Err(String::new()))
+        self.run_until_call(py, Err(String::new()))
     }
 
     /// The handler returned `returned`: the next call, or `None`.
@@ -264,13 +231,13 @@ impl Driven {
     ) -> PyResult<Option<Py<PyAny>>> {
         let called = convert::step_output(returned)
             .map_err(|err| not_a_step_output(py, &err, &self.step_type));
-        self.advance(py, called)
+        self.run_until_call(py, called)
     }
 
     /// The handler raised `raised`: the next call, or `None`.
     fn raised(&mut self, py: Python<'_>, raised: &Bound<'_, PyAny>) -> PyResult<Option<Py<PyAny>>> {
         let err = PyErr::from_value(raised.clone());
-        self.advance(py, Err(last_traceback_line(py, &err)))
+        self.run_until_call(py, Err(last_traceback_line(py, &err)))
     }
 }
 

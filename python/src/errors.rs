@@ -1,6 +1,7 @@
-//! The engine's errors as Python exceptions: one class per
-//! `ExecutorError` variant, all under `job_executor.ExecutorError`, each
-//! carrying the engine's own message.
+//! Errors across the boundary: the engine's as Python exceptions (one
+//! class per kind of `ExecutorError`, all under `job_executor.ExecutorError`,
+//! each carrying the engine's own message), and a Python exception as the
+//! one line the engine records.
 
 use job_executor::ExecutorError as Error;
 use job_executor::projection::ReplayError as Replay;
@@ -8,6 +9,7 @@ use job_executor::store::StoreError;
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 
 create_exception!(
     job_executor,
@@ -81,8 +83,9 @@ pub fn executor_error(error: &Error) -> PyErr {
         }
         Error::JobEnded { .. } => JobEndedError::new_err(message),
         Error::StepInDoubt { .. } => StepInDoubtError::new_err(message),
-        Error::Conflict { .. } => ConflictError::new_err(message),
+        Error::Conflict { .. } | Error::Contended { .. } => ConflictError::new_err(message),
         Error::Store { .. }
+        | Error::Log { .. }
         | Error::OutcomeNotRecorded { .. }
         | Error::Replay(Replay::Store(_)) => EventLogError::new_err(message),
         Error::Replay(_) => ReplayError::new_err(message),
@@ -113,4 +116,37 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ReplayError", py.get_type::<ReplayError>())?;
     m.add("HealthObserverError", py.get_type::<HealthObserverError>())?;
     Ok(())
+}
+
+/// The last line of an exception's traceback: `ValueError: bad target`.
+pub fn last_traceback_line(py: Python<'_>, err: &PyErr) -> String {
+    static FORMAT: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    let formatted = FORMAT
+        .get_or_try_init(py, || {
+            Ok::<_, PyErr>(
+                py.import("traceback")?
+                    .getattr("format_exception_only")?
+                    .unbind(),
+            )
+        })
+        .and_then(|format| {
+            let lines = format.bind(py).call1((err.get_type(py), err.value(py)))?;
+            let last = lines.get_item(-1)?;
+            Ok(last.extract::<String>()?.trim_end().to_owned())
+        });
+    // Formatting an exception can itself fail (a __str__ that raises):
+    // the type's name is still worth recording.
+    formatted.unwrap_or_else(|_| {
+        err.get_type(py)
+            .name()
+            .map_or_else(|_| "exception".to_owned(), |n| n.to_string())
+    })
+}
+
+/// Why what a handler returned cannot be recorded.
+pub fn not_a_step_output(py: Python<'_>, err: &PyErr, step_type: &str) -> String {
+    format!(
+        "{} (the handler for step type {step_type:?} must return a StepOutput holding JSON values)",
+        last_traceback_line(py, err)
+    )
 }

@@ -10,11 +10,8 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::Duration;
 
 use job_executor::chain::{Digest, HeadKey};
-use job_executor::clock::LogicalClock;
-use job_executor::store::{
-    self, EventStore, Location, MemoryStore, OpenOptions, QueuedJob, SqliteStore, StoreError,
-    Synchronous,
-};
+use job_executor::executor::{ExecutorConfig, LogLocation};
+use job_executor::store::{StoreError, Synchronous};
 use job_executor::verify::{VerifyOptions, verify_store};
 use job_executor::{
     CancelRequest, EXECUTOR_VERSION, ExecutionResult, ExecutorError, HealthObserver, JobExecutor,
@@ -28,35 +25,12 @@ use pyo3::types::{PyDict, PyList};
 use uuid::Uuid;
 
 use crate::convert;
-use crate::drive;
 use crate::errors;
 use crate::handlers::{self, PyObserver};
+use crate::threads::PythonThreads;
 
 /// How often a wait on the main thread looks for a signal (Ctrl-C).
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
-
-/// Opens the event log a `db=` argument names: `None` keeps the log in
-/// memory, `":memory:"` is a private in-memory SQLite database, anything
-/// else goes to the core's opener — a PostgreSQL URL (`postgres://…`) or a
-/// SQLite file path (created when absent). Every store an embedding can
-/// name is opened here and nowhere else.
-///
-/// # Errors
-/// The store's error: a file that is not a job-executor database, a newer
-/// schema, a server that cannot be reached, I/O.
-fn open_store(
-    db: Option<&str>,
-    synchronous: Synchronous,
-) -> Result<Arc<dyn EventStore>, StoreError> {
-    Ok(match db {
-        None => Arc::new(MemoryStore::new()),
-        Some(":memory:") => Arc::new(SqliteStore::open_in_memory()?),
-        Some(name) => store::open(
-            &Location::parse(name),
-            &OpenOptions::default().with_synchronous(synchronous),
-        )?,
-    })
-}
 
 /// Executes governance job steps in order and records every fact in an
 /// append-only event log.
@@ -233,30 +207,32 @@ impl PyJobExecutor {
         polling: bool,
         health_timeout_seconds: Option<f64>,
     ) -> PyResult<Self> {
-        let sync = self::synchronous(synchronous)?;
-        let store = py
-            .detach(|| open_store(db.as_deref(), sync))
-            .map_err(|e| errors::store_error(&e))?;
-        let mut builder = JobExecutor::builder()
-            .store(store)
-            .executor_version(executor_version)
-            .handler_pool(PoolOptions::default().with_polling(polling));
+        // `db=None` keeps the log in memory; any name is read as the core
+        // reads one (`":memory:"`, a file path, a PostgreSQL URL).
+        let mut config = ExecutorConfig::new(
+            db.as_deref()
+                .map_or(LogLocation::Memory, LogLocation::parse),
+        )
+        .with_synchronous(self::synchronous(synchronous)?)
+        .deterministic(deterministic)
+        .with_pool(PoolOptions::default().with_polling(polling))
+        .with_executor_version(executor_version);
         if let Some(seconds) = health_timeout_seconds {
             let timeout = Duration::try_from_secs_f64(seconds).map_err(|_| {
                 PyValueError::new_err(format!(
                     "health_timeout_seconds must be a non-negative number of seconds, not {seconds}"
                 ))
             })?;
-            builder = builder.health_timeout(timeout);
-        }
-        if deterministic {
-            builder = builder.clock(Arc::new(LogicalClock::default()));
+            config = config.with_health_timeout(timeout);
         }
         if let Some(key) = key {
-            builder = builder
-                .head_key(HeadKey::new(key).map_err(|e| PyValueError::new_err(e.to_string()))?);
+            let key = HeadKey::new(key).map_err(|e| PyValueError::new_err(e.to_string()))?;
+            config = config.with_head_key(Some(key));
         }
-        let mut executor = builder.build();
+        let builder = py
+            .detach(|| config.builder())
+            .map_err(|e| errors::store_error(&e))?;
+        let mut executor = builder.drivers(Arc::new(PythonThreads)).build();
         if let Some(handlers) = handlers {
             for (step_type, handler) in handlers.iter() {
                 let step_type: String = step_type.extract()?;
@@ -301,31 +277,8 @@ impl PyJobExecutor {
         let plan = convert::plan(steps)?;
         let observer = health_observer.map(PyObserver::new).transpose()?;
         let executor = self.read(py);
-        if observer.is_none() {
-            // Driven on a Python handler thread, calling its handlers there.
-            let (reply, answer) = mpsc::sync_channel(1);
-            let request = drive::Request {
-                executor: executor.clone(),
-                job: QueuedJob::new(job_id, contract_id, plan.clone(), &executed_by),
-                reply,
-            };
-            let answered = self.run_job(py, &executor, job_id, move || {
-                handlers::hand_over_job(request);
-                answer.recv()
-            })?;
-            match answered {
-                Ok(Ok(result)) => return result_to_py(py, result, None),
-                // No thread could take it, and nothing was recorded: run it
-                // as below.
-                Ok(Err(_refused)) => {}
-                Err(_) => {
-                    return Err(PyRuntimeError::new_err(format!(
-                        "the thread driving job {job_id} stopped without an answer; \
-                         its log may hold a step in doubt (see recover())"
-                    )));
-                }
-            }
-        }
+        // Without an observer the engine hands the job to a Python handler
+        // thread (its drivers), which calls its handlers there.
         let result = self.run_job(py, &executor, job_id, || {
             executor.execute_job(
                 job_id,

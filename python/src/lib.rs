@@ -12,6 +12,8 @@ mod errors;
 mod executor;
 mod handlers;
 mod json;
+mod signal;
+mod threads;
 
 use pyo3::prelude::*;
 
@@ -53,7 +55,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyJobExecutor>()?;
     m.add_class::<handlers::NoOpHandler>()?;
     m.add_class::<handlers::FailingHandler>()?;
-    m.add_class::<handlers::CancelSignal>()?;
+    m.add_class::<signal::CancelSignal>()?;
     m.add_class::<convert::NativeResult>()?;
     m.add_function(wrap_pyfunction!(create_default_executor, m)?)?;
     m.add_function(wrap_pyfunction!(execution_result_to_evidence, m)?)?;

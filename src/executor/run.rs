@@ -1,54 +1,39 @@
 //! One job's run: the loop that decides the next events, has the machine
-//! judge them, appends them and acts on them — and everything that can go
-//! wrong with an append on the way.
+//! judge them, appends them and acts on them. How an append is made (and
+//! what can go wrong with one on the way) is `append`'s.
 
 use std::borrow::Cow;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::{Engine, ExecutorError, UnrecordedOutcome};
-use crate::chain;
+use super::append::Sealer;
+use super::{Engine, ExecutorError};
 use crate::events::{
-    Event, EventRecord, Failure, JobCancelled, JobCompleted, JobHalted, StepFailed, StepStarted,
-    StepSucceeded, truncate_to_micros,
+    Event, EventRecord, Failure, JobCancelled, JobCompleted, JobHalted, JobResumed, JobStarted,
+    StepFailed, StepStarted, StepSucceeded,
 };
-use crate::handler::{HealthObserver, StepHandler};
+use crate::handler::{HealthObserver, Outcome, StepHandler};
 use crate::machine::{self, NextAction, next_action};
-use crate::model::{ExecutionContext, FailureKind, JobStep};
-use crate::projection;
-use crate::projection::Projector;
+use crate::model::{CancelSignal, ExecutionContext, FailureKind, JobStep};
+use crate::projection::{self, Projector};
 use crate::result::ExecutionResult;
-use crate::runner::{self, Dispatch, Handover, Outcome};
-use crate::store::StoreError;
+use crate::runner::{self, Dispatch, Handover};
+use crate::store::QueuedJob;
 use crate::sync::panic_message;
 use crate::watchdog::Action;
 
-/// How often a conflicting append is retried after catching up with the log.
-const CONFLICT_RETRIES_MAX: usize = 16;
-
-/// How often an append that failed in passing (a busy database, or a commit
-/// whose outcome the log shows was not made) is tried again before the
-/// executor gives up on it. With the backoff below and SQLite's own busy
-/// timeout (5 s by default) per try, an append rides out a lock held for
-/// about 45 s.
-pub const APPEND_RETRIES_MAX: u32 = 8;
-
-/// The pause before the first retry; it doubles at each one, up to
-/// [`APPEND_RETRY_PAUSE_MAX`].
-const APPEND_RETRY_PAUSE: Duration = Duration::from_millis(10);
-const APPEND_RETRY_PAUSE_MAX: Duration = Duration::from_secs(1);
-
 /// A step whose start was just recorded, and how its handler runs.
 pub(super) struct Started {
-    step_index: u32,
-    runs: Runs,
+    pub(super) step_index: u32,
+    pub(super) runs: Runs,
 }
 
-enum Runs {
+pub(super) enum Runs {
     /// Handed to a pool thread: wait for it.
     Dispatched(Dispatch),
     /// To be called on this thread, under the watchdog.
@@ -57,22 +42,14 @@ enum Runs {
     Known(Outcome),
 }
 
-/// How a step about to start will run.
-enum Prepared {
-    /// Handed to a pool thread once its start is committed.
-    Handover(Handover, Dispatch),
-    /// On this run's own thread.
-    Here(Arc<dyn StepHandler>, ExecutionContext),
-}
-
 /// A `StepStarted` about to be appended.
-struct StepStart {
-    step_index: u32,
+pub(super) struct StepStart {
+    pub(super) step_index: u32,
     /// The time it is stamped with.
-    recorded_at: chrono::DateTime<chrono::Utc>,
+    pub(super) recorded_at: chrono::DateTime<chrono::Utc>,
     /// The same moment on the monotonic clock: the step's deadline runs
     /// from here.
-    instant: Instant,
+    pub(super) instant: Instant,
 }
 
 /// What became of a health observation.
@@ -93,24 +70,69 @@ pub(super) struct Run<'a> {
     pub(super) engine: &'a Engine,
     pub(super) job_id: Uuid,
     pub(super) projector: Projector,
-    pub(super) plan: Cow<'a, [JobStep]>,
-    pub(super) contract_id: Uuid,
-    pub(super) executed_by: String,
-    pub(super) observer: Option<&'a dyn HealthObserver>,
-    pub(super) control: RunControl<'a>,
+    plan: Cow<'a, [JobStep]>,
+    contract_id: Uuid,
+    executed_by: String,
+    observer: Option<&'a dyn HealthObserver>,
+    control: RunControl<'a>,
 }
 
-/// What a worker adds to a run: a way to stop it between steps, and the
-/// signal it raises when it sees a cancel request.
+/// How a caller steers a run it does not follow step by step: a flag that
+/// stops it between steps, and the signal its handlers see raised when a
+/// cancel request comes in. A worker gives one to every job it takes up
+/// ([`JobExecutor::take_up`](super::JobExecutor::take_up)).
+///
+/// ```
+/// use std::sync::atomic::AtomicBool;
+/// use job_executor::{CancelSignal, executor::RunControl};
+///
+/// let stop = AtomicBool::new(false);
+/// let control = RunControl::new().stop_on(&stop).cancel_signal(CancelSignal::new());
+/// # let _ = control;
+/// ```
 #[derive(Clone, Debug, Default)]
-pub(crate) struct RunControl<'a> {
+pub struct RunControl<'a> {
     /// Set: record the step in flight, then start no other.
-    pub(crate) stop: Option<&'a std::sync::atomic::AtomicBool>,
+    stop: Option<&'a AtomicBool>,
     /// Handed to every step's handler as `ExecutionContext::cancel_requested`.
-    pub(crate) cancel_requested: Option<crate::model::CancelSignal>,
+    cancel_requested: Option<CancelSignal>,
     /// Set: handlers run on this run's own thread, and where the watchdog
     /// answers when it ends the job at a step's deadline.
-    pub(crate) answer: Option<Answer>,
+    answer: Option<Answer>,
+}
+
+impl<'a> RunControl<'a> {
+    /// No stop flag, a fresh cancel signal per step, handlers handed over.
+    pub fn new() -> Self {
+        RunControl::default()
+    }
+
+    /// Once `stop` is raised, the run records the step in flight and starts
+    /// no other: the job rests between steps, to be resumed or taken up
+    /// again.
+    pub fn stop_on(mut self, stop: &'a AtomicBool) -> Self {
+        self.stop = Some(stop);
+        self
+    }
+
+    /// `signal` is every step's `ExecutionContext::cancel_requested`: whoever
+    /// sees the job's cancel request raises it, and a long step may poll it
+    /// to finish early.
+    pub fn cancel_signal(mut self, signal: CancelSignal) -> Self {
+        self.cancel_requested = Some(signal);
+        self
+    }
+
+    /// Handlers are called on the run's own thread; the watchdog answers
+    /// `answer` if it ends the job at a step's deadline.
+    pub(super) fn answering(mut self, answer: Answer) -> Self {
+        self.answer = Some(answer);
+        self
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.is_some_and(|stop| stop.load(Ordering::SeqCst))
+    }
 }
 
 /// Where a driven job's result goes: to whoever waits for it, once — from
@@ -147,14 +169,119 @@ impl std::fmt::Debug for Answer {
     }
 }
 
-impl RunControl<'_> {
-    fn stopping(&self) -> bool {
-        self.stop
-            .is_some_and(|stop| stop.load(std::sync::atomic::Ordering::SeqCst))
+impl<'a> Run<'a> {
+    /// A run of a job with no events yet, as it was submitted.
+    pub(super) fn fresh(engine: &'a Engine, job: &'a QueuedJob) -> Self {
+        Run::new(
+            engine,
+            job.job_id,
+            Projector::new(job.job_id),
+            Cow::Borrowed(&job.steps),
+            job.contract_id,
+            job.executed_by.clone(),
+        )
     }
-}
 
-impl Run<'_> {
+    /// A run of a stored job, folded from its log, with the plan and
+    /// contract of its `JobStarted`; `executed_by` defaults to who started it.
+    pub(super) fn stored(
+        engine: &'a Engine,
+        job_id: Uuid,
+        executed_by: Option<&str>,
+    ) -> Result<Self, ExecutorError> {
+        let records = engine
+            .store
+            .load_job(job_id)
+            .map_err(|source| ExecutorError::Store { job_id, source })?;
+        let mut projector = Projector::new(job_id);
+        for record in &records {
+            projector.apply_record(record)?;
+        }
+        let started = match records.first().map(EventRecord::decode) {
+            Some(Ok(recorded)) => match recorded.event {
+                Event::JobStarted(started) => started,
+                // apply_record has checked that the log begins with JobStarted.
+                _ => unreachable!("a replayed log begins with JobStarted"),
+            },
+            _ => return Err(ExecutorError::UnknownJob { job_id }),
+        };
+        Ok(Run::new(
+            engine,
+            job_id,
+            projector,
+            Cow::Owned(started.plan),
+            started.contract_id,
+            executed_by.map_or(started.executed_by, str::to_owned),
+        ))
+    }
+
+    /// The one constructor: a run of `job_id`, whose events `projector`
+    /// folds, not observed, under no control.
+    fn new(
+        engine: &'a Engine,
+        job_id: Uuid,
+        projector: Projector,
+        plan: Cow<'a, [JobStep]>,
+        contract_id: Uuid,
+        executed_by: String,
+    ) -> Self {
+        Run {
+            engine,
+            job_id,
+            projector,
+            plan,
+            contract_id,
+            executed_by,
+            observer: None,
+            control: RunControl::default(),
+        }
+    }
+
+    /// The run with health observed by `observer`.
+    pub(super) fn observed_by(mut self, observer: Option<&'a dyn HealthObserver>) -> Self {
+        self.observer = observer;
+        self
+    }
+
+    /// The run under `control`.
+    pub(super) fn under(mut self, control: RunControl<'a>) -> Self {
+        self.control = control;
+        self
+    }
+
+    /// The `JobStarted` of this run's job, with `health_before`.
+    pub(super) fn job_started(&self, health_before: Option<Value>) -> Event {
+        Event::JobStarted(JobStarted {
+            contract_id: self.contract_id,
+            plan: self.plan.to_vec(),
+            executed_by: self.executed_by.clone(),
+            executor_version: self.engine.version.clone(),
+            health_before,
+        })
+    }
+
+    /// The `JobResumed` of this run, with `health_before`.
+    pub(super) fn job_resumed(&self, health_before: Option<Value>) -> Event {
+        Event::JobResumed(JobResumed {
+            executed_by: self.executed_by.clone(),
+            executor_version: self.engine.version.clone(),
+            health_before,
+        })
+    }
+
+    /// Advances a job with no events yet from `first` (its `JobStarted`, …)
+    /// to its end. Another executor that started the same job id first
+    /// makes the first append conflict: the job already exists.
+    pub(super) fn start(&mut self, first: Vec<Event>) -> Result<ExecutionResult, ExecutorError> {
+        match self.advance(first) {
+            Err(ExecutorError::Conflict { seq: 1, .. }) => Err(ExecutorError::already_exists(
+                self.engine.store.as_ref(),
+                self.job_id,
+            )),
+            other => other,
+        }
+    }
+
     /// Observes health before a step (for `JobStarted` or `JobResumed`):
     /// nothing is recorded yet, so an observer that panics or misses its
     /// deadline only stops the run.
@@ -212,34 +339,23 @@ impl Run<'_> {
         }
     }
 
-    /// The watchdog's action for a step's outcome: seal it after what this
-    /// run has recorded, at the time it fires, and append it.
+    /// The watchdog's action for a step's outcome: sealed after what this
+    /// run has recorded, at the time it fires, and appended.
     fn record_later(&self, event: Event) -> Action {
-        let store = self.engine.store.clone();
-        let clock = self.engine.clock.clone();
-        let key = self.engine.head_key.clone();
-        let (job_id, seq, head) = (
-            self.job_id,
-            self.projector.events() + 1,
-            self.projector.head(),
-        );
-        Box::new(move || {
-            let at = truncate_to_micros(clock.now());
-            let mut records = [EventRecord::encode(job_id, seq, at, &event)];
-            chain::seal(head, &mut records, key.as_ref());
-            store.append(&records).map(|_| ())
-        })
+        let (store, sealer) = (self.engine.store.clone(), self.sealer());
+        Box::new(move || sealer.append(store.as_ref(), std::slice::from_ref(&event)))
     }
 
-    /// Drives the job until the machine says it is done, starting with
-    /// `first` (events the caller has decided, such as `JobStarted`).
+    /// Advances the job until the machine says it is done (or the run is
+    /// asked to stop between steps), starting with `first` (events the
+    /// caller has decided, such as `JobResumed`).
     ///
     /// Each append carries what the machine decides up to the next point
     /// where something outside must happen: a step's outcome goes in one
     /// commit with the next step's start (or the job's end), and a handler
     /// runs only once its `StepStarted` is committed. So every step costs
     /// one commit, and nothing about at-most-once changes.
-    pub(super) fn drive(&mut self, first: Vec<Event>) -> Result<ExecutionResult, ExecutorError> {
+    pub(super) fn advance(&mut self, first: Vec<Event>) -> Result<ExecutionResult, ExecutorError> {
         let _running = self.engine.pool.job();
         let mut batch = first;
         loop {
@@ -299,18 +415,33 @@ impl Run<'_> {
         batch.push(next);
     }
 
+    /// Seals this run's next events after what it has recorded.
+    pub(super) fn sealer(&self) -> Sealer {
+        Sealer::new(
+            self.job_id,
+            self.projector.events() + 1,
+            self.projector.head(),
+            self.engine.clock.clone(),
+            self.engine.head_key.clone(),
+        )
+    }
+
     /// Prepares the handler of a step about to start (its deadline runs
     /// from its `StepStarted`): the hook that hands it to a worker once its
-    /// start is committed, and what to wait on; or, with no handler
-    /// registered for its type, its failure.
-    fn prepare_step(&self, start: &StepStart) -> Result<Prepared, Outcome> {
-        let step = &self.plan[start.step_index as usize];
+    /// start is committed, and how its outcome comes — from that worker,
+    /// from a call on this thread, or, with no handler registered for its
+    /// type, known already (its failure).
+    pub(super) fn prepare_step(&self, start: &StepStart) -> (Option<Handover>, Started) {
+        let step_index = start.step_index;
+        let step = &self.plan[step_index as usize];
         let Some(handler) = self.engine.handler(&step.step_type) else {
-            return Err(Outcome::Failed {
+            let failed = Outcome::Failed {
                 failure: FailureKind::NoHandler,
                 error: format!("No handler registered for step type: {}", step.step_type),
                 output: None,
-            });
+            };
+            let runs = Runs::Known(failed);
+            return (None, Started { step_index, runs });
         };
         let mut context = ExecutionContext::new(
             self.job_id,
@@ -326,10 +457,12 @@ impl Run<'_> {
             context.cancel_requested = requested.clone();
         }
         if self.control.answer.is_some() {
-            return Ok(Prepared::Here(handler, context));
+            let runs = Runs::Here(handler, context);
+            return (None, Started { step_index, runs });
         }
         let (hook, dispatch) = self.engine.pool.prepare(handler, step, context);
-        Ok(Prepared::Handover(hook, dispatch))
+        let runs = Runs::Dispatched(dispatch);
+        (Some(hook), Started { step_index, runs })
     }
 
     /// A started step's outcome event, without health: waited for (its
@@ -382,298 +515,24 @@ impl Run<'_> {
     /// job's result to whoever waits for it.
     fn time_out_later(&self, step: &JobStep, context: &ExecutionContext) -> Action {
         let (step_index, timeout_seconds) = (step.step_index, step.timeout_seconds);
-        let store = self.engine.store.clone();
-        let clock = self.engine.clock.clone();
-        let key = self.engine.head_key.clone();
+        let (store, sealer) = (self.engine.store.clone(), self.sealer());
         let cancel = context.cancel.clone();
         let answer = self.control.answer.clone();
-        let (job_id, seq, head) = (
-            self.job_id,
-            self.projector.events() + 1,
-            self.projector.head(),
-        );
+        let job_id = self.job_id;
         // Built only if it fires: arming costs no allocation but the box.
         Box::new(move || {
             cancel.cancel();
             let outcome = outcome_event(runner::timed_out(timeout_seconds, ""), step_index);
-            let events = [outcome, Event::JobHalted(JobHalted { step_index })];
-            let mut records: Vec<EventRecord> = events
-                .iter()
-                .enumerate()
-                .map(|(offset, event)| {
-                    let at = truncate_to_micros(clock.now());
-                    EventRecord::encode(job_id, seq + offset as u64, at, event)
-                })
-                .collect();
-            chain::seal(head, &mut records, key.as_ref());
-            store.append(&records)?;
+            sealer.append(
+                store.as_ref(),
+                &[outcome, Event::JobHalted(JobHalted { step_index })],
+            )?;
             if let Some(answer) = answer {
                 answer
                     .give(projection::replay(store.as_ref(), job_id).map_err(ExecutorError::from));
             }
             Ok(())
         })
-    }
-
-    /// Judges, appends (in one commit) and folds `events`. On a conflict,
-    /// catches up with what others appended (a cancel request) and tries
-    /// again with what the machine still accepts: all of `events`, or the
-    /// prefix that a caught-up cancel request left valid. Returns the step
-    /// started, when the events recorded end with a `StepStarted`.
-    pub(super) fn record(&mut self, events: &[Event]) -> Result<Option<Started>, ExecutorError> {
-        let mut caught_up = false;
-        for _ in 0..CONFLICT_RETRIES_MAX {
-            let accepted = self.accepted(events, caught_up)?;
-            match self.append(&events[..accepted]) {
-                Err(ExecutorError::Store { source, .. }) if source.is_conflict() => {
-                    self.catch_up()?;
-                    caught_up = true;
-                }
-                other => return other,
-            }
-        }
-        Err(ExecutorError::Conflict {
-            job_id: self.job_id,
-            seq: self.projector.events() + 1,
-            kind: "events, faster than this executor could append".into(),
-        })
-    }
-
-    /// How many of `events` the machine accepts after what is folded: all
-    /// of them, or — once a cancel request was caught up with — the prefix
-    /// it leaves valid. Any other refusal is a bug of the executor's.
-    fn accepted(&self, events: &[Event], caught_up: bool) -> Result<usize, ExecutorError> {
-        let mut state = self.projector.state();
-        for (accepted, event) in events.iter().enumerate() {
-            match machine::apply(state, event) {
-                Ok(next) => state = next,
-                Err(_) if caught_up => return Ok(accepted),
-                Err(source) => {
-                    return Err(ExecutorError::Transition {
-                        job_id: self.job_id,
-                        kind: event.kind(),
-                        source,
-                    });
-                }
-            }
-        }
-        Ok(events.len())
-    }
-
-    /// Appends `events` (which the machine has accepted) in one commit and
-    /// folds them, riding out what passes: a busy database is tried again,
-    /// and a commit whose outcome is unknown is looked up in the log — made,
-    /// it stands; not made, it is tried again. A failure that stays is
-    /// returned carrying the step outcome it could not record, if any.
-    pub(super) fn append(&mut self, events: &[Event]) -> Result<Option<Started>, ExecutorError> {
-        if events.is_empty() {
-            return Ok(None);
-        }
-        let mut pause = APPEND_RETRY_PAUSE;
-        let mut retries = 0;
-        loop {
-            let (records, start) = self.encode(events);
-            let (hook, runs) =
-                match start.map(|start| (start.step_index, self.prepare_step(&start))) {
-                    Some((step_index, Ok(Prepared::Handover(hook, dispatch)))) => {
-                        (Some(hook), Some((step_index, Runs::Dispatched(dispatch))))
-                    }
-                    Some((step_index, Ok(Prepared::Here(handler, context)))) => {
-                        (None, Some((step_index, Runs::Here(handler, context))))
-                    }
-                    Some((step_index, Err(outcome))) => {
-                        (None, Some((step_index, Runs::Known(outcome))))
-                    }
-                    None => (None, None),
-                };
-            let store = &self.engine.store;
-            let appended = match hook {
-                Some(hook) => store.append_then(&records, hook),
-                None => store.append(&records),
-            };
-            let failure = match appended {
-                Ok(_) => {
-                    self.fold(&records, events)?;
-                    return Ok(runs.map(|(step_index, runs)| Started { step_index, runs }));
-                }
-                Err(StoreError::OutcomeUnknown { detail }) => {
-                    match self.stored_already(&records) {
-                        // Committed after all. The hook did not run, so a
-                        // step started here never got to its handler, and
-                        // never will: its outcome is known — not run.
-                        Ok(true) => {
-                            self.fold(&records, events)?;
-                            return Ok(runs.map(|(step_index, _)| Started {
-                                step_index,
-                                runs: Runs::Known(not_started(&detail)),
-                            }));
-                        }
-                        Ok(false) => StoreError::OutcomeUnknown { detail },
-                        Err(e) => e,
-                    }
-                }
-                Err(e) => e,
-            };
-            if let StoreError::Fenced { .. } = failure
-                && let Some(outcome) = events.iter().position(is_outcome)
-                && outcome + 1 < events.len()
-            {
-                // The claim may have lapsed: nothing more starts, but the
-                // step's outcome is a fact — record it alone if the fence
-                // still allows, then stop between steps.
-                self.append(&events[..=outcome])?;
-                return Err(ExecutorError::Store {
-                    job_id: self.job_id,
-                    source: failure,
-                });
-            }
-            if failure.is_conflict() {
-                // `record` catches up with what another writer appended.
-                return Err(ExecutorError::Store {
-                    job_id: self.job_id,
-                    source: failure,
-                });
-            }
-            let passing =
-                failure.is_transient() || matches!(failure, StoreError::OutcomeUnknown { .. });
-            if !passing || retries >= APPEND_RETRIES_MAX {
-                return Err(self.not_recorded(events, failure));
-            }
-            retries += 1;
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(APPEND_RETRY_PAUSE_MAX);
-        }
-    }
-
-    /// `events` as the job's next records, stamped and sealed; with the
-    /// step they start, if they end with a `StepStarted`.
-    fn encode(&self, events: &[Event]) -> (Vec<EventRecord>, Option<StepStart>) {
-        let first_seq = self.projector.events() + 1;
-        let mut records = Vec::with_capacity(events.len());
-        let mut started = None;
-        for (offset, event) in events.iter().enumerate() {
-            let recorded_at = truncate_to_micros(self.engine.clock.now());
-            if let Event::StepStarted(s) = event {
-                started = Some(StepStart {
-                    step_index: s.step_index,
-                    recorded_at,
-                    instant: Instant::now(),
-                });
-            }
-            records.push(EventRecord::encode(
-                self.job_id,
-                first_seq + offset as u64,
-                recorded_at,
-                event,
-            ));
-        }
-        chain::seal(
-            self.projector.head(),
-            &mut records,
-            self.engine.head_key.as_ref(),
-        );
-        (records, started)
-    }
-
-    /// Folds records this run appended.
-    fn fold(&mut self, records: &[EventRecord], events: &[Event]) -> Result<(), ExecutorError> {
-        for (record, event) in records.iter().zip(events) {
-            self.projector
-                .apply_sealed(record, event)
-                .map_err(|source| ExecutorError::Transition {
-                    job_id: self.job_id,
-                    kind: event.kind(),
-                    source,
-                })?;
-        }
-        Ok(())
-    }
-
-    /// Whether the log already holds `records` (after an append whose
-    /// outcome was unknown): their seqs with their very digests.
-    fn stored_already(&self, records: &[EventRecord]) -> Result<bool, StoreError> {
-        let first_seq = self.projector.events() + 1;
-        let mut matching = 0;
-        self.engine.store.visit_job(self.job_id, &mut |stored| {
-            if stored.seq >= first_seq {
-                let index = (stored.seq - first_seq) as usize;
-                if records
-                    .get(index)
-                    .is_some_and(|r| r.digest == stored.digest)
-                {
-                    matching += 1;
-                }
-            }
-            true
-        })?;
-        Ok(matching == records.len())
-    }
-
-    /// The error for `events` that could not be appended: when they hold a
-    /// step's outcome, the error carries it (and the executor remembers it
-    /// for `recover`), so a known outcome is never lost.
-    fn not_recorded(&self, events: &[Event], source: StoreError) -> ExecutorError {
-        let outcome = events.iter().find_map(|event| match event {
-            Event::StepSucceeded(StepSucceeded { step_index, .. })
-            | Event::StepFailed(StepFailed { step_index, .. }) => Some((*step_index, event)),
-            _ => None,
-        });
-        match outcome {
-            Some((step_index, event)) => {
-                let outcome = UnrecordedOutcome {
-                    job_id: self.job_id,
-                    step_index,
-                    event: event.clone(),
-                };
-                self.engine.remember(outcome.clone());
-                ExecutorError::OutcomeNotRecorded {
-                    outcome: Box::new(outcome),
-                    source,
-                }
-            }
-            None => ExecutorError::Store {
-                job_id: self.job_id,
-                source,
-            },
-        }
-    }
-
-    /// Folds in what others appended to the job since this run last looked.
-    /// Only a cancel request may come from elsewhere.
-    fn catch_up(&mut self) -> Result<(), ExecutorError> {
-        let job_id = self.job_id;
-        let records = self
-            .engine
-            .store
-            .load_job(job_id)
-            .map_err(|source| ExecutorError::Store { job_id, source })?;
-        for record in records.iter().skip(self.projector.events() as usize) {
-            if record.kind != "JobCancelRequested" {
-                return Err(ExecutorError::Conflict {
-                    job_id,
-                    seq: record.seq,
-                    kind: record.kind.clone(),
-                });
-            }
-            self.projector.apply_record(record)?;
-        }
-        Ok(())
-    }
-}
-
-fn is_outcome(event: &Event) -> bool {
-    matches!(event, Event::StepSucceeded(_) | Event::StepFailed(_))
-}
-
-/// The outcome of a step whose start was committed with an unknown outcome:
-/// its handler was not started, and is never started later.
-fn not_started(detail: &str) -> Outcome {
-    Outcome::Failed {
-        failure: FailureKind::Interrupted,
-        error: format!(
-            "not run: the commit of its StepStarted had an unknown outcome ({detail}), so its handler was not started"
-        ),
-        output: None,
     }
 }
 
