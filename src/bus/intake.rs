@@ -567,3 +567,367 @@ impl Intake {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::store::{EventStore, JobQueue, MemoryStore};
+
+    const CONTRACT: &str = "6f1c2a6e-8a49-4d1a-9d55-0e3a1f5b7c11";
+
+    fn plan(job_id: Option<&str>, target: &str) -> Vec<u8> {
+        let id = job_id.map_or(String::new(), |id| format!("\"job_id\":\"{id}\","));
+        format!(
+            r#"{{{id}"contract_id":"{CONTRACT}","steps":[{{"step_index":0,"step_type":"capability_enable","target":"{target}"}}]}}"#
+        )
+        .into_bytes()
+    }
+
+    /// A source that hands out scripted messages and records what was done
+    /// with each; a released message comes back at the end of the queue.
+    #[derive(Default)]
+    struct Script {
+        queue: VecDeque<Inbound>,
+        done: Vec<String>,
+        dead_letter: bool,
+        disconnect_next: usize,
+        reconnects: usize,
+    }
+
+    #[derive(Clone, Default)]
+    struct Scripted(Arc<Mutex<Script>>);
+
+    impl Scripted {
+        fn with(messages: Vec<(Option<&str>, Vec<u8>)>, dead_letter: bool) -> Self {
+            let queue = messages
+                .into_iter()
+                .enumerate()
+                .map(|(token, (id, body))| Inbound {
+                    message_id: id.map(str::to_owned),
+                    body,
+                    redelivered: false,
+                    token: token as u64,
+                })
+                .collect();
+            Scripted(Arc::new(Mutex::new(Script {
+                queue,
+                dead_letter,
+                ..Script::default()
+            })))
+        }
+
+        fn done(&self) -> Vec<String> {
+            self.0.lock().unwrap().done.clone()
+        }
+
+        fn record(&self, what: String) {
+            self.0.lock().unwrap().done.push(what);
+        }
+    }
+
+    impl MessageSource for Scripted {
+        fn next(&mut self, _: Duration) -> Result<Option<Inbound>, BusError> {
+            let mut script = self.0.lock().unwrap();
+            if script.disconnect_next > 0 {
+                script.disconnect_next -= 1;
+                return Err(BusError::Disconnected {
+                    broker: "script".into(),
+                    detail: "dropped".into(),
+                });
+            }
+            Ok(script.queue.pop_front())
+        }
+        fn ack(&mut self, m: &Inbound) -> Result<(), BusError> {
+            self.record(format!("ack {}", m.token));
+            Ok(())
+        }
+        fn release(&mut self, m: &Inbound) -> Result<(), BusError> {
+            self.record(format!("release {}", m.token));
+            let mut again = m.clone();
+            again.redelivered = true;
+            self.0.lock().unwrap().queue.push_back(again);
+            Ok(())
+        }
+        fn reject(&mut self, m: &Inbound) -> Result<(), BusError> {
+            self.record(format!("reject {}", m.token));
+            Ok(())
+        }
+        fn dead_letter(&mut self, m: &Inbound, reason: &str) -> Result<bool, BusError> {
+            if !self.0.lock().unwrap().dead_letter {
+                return Ok(false);
+            }
+            self.record(format!("dead-letter {}: {reason}", m.token));
+            Ok(true)
+        }
+        fn reconnect(&mut self) -> Result<(), BusError> {
+            self.0.lock().unwrap().reconnects += 1;
+            Ok(())
+        }
+        fn close(&mut self) {
+            self.record("close".into());
+        }
+    }
+
+    fn quick() -> IntakeOptions {
+        IntakeOptions::default()
+            .until_idle(Duration::ZERO)
+            .with_backoff(Backoff {
+                initial: Duration::from_millis(1),
+                max: Duration::from_millis(2),
+            })
+    }
+
+    fn run(source: &Scripted, sink: Arc<dyn JobSink>, options: IntakeOptions) -> IntakeReport {
+        Intake::new(Box::new(source.clone()), sink, options)
+            .run()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_job_is_submitted_once_and_every_copy_acked() {
+        let store = Arc::new(MemoryStore::new());
+        let id = "0b0e5d0c-1b8e-4b63-9a52-7f7a3a8e9d01";
+        let source = Scripted::with(
+            vec![
+                (Some("m-1"), plan(Some(id), "billing")),
+                (Some("m-2"), plan(Some(id), "billing")),
+                (Some("m-3"), plan(None, "search")),
+                (Some("m-3"), plan(None, "search")),
+            ],
+            true,
+        );
+        let report = run(&source, Arc::new(QueueSink::new(store.clone())), quick());
+        assert_eq!(
+            (report.submitted, report.duplicates, report.refused),
+            (2, 2, 0)
+        );
+        assert_eq!(source.done(), ["ack 0", "ack 1", "ack 2", "ack 3", "close"]);
+        let queued = store.queued().unwrap();
+        assert_eq!(queued.len(), 2);
+        assert_eq!(queued[0].job_id.to_string(), id);
+        assert_eq!(queued[1].job_id, job_id_from_message_id("m-3"));
+        let (job, _) = store.queued_job(queued[1].job_id).unwrap().unwrap();
+        assert_eq!(job.executed_by, "intake");
+        assert_eq!(job.steps[0].target, "search");
+    }
+
+    #[test]
+    fn poison_goes_to_the_dead_letter_before_its_ack_and_the_flow_goes_on() {
+        let store = Arc::new(MemoryStore::new());
+        let id = "0b0e5d0c-1b8e-4b63-9a52-7f7a3a8e9d02";
+        let bad_index = String::from_utf8(plan(Some(id), "x"))
+            .unwrap()
+            .replace("\"step_index\":0", "\"step_index\":1");
+        let source = Scripted::with(
+            vec![
+                (Some("a"), b"not json".to_vec()),
+                (
+                    Some("b"),
+                    format!(r#"{{"contract_id":"{CONTRACT}","steps":[],"extra":1}}"#).into_bytes(),
+                ),
+                (Some("c"), bad_index.into_bytes()),
+                (None, plan(None, "x")),
+                (Some("e"), vec![b' '; 2048]),
+                (Some("f"), plan(Some(id), "billing")),
+                (Some("g"), plan(Some(id), "other")),
+                (Some("h"), plan(None, "after")),
+            ],
+            true,
+        );
+        let options = quick().with_max_plan_bytes(1024);
+        let report = run(&source, Arc::new(QueueSink::new(store.clone())), options);
+        assert_eq!((report.submitted, report.refused), (2, 6));
+        let done = source.done();
+        let expect = [
+            ("dead-letter 0: not a plan: expected ident", "ack 0"),
+            ("dead-letter 1: not a plan: unknown field `extra`", "ack 1"),
+            (
+                "dead-letter 2: invalid plan: step at position 0 has step_index 1",
+                "ack 2",
+            ),
+            ("dead-letter 3: no job id", "ack 3"),
+            (
+                "dead-letter 4: body of 2048 bytes is over the limit of 1024 bytes",
+                "ack 4",
+            ),
+            (
+                "dead-letter 6: job 0b0e5d0c-1b8e-4b63-9a52-7f7a3a8e9d02 already exists with a different plan",
+                "ack 6",
+            ),
+        ];
+        let mut rest = done.iter();
+        for (dead_letter, ack) in expect {
+            let next = rest.find(|d| d.starts_with("dead-letter")).unwrap();
+            assert!(next.starts_with(dead_letter), "{next} is not {dead_letter}");
+            let position = done.iter().position(|d| d == next).unwrap();
+            assert_eq!(done[position + 1], ack, "{done:?}");
+        }
+        assert!(done.contains(&"ack 5".to_owned()) && done.contains(&"ack 7".to_owned()));
+        assert_eq!(store.queued().unwrap().len(), 2);
+        assert!(report.refusals.iter().all(|r| r.dead_lettered));
+    }
+
+    #[test]
+    fn without_a_dead_letter_a_refused_message_is_rejected() {
+        let store = Arc::new(MemoryStore::new());
+        let source = Scripted::with(vec![(Some("a"), b"42".to_vec())], false);
+        let report = run(&source, Arc::new(QueueSink::new(store)), quick());
+        assert_eq!(source.done(), ["reject 0", "close"]);
+        assert_eq!(report.refusals.len(), 1);
+        assert!(!report.refusals[0].dead_lettered);
+        assert!(
+            report.refusals[0]
+                .reason
+                .starts_with("not a plan: invalid type")
+        );
+    }
+
+    /// Fails its first `failures` submissions as a busy store would.
+    struct Flaky {
+        inner: QueueSink,
+        failures: Mutex<usize>,
+    }
+
+    impl JobSink for Flaky {
+        fn submit(&self, job: &QueuedJob) -> Result<Submission, StoreError> {
+            let mut failures = self.failures.lock().unwrap();
+            if *failures > 0 {
+                *failures -= 1;
+                return Err(StoreError::Busy {
+                    path: "flaky".into(),
+                    detail: "locked".into(),
+                });
+            }
+            self.inner.submit(job)
+        }
+    }
+
+    #[test]
+    fn a_store_failure_releases_the_message_and_it_is_taken_again() {
+        let store = Arc::new(MemoryStore::new());
+        let source = Scripted::with(vec![(Some("a"), plan(None, "x"))], true);
+        let sink = Arc::new(Flaky {
+            inner: QueueSink::new(store.clone()),
+            failures: Mutex::new(2),
+        });
+        let report = run(&source, sink, quick());
+        assert_eq!(source.done(), ["release 0", "release 0", "ack 0", "close"]);
+        assert_eq!((report.released, report.submitted), (2, 1));
+        assert_eq!(store.queued().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_store_that_refuses_writes_stops_the_intake_with_the_message_released() {
+        struct Broken;
+        impl JobSink for Broken {
+            fn submit(&self, _: &QueuedJob) -> Result<Submission, StoreError> {
+                Err(StoreError::InvalidAppend("read-only".into()))
+            }
+        }
+        let source = Scripted::with(vec![(Some("a"), plan(None, "x"))], true);
+        let error = Intake::new(Box::new(source.clone()), Arc::new(Broken), quick())
+            .run()
+            .unwrap_err();
+        assert!(matches!(error, BusError::Store(_)), "{error}");
+        assert_eq!(source.done(), ["release 0", "close"]);
+    }
+
+    #[test]
+    fn a_lost_connection_is_made_again() {
+        let store = Arc::new(MemoryStore::new());
+        let source = Scripted::with(vec![(Some("a"), plan(None, "x"))], true);
+        source.0.lock().unwrap().disconnect_next = 3;
+        let report = run(&source, Arc::new(QueueSink::new(store)), quick());
+        assert_eq!(report.reconnects, 3);
+        assert_eq!(source.0.lock().unwrap().reconnects, 3);
+        assert_eq!(source.done(), ["ack 0", "close"]);
+    }
+
+    #[test]
+    fn a_stop_finishes_the_message_in_hand_and_takes_no_other() {
+        /// Raises the stop flag while a submission is in hand.
+        struct Stopping {
+            inner: QueueSink,
+            stop: Mutex<Option<Arc<AtomicBool>>>,
+        }
+        impl JobSink for Stopping {
+            fn submit(&self, job: &QueuedJob) -> Result<Submission, StoreError> {
+                if let Some(stop) = self.stop.lock().unwrap().as_ref() {
+                    stop.store(true, Ordering::Relaxed);
+                }
+                self.inner.submit(job)
+            }
+        }
+        let store = Arc::new(MemoryStore::new());
+        let source = Scripted::with(
+            vec![(Some("a"), plan(None, "x")), (Some("b"), plan(None, "y"))],
+            true,
+        );
+        let sink = Arc::new(Stopping {
+            inner: QueueSink::new(store.clone()),
+            stop: Mutex::new(None),
+        });
+        let options = IntakeOptions::default();
+        let mut intake = Intake::new(Box::new(source.clone()), sink.clone(), options);
+        *sink.stop.lock().unwrap() = Some(intake.stop_flag());
+        let report = intake.run().unwrap();
+        assert_eq!(report.submitted, 1);
+        assert_eq!(source.done(), ["ack 0", "close"]);
+        assert_eq!(source.0.lock().unwrap().queue.len(), 1);
+    }
+
+    /// Opens "signed" bodies of the form `SIGNED BY <name>\n<plan>`.
+    struct Prefix;
+
+    impl PlanVerifier for Prefix {
+        fn verify(&self, note: &[u8]) -> Result<SignedPlan, String> {
+            let text = std::str::from_utf8(note).map_err(|_| "not text".to_owned())?;
+            let (first, plan) = text.split_once('\n').ok_or("no signature")?;
+            let signer = first.strip_prefix("SIGNED BY ").ok_or("no signature")?;
+            Ok(SignedPlan {
+                text: plan.as_bytes().to_vec(),
+                signer: signer.to_owned(),
+            })
+        }
+    }
+
+    #[test]
+    fn with_a_verifier_only_opened_notes_are_plans() {
+        let options = IntakeOptions::default();
+        let signed = [b"SIGNED BY ops\n".as_slice(), &plan(None, "x")].concat();
+        let accepted = read_message(Some("m"), &signed, &options, Some(&Prefix)).unwrap();
+        assert_eq!(accepted.signer.as_deref(), Some("ops"));
+        assert_eq!(accepted.job.steps[0].target, "x");
+        let refused = read_message(Some("m"), &plan(None, "x"), &options, Some(&Prefix));
+        assert_eq!(refused.unwrap_err().to_string(), "signature: no signature");
+        // The size is checked before the signature.
+        let small = options.with_max_plan_bytes(4);
+        let refused = read_message(Some("m"), &signed, &small, Some(&Prefix)).unwrap_err();
+        assert!(matches!(refused, Refusal::TooLarge { limit: 4, .. }));
+    }
+
+    #[test]
+    fn a_job_already_in_the_log_is_compared_with_its_started_plan() {
+        let store = Arc::new(MemoryStore::new());
+        let executor = crate::JobExecutor::builder().store(store.clone()).build();
+        let job_id = Uuid::new_v4();
+        let contract_id = Uuid::parse_str(CONTRACT).unwrap();
+        let steps = vec![JobStep::new(0, "capability_enable", "billing")];
+        executor
+            .execute_job(job_id, contract_id, &steps, None, "ops")
+            .unwrap();
+        assert!(store.last_seq(job_id).unwrap() > 0);
+        let sink = QueueSink::new(store.clone());
+        let same = QueuedJob::new(job_id, contract_id, steps.clone(), "intake");
+        assert_eq!(sink.submit(&same).unwrap(), Submission::Existing);
+        let other = QueuedJob::new(job_id, Uuid::new_v4(), steps, "intake");
+        assert!(matches!(
+            sink.submit(&other).unwrap(),
+            Submission::Taken { .. }
+        ));
+        assert!(store.queued().unwrap().is_empty());
+    }
+}

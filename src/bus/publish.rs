@@ -430,3 +430,203 @@ impl Publisher {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use super::*;
+    use crate::model::{ExecutionContext, JobStep, StepOutput};
+    use crate::store::MemoryStore;
+    use crate::{JobExecutor, NoOpHandler};
+
+    /// Records what it was given; fails as scripted.
+    #[derive(Clone, Default)]
+    struct Recorder {
+        published: Arc<Mutex<Vec<EvidenceMessage>>>,
+        /// Before each publish, how many to confirm (the rest fail), if any.
+        script: Arc<Mutex<Vec<usize>>>,
+        reconnects: Arc<Mutex<usize>>,
+    }
+
+    impl EvidenceSink for Recorder {
+        fn publish(&mut self, batch: &[EvidenceMessage]) -> Result<(), Unconfirmed> {
+            let mut script = self.script.lock().unwrap();
+            let confirm = if script.is_empty() {
+                batch.len()
+            } else {
+                script.remove(0).min(batch.len())
+            };
+            let mut published = self.published.lock().unwrap();
+            published.extend(batch[..confirm].iter().cloned());
+            if confirm == batch.len() {
+                return Ok(());
+            }
+            Err(Unconfirmed {
+                confirmed: confirm,
+                error: BusError::Disconnected {
+                    broker: "recorder".into(),
+                    detail: "dropped".into(),
+                },
+            })
+        }
+        fn reconnect(&mut self) -> Result<(), BusError> {
+            *self.reconnects.lock().unwrap() += 1;
+            Ok(())
+        }
+        fn close(&mut self) {}
+    }
+
+    fn quick() -> PublisherOptions {
+        PublisherOptions::default()
+            .until_idle(Duration::ZERO)
+            .with_backoff(Backoff {
+                initial: Duration::from_millis(1),
+                max: Duration::from_millis(2),
+            })
+    }
+
+    fn executor(store: &Arc<MemoryStore>) -> JobExecutor {
+        let mut executor = JobExecutor::builder().store(store.clone()).build();
+        executor.register_handler("noop", NoOpHandler);
+        executor
+    }
+
+    fn run_job(executor: &JobExecutor, steps: usize) -> Uuid {
+        let job_id = Uuid::new_v4();
+        let steps: Vec<JobStep> = (0..steps)
+            .map(|i| JobStep::new(i as u32, "noop", "t"))
+            .collect();
+        executor
+            .execute_job(job_id, Uuid::new_v4(), &steps, None, "ops")
+            .unwrap();
+        job_id
+    }
+
+    #[test]
+    fn jobs_are_published_in_the_order_they_ended_with_replays_evidence() {
+        let store = Arc::new(MemoryStore::new());
+        let mut executor = executor(&store);
+        let (release, wait) = mpsc::channel::<()>();
+        let wait = Mutex::new(wait);
+        executor.register_handler("wait", move |_: &JobStep, _: &ExecutionContext| {
+            wait.lock().unwrap().recv().unwrap();
+            StepOutput::succeeded(serde_json::json!({}))
+        });
+        let executor = Arc::new(executor);
+        let slow = Uuid::new_v4();
+        let running = std::thread::spawn({
+            let executor = executor.clone();
+            move || {
+                let steps = [JobStep::new(0, "wait", "t")];
+                executor.execute_job(slow, Uuid::new_v4(), &steps, None, "ops")
+            }
+        });
+        while store.last_seq(slow).unwrap() < 2 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let fast = run_job(&executor, 2);
+        release.send(()).unwrap();
+        running.join().unwrap().unwrap();
+
+        let sink = Recorder::default();
+        let outbox = Arc::new(ScanOutbox::new(store.clone()));
+        let mut publisher = Publisher::new(store.clone(), outbox, Box::new(sink.clone()), quick());
+        let report = publisher.run().unwrap();
+        assert_eq!(report.published, 2);
+        let published = sink.published.lock().unwrap();
+        let order: Vec<Uuid> = published.iter().map(|m| m.job_id).collect();
+        assert_eq!(order, [fast, slow], "the order the jobs ended, not started");
+        for message in published.iter() {
+            let result = replay(&*store, message.job_id).unwrap();
+            assert_eq!(message.body, evidence_text(&result).into_bytes());
+            assert_eq!(message.final_status, "COMPLETED");
+            assert_eq!(message.head, result.head.to_string());
+            assert_eq!(
+                message.message_id,
+                format!("{}:{}", message.job_id, message.head)
+            );
+        }
+        assert_eq!(report.cursor, published[1].position);
+    }
+
+    #[test]
+    fn the_cursor_moves_only_past_what_was_confirmed_and_a_restart_resumes_there() {
+        let store = Arc::new(MemoryStore::new());
+        let executor = executor(&store);
+        let jobs: Vec<Uuid> = (0..5).map(|_| run_job(&executor, 1)).collect();
+        let outbox = Arc::new(ScanOutbox::new(store.clone()));
+        let sink = Recorder::default();
+        // The first round confirms two of five, the second none; the
+        // publisher reconnects and sends the rest.
+        sink.script.lock().unwrap().extend([2, 0]);
+        let mut first = Publisher::new(
+            store.clone(),
+            outbox.clone(),
+            Box::new(sink.clone()),
+            quick(),
+        );
+        let report = first.run().unwrap();
+        assert_eq!((report.published, report.reconnects), (5, 2));
+        let ids: Vec<Uuid> = sink
+            .published
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|m| m.job_id)
+            .collect();
+        assert_eq!(ids, jobs, "each once, in order");
+
+        // Two more jobs end; a new publisher on the same cursor sends only those.
+        let later: Vec<Uuid> = (0..2).map(|_| run_job(&executor, 1)).collect();
+        let again = Recorder::default();
+        let mut second = Publisher::new(
+            store.clone(),
+            outbox.clone(),
+            Box::new(again.clone()),
+            quick(),
+        );
+        assert_eq!(second.run().unwrap().published, 2);
+        let ids: Vec<Uuid> = again
+            .published
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|m| m.job_id)
+            .collect();
+        assert_eq!(ids, later);
+        assert_eq!(
+            outbox.cursor("evidence").unwrap(),
+            store.last_position().unwrap()
+        );
+        // Another name starts from the beginning; a cursor never moves back.
+        assert_eq!(outbox.cursor("audit").unwrap(), 0);
+        outbox.advance("evidence", 1).unwrap();
+        assert_eq!(
+            outbox.cursor("evidence").unwrap(),
+            store.last_position().unwrap()
+        );
+    }
+
+    #[test]
+    fn small_batches_keep_the_order() {
+        let store = Arc::new(MemoryStore::new());
+        let executor = executor(&store);
+        let jobs: Vec<Uuid> = (0..7).map(|_| run_job(&executor, 0)).collect();
+        let sink = Recorder::default();
+        let outbox = Arc::new(ScanOutbox::new(store.clone()));
+        let options = quick().with_batch(3);
+        let report = Publisher::new(store.clone(), outbox, Box::new(sink.clone()), options)
+            .run()
+            .unwrap();
+        assert_eq!(report.published, 7);
+        let ids: Vec<Uuid> = sink
+            .published
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|m| m.job_id)
+            .collect();
+        assert_eq!(ids, jobs);
+    }
+}
