@@ -26,7 +26,7 @@ use lapin::{
 
 use super::intake::{Inbound, MessageSource};
 use super::publish::{EvidenceMessage, EvidenceSink, Unconfirmed};
-use super::runtime::Runtime;
+use super::runtime::{CLOSE_WAIT, Runtime};
 use super::{BusError, HEADER_REASON, header_value, redact};
 
 /// Persistent delivery: the broker writes the message to disk.
@@ -275,7 +275,8 @@ impl MessageSource for AmqpSource {
         // queue when the connection closes.
         self.pending.clear();
         if let Some(link) = self.link.take() {
-            self.runtime.block_on(close_quietly(&link.connection));
+            self.runtime
+                .block_on_for(CLOSE_WAIT, close_quietly(&link.connection));
         }
     }
 }
@@ -423,7 +424,8 @@ impl EvidenceSink for AmqpSink {
 
     fn close(&mut self) {
         if let Some((connection, _)) = self.link.take() {
-            self.runtime.block_on(close_quietly(&connection));
+            self.runtime
+                .block_on_for(CLOSE_WAIT, close_quietly(&connection));
         }
     }
 }

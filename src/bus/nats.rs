@@ -27,7 +27,7 @@ use futures_util::StreamExt;
 
 use super::intake::{Inbound, MessageSource};
 use super::publish::{EvidenceMessage, EvidenceSink, Unconfirmed};
-use super::runtime::Runtime;
+use super::runtime::{CLOSE_WAIT, Runtime};
 use super::{Backoff, BusError, HEADER_MESSAGE_ID, HEADER_REASON, header_value, redact};
 
 /// The header JetStream dedupes on.
@@ -341,13 +341,14 @@ impl MessageSource for JetStreamSource {
     }
 
     fn close(&mut self) {
-        let fetched: Vec<Message> = self.fetched.drain(..).collect();
-        self.pending.clear();
+        let mut unsettled: Vec<Message> = self.fetched.drain(..).collect();
+        unsettled.extend(self.pending.drain().map(|(_, message)| message));
         if let Some(link) = self.link.take() {
-            // Fetched messages not handed out go back at once rather than
-            // after the ack wait; acks still buffered are sent.
-            self.runtime.block_on(async {
-                for message in fetched {
+            // What was fetched and not settled goes back at once rather
+            // than after the ack wait; acks still buffered are sent. A
+            // server that is gone gets a moment, not more.
+            self.runtime.block_on_for(CLOSE_WAIT, async {
+                for message in unsettled {
                     let _ = message.ack_with(AckKind::Nak(None)).await;
                 }
                 let _ = link.client.flush().await;
@@ -474,7 +475,7 @@ impl EvidenceSink for JetStreamSink {
 
     fn close(&mut self) {
         if let Some((client, _)) = self.link.take() {
-            let _ = self.runtime.block_on(client.flush());
+            self.runtime.block_on_for(CLOSE_WAIT, client.flush());
         }
     }
 }

@@ -5,6 +5,10 @@ use std::time::Duration;
 
 use super::BusError;
 
+/// How long closing a connection waits for a broker to take what is still
+/// buffered: a broker that is gone gets a moment, not more.
+pub(crate) const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
 /// One worker thread runs the client's connection (heartbeats, incoming
 /// frames) between calls; each blocking call runs its future to the end
 /// on the caller's thread.
