@@ -168,7 +168,12 @@ fn amqp_plans_become_jobs_once_despite_redelivery_and_duplicates() {
     assert_eq!(report.submitted, expected.len(), "{report:?}");
     assert_eq!(report.reconnects, 3, "{report:?}");
     assert!(redelivered.load(Ordering::Relaxed) >= 3, "{report:?}");
-    assert_eq!(report.duplicates, messages.len() - expected.len() + 3);
+    // The copies, the three messages whose ack was lost, and the rest of
+    // their batches (released unacknowledged, their jobs already in).
+    assert!(
+        report.duplicates >= messages.len() - expected.len() + 3,
+        "{report:?}"
+    );
     assert_eq!(rabbit.count(&queue), 0, "every message acked");
     assert_eq!(rabbit.count(&dead), 0);
 }

@@ -1,7 +1,8 @@
 //! Plans in: messages from a broker become jobs in the store's queue, each
 //! at most once, and no message is acknowledged before its job is safe.
 //!
-//! For each message the [`Intake`] takes from its [`MessageSource`]:
+//! The [`Intake`] takes messages from its [`MessageSource`] a batch at a
+//! time (what is there already, up to `batch`), and for each:
 //!
 //! 1. [`read_message`] makes a job of it, touching nothing: the body's
 //!    size first (a body over `max_plan_bytes` is refused unread), then
@@ -9,9 +10,10 @@
 //!    (`PLAN.json`'s format, unknown fields refused, checked by
 //!    `validate_plan`), then its job id (the plan's, else
 //!    [`job_id_from_message_id`] of the message id, else refused).
-//! 2. The [`JobSink`] submits it. Only once the submission is durable — or
-//!    the job is found there already with the same plan (a redelivery, a
-//!    message sent twice) — is the message acknowledged. A crash before the
+//! 2. The [`JobSink`] submits the batch's jobs (together, where the store
+//!    can). Only once a job's submission is durable — or the job is found
+//!    there already with the same plan (a redelivery, a message sent
+//!    twice) — is its message acknowledged. A crash before the
 //!    acknowledgement brings the message back, and step 2 then finds the
 //!    job: no second job, ever.
 //! 3. A message that cannot become a job (step 1 refused it, or its job id
@@ -20,7 +22,7 @@
 //!    dead letter holds it; without a dead letter it is rejected without
 //!    requeue (AMQP) or terminated (JetStream), and the reason logged. It
 //!    never blocks the messages behind it.
-//! 4. When the store fails, the message is released (it comes back) and
+//! 4. When the store fails, the messages are released (they come back) and
 //!    the intake waits, backing off; when the broker drops the connection,
 //!    it reconnects, backing off. What was not acknowledged is redelivered.
 
@@ -148,6 +150,14 @@ pub trait JobSink: Send + Sync {
     /// # Errors
     /// Store failures; nothing is submitted then.
     fn submit(&self, job: &QueuedJob) -> Result<Submission, StoreError>;
+
+    /// Submits `jobs`, answering each in order, as [`submit`](Self::submit)
+    /// would one after the other (a job twice in `jobs` is `Existing` the
+    /// second time). A store that can commits them in one transaction; this
+    /// default submits them one by one.
+    fn submit_all(&self, jobs: &[QueuedJob]) -> Vec<Result<Submission, StoreError>> {
+        jobs.iter().map(|job| self.submit(job)).collect()
+    }
 }
 
 /// The store's job queue as a [`JobSink`]: `submit`, and on a conflict, the
@@ -311,6 +321,9 @@ pub struct IntakeOptions {
     /// How long one wait for a message lasts, and so how soon a raised
     /// stop flag is seen (default 200 ms).
     pub poll: Duration,
+    /// Messages taken at a time, their jobs submitted together (default
+    /// 32; keep a source's prefetch at least as large).
+    pub batch: usize,
     /// Waits between tries after a failure (reconnecting, a store away).
     pub backoff: Backoff,
 }
@@ -323,6 +336,7 @@ impl Default for IntakeOptions {
             until_idle: false,
             idle_for: Duration::from_millis(500),
             poll: Duration::from_millis(200),
+            batch: 32,
             backoff: Backoff::default(),
         }
     }
@@ -345,6 +359,12 @@ impl IntakeOptions {
     pub fn until_idle(mut self, idle_for: Duration) -> Self {
         self.until_idle = true;
         self.idle_for = idle_for;
+        self
+    }
+
+    /// Taking up to `batch` messages at a time (at least one).
+    pub fn with_batch(mut self, batch: usize) -> Self {
+        self.batch = batch.max(1);
         self
     }
 
@@ -430,7 +450,7 @@ impl Intake {
     }
 
     /// Raise it (from a signal handler, another thread) to stop once the
-    /// message in hand is acknowledged or released.
+    /// messages in hand are acknowledged or released.
     pub fn stop_flag(&self) -> Arc<AtomicBool> {
         self.stop.clone()
     }
@@ -451,16 +471,16 @@ impl Intake {
     fn run_until_done(&mut self) -> Result<(), BusError> {
         let mut idle_since = Instant::now();
         while !self.stop.load(Ordering::Relaxed) {
-            let step = match self.source.next(self.options.poll) {
-                Ok(Some(message)) => {
-                    idle_since = Instant::now();
-                    self.handle(message)
-                }
-                Ok(None) => {
+            let step = match self.take_batch() {
+                Ok(batch) if batch.is_empty() => {
                     if self.options.until_idle && idle_since.elapsed() >= self.options.idle_for {
                         return Ok(());
                     }
                     Ok(())
+                }
+                Ok(batch) => {
+                    idle_since = Instant::now();
+                    self.handle(batch)
                 }
                 Err(e) => Err(e),
             };
@@ -475,37 +495,91 @@ impl Intake {
         Ok(())
     }
 
-    /// Takes one message from its receipt to its settlement.
+    /// Waits up to `poll` for a message, then takes what else is there
+    /// already, up to `batch` messages.
+    fn take_batch(&mut self) -> Result<Vec<Inbound>, BusError> {
+        let Some(first) = self.source.next(self.options.poll)? else {
+            return Ok(Vec::new());
+        };
+        let mut batch = vec![first];
+        while batch.len() < self.options.batch {
+            match self.source.next(Duration::ZERO) {
+                Ok(Some(message)) => batch.push(message),
+                // A failure shows again at the next wait; the batch first.
+                Ok(None) | Err(_) => break,
+            }
+        }
+        Ok(batch)
+    }
+
+    /// Takes messages from their receipt to their settlement: each one
+    /// read, their jobs submitted together, then each message settled in
+    /// order. After a failure the messages not yet settled are released.
     ///
     /// # Errors
-    /// As [`run`](Self::run); the message is then released (or, the
-    /// connection lost, left for the broker to deliver again).
-    pub fn handle(&mut self, message: Inbound) -> Result<(), BusError> {
-        let read = read_message(
-            message.message_id.as_deref(),
-            &message.body,
-            &self.options,
-            self.verifier.as_deref(),
-        );
-        let refused = match read {
-            Err(refusal) => refusal.to_string(),
-            Ok(accepted) => match self.sink.submit(&accepted.job) {
-                Ok(Submission::New) => {
-                    self.report.submitted += 1;
-                    return self.source.ack(&message);
-                }
-                Ok(Submission::Existing) => {
-                    self.report.duplicates += 1;
-                    return self.source.ack(&message);
-                }
-                Ok(Submission::Taken { reason }) => reason,
-                Err(e) => {
-                    self.give_back(&message);
-                    return Err(e.into());
-                }
-            },
-        };
-        self.refuse(&message, refused)
+    /// As [`run`](Self::run): the first failure.
+    pub fn handle(&mut self, messages: Vec<Inbound>) -> Result<(), BusError> {
+        let reads: Vec<Result<Accepted, Refusal>> = messages
+            .iter()
+            .map(|message| {
+                read_message(
+                    message.message_id.as_deref(),
+                    &message.body,
+                    &self.options,
+                    self.verifier.as_deref(),
+                )
+            })
+            .collect();
+        let jobs: Vec<QueuedJob> = reads
+            .iter()
+            .filter_map(|read| read.as_ref().ok().map(|accepted| accepted.job.clone()))
+            .collect();
+        let mut submissions = self.sink.submit_all(&jobs).into_iter();
+        let mut failure = None;
+        for (message, read) in messages.iter().zip(reads) {
+            let submission = match read {
+                Err(refusal) => Ok(Submission::Taken {
+                    reason: refusal.to_string(),
+                }),
+                Ok(_) => submissions.next().unwrap_or_else(|| {
+                    Err(StoreError::InvalidAppend(
+                        "the job sink answered fewer jobs than it was given".to_owned(),
+                    ))
+                }),
+            };
+            // Counted as known, settled or not: a job submitted here whose
+            // message is given back will be found when it comes back.
+            match submission {
+                Ok(Submission::New) => self.report.submitted += 1,
+                Ok(Submission::Existing) => self.report.duplicates += 1,
+                _ => {}
+            }
+            if failure.is_some() {
+                self.give_back(message);
+                continue;
+            }
+            if let Err(e) = self.settle(message, submission) {
+                failure = Some(e);
+            }
+        }
+        failure.map_or(Ok(()), Err)
+    }
+
+    /// Acknowledges a message whose job is safe, refuses one that cannot
+    /// become a job, releases one whose submission failed.
+    fn settle(
+        &mut self,
+        message: &Inbound,
+        submission: Result<Submission, StoreError>,
+    ) -> Result<(), BusError> {
+        match submission {
+            Ok(Submission::New | Submission::Existing) => self.source.ack(message),
+            Ok(Submission::Taken { reason }) => self.refuse(message, reason),
+            Err(e) => {
+                self.give_back(message);
+                Err(e.into())
+            }
+        }
     }
 
     fn refuse(&mut self, message: &Inbound, reason: String) -> Result<(), BusError> {
@@ -543,11 +617,9 @@ impl Intake {
 
     fn give_back(&mut self, message: &Inbound) {
         self.report.released += 1;
-        if let Err(e) = self.source.release(message) {
-            eprintln!(
-                "job-executor intake: cannot give a message back ({e}); it comes back anyway"
-            );
-        }
+        // A release that fails finds the connection lost: the broker gives
+        // the message back anyway.
+        let _ = self.source.release(message);
     }
 
     /// Waits out a passing failure, backing off, and reconnects when the
@@ -820,19 +892,23 @@ mod tests {
     }
 
     #[test]
-    fn a_store_that_refuses_writes_stops_the_intake_with_the_message_released() {
+    fn a_store_that_refuses_writes_stops_the_intake_with_its_batch_released() {
         struct Broken;
         impl JobSink for Broken {
             fn submit(&self, _: &QueuedJob) -> Result<Submission, StoreError> {
                 Err(StoreError::InvalidAppend("read-only".into()))
             }
         }
-        let source = Scripted::with(vec![(Some("a"), plan(None, "x"))], true);
+        let source = Scripted::with(
+            vec![(Some("a"), plan(None, "x")), (Some("b"), b"{".to_vec())],
+            true,
+        );
         let error = Intake::new(Box::new(source.clone()), Arc::new(Broken), quick())
             .run()
             .unwrap_err();
         assert!(matches!(error, BusError::Store(_)), "{error}");
-        assert_eq!(source.done(), ["release 0", "close"]);
+        // The rest of the batch, poison included, is given back untouched.
+        assert_eq!(source.done(), ["release 0", "release 1", "close"]);
     }
 
     #[test]
@@ -870,7 +946,7 @@ mod tests {
             inner: QueueSink::new(store.clone()),
             stop: Mutex::new(None),
         });
-        let options = IntakeOptions::default();
+        let options = IntakeOptions::default().with_batch(1);
         let mut intake = Intake::new(Box::new(source.clone()), sink.clone(), options);
         *sink.stop.lock().unwrap() = Some(intake.stop_flag());
         let report = intake.run().unwrap();
@@ -929,5 +1005,53 @@ mod tests {
             Submission::Taken { .. }
         ));
         assert!(store.queued().unwrap().is_empty());
+    }
+
+    #[test]
+    fn what_is_there_is_taken_as_one_batch_and_settled_in_order() {
+        /// Records the size of each batch it is given.
+        struct Batches {
+            inner: QueueSink,
+            sizes: Mutex<Vec<usize>>,
+        }
+        impl JobSink for Batches {
+            fn submit(&self, job: &QueuedJob) -> Result<Submission, StoreError> {
+                self.inner.submit(job)
+            }
+            fn submit_all(&self, jobs: &[QueuedJob]) -> Vec<Result<Submission, StoreError>> {
+                self.sizes.lock().unwrap().push(jobs.len());
+                jobs.iter().map(|job| self.submit(job)).collect()
+            }
+        }
+        let store = Arc::new(MemoryStore::new());
+        let messages = (0..7)
+            .map(|i| match i {
+                3 => (Some("bad"), b"{".to_vec()),
+                _ => (Some("m"), plan(None, &format!("t{i}"))),
+            })
+            .collect();
+        let source = Scripted::with(messages, true);
+        let sink = Arc::new(Batches {
+            inner: QueueSink::new(store.clone()),
+            sizes: Mutex::new(Vec::new()),
+        });
+        let report = run(&source, sink.clone(), quick().with_batch(4));
+        // Seven messages, batches of four: the poison takes no place in
+        // its batch's submission; the same message id with other plans is
+        // refused after the first.
+        assert_eq!(*sink.sizes.lock().unwrap(), [3, 3]);
+        assert_eq!((report.submitted, report.refused), (1, 6));
+        let done = source.done();
+        let settled: Vec<&str> = done
+            .iter()
+            .filter(|d| d.starts_with("ack"))
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            settled,
+            [
+                "ack 0", "ack 1", "ack 2", "ack 3", "ack 4", "ack 5", "ack 6"
+            ]
+        );
     }
 }

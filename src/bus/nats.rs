@@ -214,7 +214,9 @@ impl JetStreamSource {
         let mut messages = Vec::new();
         let ready = consumer.fetch().max_messages(batch).messages().await;
         collect(ready, &mut messages).await?;
-        if messages.is_empty() {
+        // A pull request without an expiry would never end: no wait, no
+        // second request.
+        if messages.is_empty() && !wait.is_zero() {
             let waited = consumer
                 .batch()
                 .max_messages(1)
