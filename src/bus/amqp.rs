@@ -21,11 +21,11 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
     Acker, BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
-    ExchangeKind,
+    ExchangeKind, PublisherConfirm,
 };
 
 use super::intake::{Inbound, MessageSource};
-use super::publish::{EvidenceMessage, EvidenceSink, Unconfirmed};
+use super::publish::{EvidenceMessage, EvidenceSink, Unconfirmed, send_then_confirm};
 use super::runtime::{CLOSE_WAIT, Runtime};
 use super::{BusError, HEADER_REASON, header_value, redact};
 
@@ -170,7 +170,7 @@ impl AmqpSource {
 
     fn settle(&mut self, message: &Inbound, how: Settle) -> Result<(), BusError> {
         let Some(acker) = self.pending.remove(&message.token) else {
-            return Err(disconnected(
+            return Err(BusError::disconnected(
                 &self.broker,
                 "the message was delivered on a connection since lost; it comes back",
             ));
@@ -191,7 +191,7 @@ impl AmqpSource {
         });
         match done {
             Ok(true) => Ok(()),
-            Ok(false) => Err(disconnected(
+            Ok(false) => Err(BusError::disconnected(
                 &self.broker,
                 "the channel closed before the message was settled; it comes back",
             )),
@@ -210,7 +210,7 @@ enum Settle {
 impl MessageSource for AmqpSource {
     fn next(&mut self, wait: Duration) -> Result<Option<Inbound>, BusError> {
         let Some(link) = self.link.as_mut() else {
-            return Err(disconnected(&self.broker, "not connected"));
+            return Err(BusError::disconnected(&self.broker, "not connected"));
         };
         match self.runtime.block_on_for(wait, link.consumer.next()) {
             None => Ok(None),
@@ -221,7 +221,7 @@ impl MessageSource for AmqpSource {
             }
             Some(None) => {
                 self.link = None;
-                Err(disconnected(
+                Err(BusError::disconnected(
                     &self.broker,
                     &format!("the broker cancelled the consumer of queue {}", self.queue),
                 ))
@@ -246,7 +246,7 @@ impl MessageSource for AmqpSource {
             return Ok(false);
         };
         let Some(link) = &self.link else {
-            return Err(disconnected(&self.broker, "not connected"));
+            return Err(BusError::disconnected(&self.broker, "not connected"));
         };
         let mut properties = BasicProperties::default()
             .with_headers(string_table(&[(HEADER_REASON, header_value(reason))]));
@@ -363,39 +363,18 @@ impl AmqpSink {
         channel: &Channel,
         batch: &[EvidenceMessage],
     ) -> Result<(), Unconfirmed> {
-        let mut sent = Vec::with_capacity(batch.len());
-        let mut failure = None;
-        for message in batch {
+        let send = async |message: &EvidenceMessage| {
             let properties = BasicProperties::default()
                 .with_headers(string_table(&message.headers()))
-                .with_content_type(ShortString::from("application/json"));
-            let properties = match short_name(&message.message_id, "message id") {
-                Ok(id) => properties.with_message_id(id),
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
-            };
+                .with_content_type(ShortString::from("application/json"))
+                .with_message_id(short_name(&message.message_id, "message id")?);
             let routing = (&self.exchange, &self.routing_key);
-            match publish_start(channel, routing, &message.body, properties).await {
-                Ok(confirm) => sent.push(confirm),
-                Err(e) => {
-                    failure = Some(classify(&self.broker, "publishing evidence", e));
-                    break;
-                }
-            }
-        }
-        let mut confirmed = 0;
-        for confirm in sent {
-            if let Err(error) = check_confirm(&self.broker, confirm.await) {
-                return Err(Unconfirmed { confirmed, error });
-            }
-            confirmed += 1;
-        }
-        match failure {
-            Some(error) => Err(Unconfirmed { confirmed, error }),
-            None => Ok(()),
-        }
+            publish_start(channel, routing, &message.body, properties)
+                .await
+                .map_err(|e| classify(&self.broker, "publishing evidence", e))
+        };
+        let confirm = async |pending: PublisherConfirm| check_confirm(&self.broker, pending.await);
+        send_then_confirm(batch, send, confirm).await
     }
 }
 
@@ -404,7 +383,7 @@ impl EvidenceSink for AmqpSink {
         let Some((_, channel)) = &self.link else {
             return Err(Unconfirmed {
                 confirmed: 0,
-                error: disconnected(&self.broker, "not connected"),
+                error: BusError::disconnected(&self.broker, "not connected"),
             });
         };
         let outcome = self.runtime.block_on(self.publish_all(channel, batch));
@@ -455,13 +434,6 @@ fn string_table(entries: &[(&str, String)]) -> FieldTable {
     table
 }
 
-fn disconnected(broker: &str, detail: &str) -> BusError {
-    BusError::Disconnected {
-        broker: broker.to_owned(),
-        detail: detail.to_owned(),
-    }
-}
-
 /// A channel-level refusal (a queue that does not exist, a precondition, a
 /// permission) is the broker's answer and stays so; anything else — the
 /// socket, the connection, a missed heartbeat — is a lost connection.
@@ -473,7 +445,7 @@ fn classify(broker: &str, context: &str, error: lapin::Error) -> BusError {
             detail: error.to_string(),
         }
     } else {
-        disconnected(broker, &format!("{context}: {error}"))
+        BusError::disconnected(broker, &format!("{context}: {error}"))
     }
 }
 
@@ -481,7 +453,7 @@ async fn connect(url: &str, broker: &str, name: &str) -> Result<Connection, BusE
     let properties = ConnectionProperties::default().with_connection_name(LongString::from(name));
     Connection::connect(url, properties)
         .await
-        .map_err(|e| disconnected(broker, &format!("connecting: {e}")))
+        .map_err(|e| BusError::disconnected(broker, &format!("connecting: {e}")))
 }
 
 async fn new_channel(connection: &Connection, broker: &str) -> Result<Channel, BusError> {
@@ -542,7 +514,7 @@ async fn publish_start(
     (exchange, routing_key): (&ShortString, &ShortString),
     body: &[u8],
     properties: BasicProperties,
-) -> lapin::Result<lapin::PublisherConfirm> {
+) -> lapin::Result<PublisherConfirm> {
     let options = BasicPublishOptions {
         mandatory: true,
         ..BasicPublishOptions::default()

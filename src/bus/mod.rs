@@ -118,6 +118,14 @@ pub enum BusError {
 }
 
 impl BusError {
+    /// The connection to `broker` was lost (or never made): `detail` says how.
+    pub(crate) fn disconnected(broker: &str, detail: &str) -> BusError {
+        BusError::Disconnected {
+            broker: broker.to_owned(),
+            detail: detail.to_owned(),
+        }
+    }
+
     /// Whether the failure is passing: the connection was lost (reconnect)
     /// or the store was busy or unreachable (wait, try again).
     pub fn is_transient(&self) -> bool {

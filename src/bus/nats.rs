@@ -18,7 +18,9 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
-use async_nats::jetstream::context::{Context, CreateStreamErrorKind, PublishErrorKind};
+use async_nats::jetstream::context::{
+    Context, CreateStreamErrorKind, PublishAckFuture, PublishErrorKind,
+};
 use async_nats::jetstream::message::AckKind;
 use async_nats::jetstream::stream::ConsumerErrorKind;
 use async_nats::jetstream::{self, Message, stream};
@@ -26,7 +28,7 @@ use async_nats::{Client, HeaderMap};
 use futures_util::StreamExt;
 
 use super::intake::{Inbound, MessageSource};
-use super::publish::{EvidenceMessage, EvidenceSink, Unconfirmed};
+use super::publish::{EvidenceMessage, EvidenceSink, Unconfirmed, send_then_confirm};
 use super::runtime::{CLOSE_WAIT, Runtime};
 use super::{Backoff, BusError, HEADER_MESSAGE_ID, HEADER_REASON, header_value, redact};
 
@@ -249,11 +251,14 @@ impl JetStreamSource {
 
     fn settle(&mut self, message: &Inbound, kind: AckKind) -> Result<(), BusError> {
         let Some(pending) = self.pending.remove(&message.token) else {
-            return Err(disconnected(&self.broker, "the message is no longer held"));
+            return Err(BusError::disconnected(
+                &self.broker,
+                "the message is no longer held",
+            ));
         };
         self.runtime
             .block_on(pending.ack_with(kind))
-            .map_err(|e| disconnected(&self.broker, &format!("acknowledging: {e}")))
+            .map_err(|e| BusError::disconnected(&self.broker, &format!("acknowledging: {e}")))
     }
 }
 
@@ -276,7 +281,7 @@ impl MessageSource for JetStreamSource {
     fn next(&mut self, wait: Duration) -> Result<Option<Inbound>, BusError> {
         if self.fetched.is_empty() {
             let Some(link) = &self.link else {
-                return Err(disconnected(&self.broker, "not connected"));
+                return Err(BusError::disconnected(&self.broker, "not connected"));
             };
             let fetch = Self::fetch(&link.consumer, self.options.batch, wait);
             // The server ends the wait at `wait`; the margin covers a
@@ -285,7 +290,7 @@ impl MessageSource for JetStreamSource {
                 .runtime
                 .block_on_for(wait + Duration::from_secs(5), fetch)
                 .unwrap_or_else(|| Err("no answer to a pull request".to_owned()))
-                .map_err(|e| disconnected(&self.broker, &format!("fetching: {e}")))?;
+                .map_err(|e| BusError::disconnected(&self.broker, &format!("fetching: {e}")))?;
             self.fetched.extend(fetched);
         }
         Ok(self
@@ -311,7 +316,10 @@ impl MessageSource for JetStreamSource {
             return Ok(false);
         };
         let (Some(link), Some(held)) = (&self.link, self.pending.get(&message.token)) else {
-            return Err(disconnected(&self.broker, "the message is no longer held"));
+            return Err(BusError::disconnected(
+                &self.broker,
+                "the message is no longer held",
+            ));
         };
         let mut headers = HeaderMap::new();
         headers.insert(HEADER_REASON, header_value(reason).as_str());
@@ -423,38 +431,24 @@ impl JetStreamSink {
         context: &Context,
         batch: &[EvidenceMessage],
     ) -> Result<(), Unconfirmed> {
-        let mut sent = Vec::with_capacity(batch.len());
-        let mut failure = None;
-        for message in batch {
+        let send = async |message: &EvidenceMessage| {
             let mut headers = HeaderMap::new();
             headers.insert(NATS_MSG_ID, message.message_id.as_str());
             for (name, value) in message.headers() {
                 headers.insert(name, value.as_str());
             }
             let body = message.body.clone().into();
-            match context
+            context
                 .publish_with_headers(self.subject.clone(), headers, body)
                 .await
-            {
-                Ok(ack) => sent.push(ack),
-                Err(e) => {
-                    failure = Some(publish_failed(e).at(&self.broker));
-                    break;
-                }
-            }
-        }
-        let mut confirmed = 0;
-        for ack in sent {
-            if let Err(e) = ack.await {
-                let error = publish_failed(e).at(&self.broker);
-                return Err(Unconfirmed { confirmed, error });
-            }
-            confirmed += 1;
-        }
-        match failure {
-            Some(error) => Err(Unconfirmed { confirmed, error }),
-            None => Ok(()),
-        }
+                .map_err(|e| publish_failed(e).at(&self.broker))
+        };
+        let confirm = async |ack: PublishAckFuture| {
+            ack.await
+                .map(drop)
+                .map_err(|e| publish_failed(e).at(&self.broker))
+        };
+        send_then_confirm(batch, send, confirm).await
     }
 }
 
@@ -463,7 +457,7 @@ impl EvidenceSink for JetStreamSink {
         let Some((_, context)) = &self.link else {
             return Err(Unconfirmed {
                 confirmed: 0,
-                error: disconnected(&self.broker, "not connected"),
+                error: BusError::disconnected(&self.broker, "not connected"),
             });
         };
         self.runtime.block_on(self.publish_all(context, batch))
@@ -520,13 +514,6 @@ fn publish_failed(error: jetstream::context::PublishError) -> PublishFailure {
     }
 }
 
-fn disconnected(broker: &str, detail: &str) -> BusError {
-    BusError::Disconnected {
-        broker: broker.to_owned(),
-        detail: detail.to_owned(),
-    }
-}
-
 /// A JetStream API error is the server's answer and stays so; a timeout
 /// or a failed request is a lost connection.
 fn refused(broker: &str, what: &str, server_said: bool, error: impl std::fmt::Display) -> BusError {
@@ -537,7 +524,7 @@ fn refused(broker: &str, what: &str, server_said: bool, error: impl std::fmt::Di
             detail: error.to_string(),
         }
     } else {
-        disconnected(broker, &format!("{what}: {error}"))
+        BusError::disconnected(broker, &format!("{what}: {error}"))
     }
 }
 
@@ -551,7 +538,7 @@ async fn connect(url: &str, broker: &str, name: &str) -> Result<Client, BusError
         })
         .connect(url)
         .await
-        .map_err(|e| disconnected(broker, &format!("connecting: {e}")))
+        .map_err(|e| BusError::disconnected(broker, &format!("connecting: {e}")))
 }
 
 /// Whether `filter` (NATS subject syntax: `*` one token, `>` the rest)

@@ -211,6 +211,40 @@ pub struct Unconfirmed {
     pub error: BusError,
 }
 
+/// Sends every message of `batch` with `send` (stopping at the first that
+/// cannot be sent), then waits for each one's confirmation in order with
+/// `confirm`: the messages confirmed are counted from the first, up to the
+/// first that is not. Sending them all before waiting takes one round trip
+/// for the batch, not one a message.
+///
+/// # Errors
+/// [`Unconfirmed`]: the prefix confirmed and why the next was not.
+pub(crate) async fn send_then_confirm<P>(
+    batch: &[EvidenceMessage],
+    mut send: impl AsyncFnMut(&EvidenceMessage) -> Result<P, BusError>,
+    confirm: impl AsyncFn(P) -> Result<(), BusError>,
+) -> Result<(), Unconfirmed> {
+    let mut sent = Vec::with_capacity(batch.len());
+    let mut failure = None;
+    for message in batch {
+        match send(message).await {
+            Ok(pending) => sent.push(pending),
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    let mut confirmed = 0;
+    for pending in sent {
+        if let Err(error) = confirm(pending).await {
+            return Err(Unconfirmed { confirmed, error });
+        }
+        confirmed += 1;
+    }
+    failure.map_or(Ok(()), |error| Err(Unconfirmed { confirmed, error }))
+}
+
 /// Where evidence goes: a broker that confirms what it holds.
 pub trait EvidenceSink: Send {
     /// Publishes `batch` in order and waits until the broker has confirmed
@@ -486,6 +520,28 @@ mod tests {
             })
     }
 
+    /// Runs a publisher to idle; returns its report and the jobs it sent.
+    fn publish(
+        store: &Arc<MemoryStore>,
+        outbox: &Arc<ScanOutbox>,
+        sink: &Recorder,
+        options: PublisherOptions,
+    ) -> (PublisherReport, Vec<Uuid>) {
+        let before = sink.published.lock().unwrap().len();
+        let mut publisher = Publisher::new(
+            store.clone(),
+            outbox.clone(),
+            Box::new(sink.clone()),
+            options,
+        );
+        let report = publisher.run().unwrap();
+        let published = sink.published.lock().unwrap();
+        (
+            report,
+            published[before..].iter().map(|m| m.job_id).collect(),
+        )
+    }
+
     fn executor(store: &Arc<MemoryStore>) -> JobExecutor {
         let mut executor = JobExecutor::builder().store(store.clone()).build();
         executor.register_handler("noop", NoOpHandler);
@@ -560,52 +616,20 @@ mod tests {
         // The first round confirms two of five, the second none; the
         // publisher reconnects and sends the rest.
         sink.script.lock().unwrap().extend([2, 0]);
-        let mut first = Publisher::new(
-            store.clone(),
-            outbox.clone(),
-            Box::new(sink.clone()),
-            quick(),
-        );
-        let report = first.run().unwrap();
+        let (report, ids) = publish(&store, &outbox, &sink, quick());
         assert_eq!((report.published, report.reconnects), (5, 2));
-        let ids: Vec<Uuid> = sink
-            .published
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|m| m.job_id)
-            .collect();
         assert_eq!(ids, jobs, "each once, in order");
 
         // Two more jobs end; a new publisher on the same cursor sends only those.
         let later: Vec<Uuid> = (0..2).map(|_| run_job(&executor, 1)).collect();
-        let again = Recorder::default();
-        let mut second = Publisher::new(
-            store.clone(),
-            outbox.clone(),
-            Box::new(again.clone()),
-            quick(),
-        );
-        assert_eq!(second.run().unwrap().published, 2);
-        let ids: Vec<Uuid> = again
-            .published
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|m| m.job_id)
-            .collect();
-        assert_eq!(ids, later);
-        assert_eq!(
-            outbox.cursor("evidence").unwrap(),
-            store.last_position().unwrap()
-        );
+        let (report, ids) = publish(&store, &outbox, &Recorder::default(), quick());
+        assert_eq!((report.published, ids), (2, later));
+        let end = store.last_position().unwrap();
+        assert_eq!(outbox.cursor("evidence").unwrap(), end);
         // Another name starts from the beginning; a cursor never moves back.
         assert_eq!(outbox.cursor("audit").unwrap(), 0);
         outbox.advance("evidence", 1).unwrap();
-        assert_eq!(
-            outbox.cursor("evidence").unwrap(),
-            store.last_position().unwrap()
-        );
+        assert_eq!(outbox.cursor("evidence").unwrap(), end);
     }
 
     #[test]
@@ -613,20 +637,9 @@ mod tests {
         let store = Arc::new(MemoryStore::new());
         let executor = executor(&store);
         let jobs: Vec<Uuid> = (0..7).map(|_| run_job(&executor, 0)).collect();
-        let sink = Recorder::default();
         let outbox = Arc::new(ScanOutbox::new(store.clone()));
         let options = quick().with_batch(3);
-        let report = Publisher::new(store.clone(), outbox, Box::new(sink.clone()), options)
-            .run()
-            .unwrap();
-        assert_eq!(report.published, 7);
-        let ids: Vec<Uuid> = sink
-            .published
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|m| m.job_id)
-            .collect();
-        assert_eq!(ids, jobs);
+        let (report, ids) = publish(&store, &outbox, &Recorder::default(), options);
+        assert_eq!((report.published, ids), (7, jobs));
     }
 }
