@@ -32,6 +32,8 @@
 #![warn(missing_docs)]
 
 pub mod bundle;
+#[cfg(feature = "bus")]
+pub mod bus;
 pub mod chain;
 pub mod checkpoint;
 #[cfg(feature = "cli")]
