@@ -12,7 +12,8 @@
 //! cargo run --release --example report_load -- --steps 10000 --runs 7
 //! ```
 
-#[path = "../tests/browser/mod.rs"]
+#[path = "../tests/it/browser.rs"]
+#[allow(dead_code)] // the tests' browser helpers, of which this program needs a few
 mod browser;
 
 use std::sync::Arc;

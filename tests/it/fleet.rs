@@ -2,7 +2,7 @@
 //! them, and workers that are killed, paused and restarted — with every
 //! step still run at most once.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -2,7 +2,7 @@
 //! processes, cancel and resume from another process, read-only, locked and
 //! full databases.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -474,7 +474,7 @@ fn a_full_disk_fails_cleanly() {
             .is_ok_and(|s| s.success());
     if !mounted {
         eprintln!(
-            "skipped: cannot mount a small tmpfs here (the max_page_count test in tests/lifecycle.rs covers a full database)"
+            "skipped: cannot mount a small tmpfs here (the max_page_count test in tests/it/lifecycle.rs covers a full database)"
         );
         return;
     }

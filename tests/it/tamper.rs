@@ -10,7 +10,7 @@
 //! `job_no` are the store's index of the whole log, not part of any job's
 //! evidence, and are not covered by the chain (see ARCHITECTURE.md).
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::Arc;

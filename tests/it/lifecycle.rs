@@ -1,7 +1,7 @@
 //! Timeouts, cancellation, resumption, the `command` handler and storage
 //! faults, through the library.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;

@@ -3,7 +3,7 @@
 //! returned result AND on the stored log; and of the state machine against
 //! mutated logs.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,7 +1,7 @@
 //! Tamper evidence: the hash chain, keyed heads, audit bundles, and logs
 //! written by the first schema.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

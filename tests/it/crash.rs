@@ -3,7 +3,7 @@
 //! and the promise that no step ever runs twice — on the memory store,
 //! SQLite and PostgreSQL.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

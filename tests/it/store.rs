@@ -4,7 +4,7 @@
 //! (`common::backend`); what is about a SQLite file or a PostgreSQL schema
 //! runs on that store alone.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;

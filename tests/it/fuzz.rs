@@ -7,7 +7,7 @@
 //! The same three entry points have `cargo fuzz` targets under `fuzz/`
 //! (see `fuzz/README.md`); what either finds is kept here as a regression.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -5,11 +5,11 @@
 //! Without chromium and chromedriver these tests skip, saying so on stderr;
 //! `.ci/run` sets `JE_REQUIRE_BROWSER=1`, which makes them fail instead.
 //!
-//! `JE_UPDATE_SCREENSHOTS=1 cargo test --test report_browser -- --ignored screenshots`
+//! `JE_UPDATE_SCREENSHOTS=1 cargo test --test it -- --ignored report_browser::screenshots`
 //! remakes the pictures in `docs/`.
 
-mod browser;
-mod common;
+use crate::browser;
+use crate::common;
 
 use std::io::ErrorKind;
 use std::net::TcpListener;
@@ -1176,7 +1176,7 @@ async fn full_page(browser: &Browser, width: u32) -> Vec<u8> {
 }
 
 #[tokio::test]
-#[ignore = "remakes the pictures in docs/: cargo test --test report_browser -- --ignored screenshots"]
+#[ignore = "remakes the pictures in docs/: cargo test --test it -- --ignored report_browser::screenshots"]
 async fn screenshots() {
     let Some(browser) = Browser::start("screenshots", 1280, 900).await else {
         panic!("the pictures need chromium and chromedriver");
