@@ -9,7 +9,8 @@ in src/ and python/src (comments and string literals set aside), resolves it
 to the top-level module it names, and fails on each path that reaches a
 module listed after its own, naming file:line, both modules and the path.
 It also fails when a module the crate root declares is missing from its list,
-or the list names a module that does not exist, so the map stays true.
+or the list names a module that does not exist or names one twice, so the
+map stays true.
 
 Usage: python3 .ci/layers.py [repository root]. Python 3 standard library only.
 """
@@ -204,6 +205,11 @@ def violations(layers, reexports, declared):
                 f"{layers.source}: module `{module}` is declared but not in "
                 f"{layers.map_file}'s list of {layers.name} modules: add it where it belongs"
             )
+    for module in sorted({m for m in layers.order if layers.order.count(m) > 1}):
+        found.append(
+            f"{layers.map_file}: the list of {layers.name} modules names `{module}` "
+            f"{layers.order.count(module)} times: keep it once, where it belongs"
+        )
     for module in layers.order:
         if module not in declared:
             found.append(
