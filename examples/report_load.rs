@@ -12,7 +12,8 @@
 //! cargo run --release --example report_load -- --steps 10000 --runs 7
 //! ```
 
-#[path = "../tests/browser/mod.rs"]
+#[path = "../tests/it/browser.rs"]
+#[allow(dead_code)] // the tests' browser helpers, of which this program needs a few
 mod browser;
 
 use std::sync::Arc;
@@ -39,11 +40,8 @@ fn median(values: &mut [f64]) -> f64 {
     values[values.len() / 2]
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() {
-    let steps_total = argument("--steps", 10_000) as u32;
-    let runs = argument("--runs", 7).max(1);
-
+/// Runs a job of `steps_total` steps into a memory log.
+fn long_job(steps_total: u32) -> (Arc<MemoryStore>, Uuid) {
     let store = Arc::new(MemoryStore::new());
     let mut executor = JobExecutor::builder()
         .store(store.clone())
@@ -66,6 +64,57 @@ async fn main() {
     executor
         .execute_job(job_id, Uuid::new_v4(), &steps, None, "load-test")
         .expect("the job runs");
+    (store, job_id)
+}
+
+/// Opens the page at `url` once, from a blank page. Milliseconds from
+/// navigation start to DOMContentLoaded, to load, and to the first frame
+/// painted after it; then how much longer opening every collapsed section
+/// and painting it takes.
+async fn open_once(browser: &browser::Browser, url: &str) -> [f64; 4] {
+    browser
+        .client
+        .goto("about:blank")
+        .await
+        .expect("blank page");
+    browser.client.goto(url).await.expect("the page opens");
+    // The load event has fired; wait for the frame after it.
+    let timing = browser
+        .client
+        .execute_async(
+            "const done = arguments[arguments.length - 1];
+             const nav = performance.getEntriesByType('navigation')[0];
+             requestAnimationFrame(() => requestAnimationFrame(() =>
+                 done([nav.domContentLoadedEventEnd, nav.loadEventEnd, performance.now()])));",
+            vec![],
+        )
+        .await
+        .expect("timings");
+    let [dom, load, painted]: [f64; 3] = serde_json::from_value(timing).expect("numbers");
+    // A reader who opens every collapsed section: every step's row and
+    // every raw event laid out and painted.
+    let expanded = browser
+        .client
+        .execute_async(
+            "const done = arguments[arguments.length - 1];
+             const start = performance.now();
+             for (const d of document.querySelectorAll('details:not(.cell)')) d.open = true;
+             document.body.getBoundingClientRect();
+             requestAnimationFrame(() => requestAnimationFrame(() =>
+                 done(performance.now() - start)));",
+            vec![],
+        )
+        .await
+        .expect("timing");
+    let expanded: f64 = serde_json::from_value(expanded).expect("a number");
+    [dom, load, painted, expanded]
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let steps_total = argument("--steps", 10_000) as u32;
+    let runs = argument("--runs", 7).max(1);
+    let (store, job_id) = long_job(steps_total);
 
     let started = Instant::now();
     let records = store.load_job(job_id).expect("the log reads");
@@ -88,41 +137,7 @@ async fn main() {
     let url = format!("file://{}", path.display());
     let (mut loads, mut paints, mut opens) = (Vec::new(), Vec::new(), Vec::new());
     for run in 1..=runs {
-        browser
-            .client
-            .goto("about:blank")
-            .await
-            .expect("blank page");
-        browser.client.goto(&url).await.expect("the page opens");
-        // The load event has fired; wait for the frame after it.
-        let timing = browser
-            .client
-            .execute_async(
-                "const done = arguments[arguments.length - 1];
-                 const nav = performance.getEntriesByType('navigation')[0];
-                 requestAnimationFrame(() => requestAnimationFrame(() =>
-                     done([nav.domContentLoadedEventEnd, nav.loadEventEnd, performance.now()])));",
-                vec![],
-            )
-            .await
-            .expect("timings");
-        let [dom, load, painted]: [f64; 3] = serde_json::from_value(timing).expect("numbers");
-        // A reader who opens every collapsed section: every step's row and
-        // every raw event laid out and painted.
-        let expanded = browser
-            .client
-            .execute_async(
-                "const done = arguments[arguments.length - 1];
-                 const start = performance.now();
-                 for (const d of document.querySelectorAll('details:not(.cell)')) d.open = true;
-                 document.body.getBoundingClientRect();
-                 requestAnimationFrame(() => requestAnimationFrame(() =>
-                     done(performance.now() - start)));",
-                vec![],
-            )
-            .await
-            .expect("timing");
-        let expanded: f64 = serde_json::from_value(expanded).expect("a number");
+        let [dom, load, painted, expanded] = open_once(&browser, &url).await;
         println!(
             "run {run}: DOMContentLoaded {dom:.0} ms, load {load:.0} ms, painted {painted:.0} ms; \
              every section opened and painted in {expanded:.0} ms more"

@@ -177,15 +177,8 @@ fn baseline(
     baseline_on(path, sync, jobs, steps, threads, commits, Table::Plain)
 }
 
-fn baseline_on(
-    path: &Path,
-    sync: Synchronous,
-    jobs: usize,
-    steps: usize,
-    threads: usize,
-    commits: Commits,
-    table: Table,
-) -> f64 {
+/// The baseline's table at `path`: a plain one, or the log's own.
+fn create_table(path: &Path, sync: Synchronous, table: Table) {
     match table {
         Table::Plain => Connection::open(path)
             .expect("open the baseline")
@@ -204,12 +197,14 @@ fn baseline_on(
                 .expect("create the log's table"),
         ),
     }
-    // Payloads shaped like the engine's: the plan once, then small step events.
-    let plan_payload = serde_json::to_string(&plan(steps)).expect("plan serialises");
-    let digest = "0".repeat(64);
+}
+
+/// The baseline's insert of one row: `?1` job id, `?2` job number, `?3`
+/// seq, `?4` payload, `?5` digest, `?6` kind.
+fn insert_statement(table: Table) -> &'static str {
     // The store's own statement: a new job's number after every job's, a
     // later event's the number its start got.
-    let insert = match table {
+    match table {
         Table::Plain => {
             "INSERT INTO events (job_id, job_no, seq, kind, schema_version, recorded_at, payload, digest)
              VALUES (?1, ?2, ?3, ?6, 2, '2000-01-01T00:00:00.000000Z', ?4, ?5)"
@@ -223,7 +218,23 @@ fn baseline_on(
                           ELSE (SELECT job_no FROM events WHERE job_id = ?1 AND seq = 1) END,
                      ?3, ?6, 2, '2000-01-01T00:00:00.000000Z', ?4, ?5, NULL)"
         }
-    };
+    }
+}
+
+fn baseline_on(
+    path: &Path,
+    sync: Synchronous,
+    jobs: usize,
+    steps: usize,
+    threads: usize,
+    commits: Commits,
+    table: Table,
+) -> f64 {
+    create_table(path, sync, table);
+    // Payloads shaped like the engine's: the plan once, then small step events.
+    let plan_payload = serde_json::to_string(&plan(steps)).expect("plan serialises");
+    let digest = "0".repeat(64);
+    let insert = insert_statement(table);
     let job_numbers = Arc::new(std::sync::atomic::AtomicI64::new(0));
     let start = Instant::now();
     let handles: Vec<_> = (0..threads)
@@ -338,22 +349,17 @@ fn open_read(path: &Path) -> SqliteStore {
     SqliteStore::open_with(path, &options).expect("open the log")
 }
 
-fn main() {
-    let options = match parse_args() {
-        Ok(options) => options,
-        Err(e) => {
-            eprintln!("workload: {e}");
-            std::process::exit(2);
-        }
-    };
+/// Runs the one thing `--replay-only`, `--scale`, `--baseline-only` or
+/// `--generate` asks for; whether one of them was given.
+fn run_single_mode(options: &Options) -> bool {
     if let Some(path) = &options.replay_only {
         let (rate, events) = whole_log_replay(path);
         println!("{{\"replay_events\":{events},\"replay_events_per_s\":{rate:.0}}}");
-        return;
+        return true;
     }
     if let Some(path) = &options.scale {
         scale(path, options.steps, options.threads[0]);
-        return;
+        return true;
     }
     if let Some(path) = &options.baseline_only {
         let sync = options.syncs[0];
@@ -372,7 +378,7 @@ fn main() {
             table,
         );
         println!("{{\"baseline_events_per_s\":{rate:.0}}}");
-        return;
+        return true;
     }
     if let Some(path) = &options.generate {
         let sync = if options.sync_given {
@@ -383,39 +389,58 @@ fn main() {
         let rate = engine(path, sync, options.jobs, options.steps, options.threads[0]);
         let events = options.jobs as u64 * events_per_job(options.steps);
         println!("{{\"generated_events\":{events},\"engine_events_per_s\":{rate:.0}}}");
+        return true;
+    }
+    false
+}
+
+/// One configuration's JSON line.
+fn print_row(options: &Options, sync: Synchronous, threads: usize, row: &Row) {
+    let (jobs, steps) = (options.jobs, options.steps);
+    let events = jobs as u64 * events_per_job(steps);
+    println!(
+        "{{\"sync\":\"{}\",\"threads\":{threads},\"jobs\":{jobs},\"steps\":{steps},\"events\":{events},\"runs\":{},\
+         \"engine_events_per_s\":{:.0},\"baseline_events_per_s\":{:.0},\"ratio\":{:.3},\
+         \"baseline_per_step_events_per_s\":{:.0},\"ratio_per_step\":{:.3},\
+         \"same_table_per_step_events_per_s\":{:.0},\"ratio_same_table\":{:.3},\
+         \"single_stream_baseline_events_per_s\":{:.0},\"ratio_to_single_stream\":{:.3},\
+         \"replay_events_per_s\":{:.0},\"raw_replay_events_per_s\":{:.0},\"replay_ratio\":{:.3},\
+         \"verify_events_per_s\":{:.0},\"verify_ratio\":{:.3}}}",
+        sync_name(sync),
+        options.runs,
+        row.engine,
+        row.per_event,
+        row.ratio,
+        row.per_step,
+        row.ratio_per_step,
+        row.same_table,
+        row.ratio_same_table,
+        row.single,
+        row.ratio_to_single,
+        row.replay,
+        row.raw_replay,
+        row.replay_ratio,
+        row.verify,
+        row.verify_ratio,
+    );
+}
+
+fn main() {
+    let options = match parse_args() {
+        Ok(options) => options,
+        Err(e) => {
+            eprintln!("workload: {e}");
+            std::process::exit(2);
+        }
+    };
+    if run_single_mode(&options) {
         return;
     }
     let scratch = tempfile_dir(options.dir.as_deref());
-    let (jobs, steps) = (options.jobs, options.steps);
-    let events = jobs as u64 * events_per_job(steps);
     for &sync in &options.syncs {
         for &threads in &options.threads {
             let row = measure(&options, &scratch, sync, threads);
-            println!(
-                "{{\"sync\":\"{}\",\"threads\":{threads},\"jobs\":{jobs},\"steps\":{steps},\"events\":{events},\"runs\":{},\
-                 \"engine_events_per_s\":{:.0},\"baseline_events_per_s\":{:.0},\"ratio\":{:.3},\
-                 \"baseline_per_step_events_per_s\":{:.0},\"ratio_per_step\":{:.3},\
-                 \"same_table_per_step_events_per_s\":{:.0},\"ratio_same_table\":{:.3},\
-                 \"single_stream_baseline_events_per_s\":{:.0},\"ratio_to_single_stream\":{:.3},\
-                 \"replay_events_per_s\":{:.0},\"raw_replay_events_per_s\":{:.0},\"replay_ratio\":{:.3},\
-                 \"verify_events_per_s\":{:.0},\"verify_ratio\":{:.3}}}",
-                sync_name(sync),
-                options.runs,
-                row.engine,
-                row.per_event,
-                row.ratio,
-                row.per_step,
-                row.ratio_per_step,
-                row.same_table,
-                row.ratio_same_table,
-                row.single,
-                row.ratio_to_single,
-                row.replay,
-                row.raw_replay,
-                row.replay_ratio,
-                row.verify,
-                row.verify_ratio,
-            );
+            print_row(&options, sync, threads, &row);
         }
     }
     if !options.keep && options.dir.is_none() {
@@ -444,6 +469,69 @@ struct Row {
     verify_ratio: f64,
 }
 
+/// One run's write rates, events/s, into `dbs`: the engine, then the
+/// per-event, per-step, single-stream and same-table baselines.
+fn write_rates(
+    dbs: &[PathBuf; 5],
+    sync: Synchronous,
+    jobs: usize,
+    steps: usize,
+    threads: usize,
+    run: usize,
+) -> [f64; 5] {
+    // The single-stream, one-commit-per-event baseline runs in every run
+    // (at T=1 it is the per-event baseline itself).
+    let order: Vec<usize> = if threads == 1 {
+        vec![0, 1, 2, 4]
+    } else {
+        vec![0, 1, 2, 3, 4]
+    };
+    let mut rates = [0.0; 5];
+    // Rotate which goes first so that none always gets a warm disk.
+    for &which in order
+        .iter()
+        .cycle()
+        .skip(run % order.len())
+        .take(order.len())
+    {
+        // Start from a quiet disk: no writeback left from the last run.
+        flush_disk();
+        rates[which] = match which {
+            0 => engine(&dbs[0], sync, jobs, steps, threads),
+            1 => baseline(&dbs[1], sync, jobs, steps, threads, Commits::PerEvent),
+            2 => baseline(&dbs[2], sync, jobs, steps, threads, Commits::PerStep),
+            3 => baseline(&dbs[3], sync, jobs, steps, 1, Commits::PerEvent),
+            _ => baseline_on(
+                &dbs[4],
+                sync,
+                jobs,
+                steps,
+                threads,
+                Commits::PerStep,
+                Table::Store,
+            ),
+        };
+    }
+    if threads == 1 {
+        rates[3] = rates[1];
+    }
+    rates
+}
+
+/// One read pass over the engine's log at `db`, events/s: replay, the raw
+/// read, verify — in an order that turns with `pass`.
+fn read_rates(db: &Path, pass: usize) -> [f64; 3] {
+    let mut pass_rates = [0.0; 3];
+    for which in (0..3).cycle().skip(pass % 3).take(3) {
+        pass_rates[which] = match which {
+            0 => engine_replay(db).0,
+            1 => raw_replay(db),
+            _ => verify_rate(db),
+        };
+    }
+    pass_rates
+}
+
 fn measure(options: &Options, scratch: &Path, sync: Synchronous, threads: usize) -> Row {
     let (jobs, steps) = (options.jobs, options.steps);
     let (mut engine_rates, mut per_event, mut per_step, mut single) =
@@ -462,42 +550,7 @@ fn measure(options: &Options, scratch: &Path, sync: Synchronous, threads: usize)
             name("single"),
             name("per-step-same-table"),
         ];
-        // The single-stream, one-commit-per-event baseline runs in every run
-        // (at T=1 it is the per-event baseline itself).
-        let order: Vec<usize> = if threads == 1 {
-            vec![0, 1, 2, 4]
-        } else {
-            vec![0, 1, 2, 3, 4]
-        };
-        let mut rates = [0.0; 5];
-        // Rotate which goes first so that none always gets a warm disk.
-        for &which in order
-            .iter()
-            .cycle()
-            .skip(run % order.len())
-            .take(order.len())
-        {
-            // Start from a quiet disk: no writeback left from the last run.
-            flush_disk();
-            rates[which] = match which {
-                0 => engine(&dbs[0], sync, jobs, steps, threads),
-                1 => baseline(&dbs[1], sync, jobs, steps, threads, Commits::PerEvent),
-                2 => baseline(&dbs[2], sync, jobs, steps, threads, Commits::PerStep),
-                3 => baseline(&dbs[3], sync, jobs, steps, 1, Commits::PerEvent),
-                _ => baseline_on(
-                    &dbs[4],
-                    sync,
-                    jobs,
-                    steps,
-                    threads,
-                    Commits::PerStep,
-                    Table::Store,
-                ),
-            };
-        }
-        if threads == 1 {
-            rates[3] = rates[1];
-        }
+        let rates = write_rates(&dbs, sync, jobs, steps, threads, run);
         engine_rates.push(rates[0]);
         per_event.push(rates[1]);
         per_step.push(rates[2]);
@@ -510,14 +563,7 @@ fn measure(options: &Options, scratch: &Path, sync: Synchronous, threads: usize)
         // A replay of this log takes milliseconds: every reader runs
         // several times, in turns, so that none always reads first.
         for pass in 0..READ_PASSES {
-            let mut pass_rates = [0.0; 3];
-            for which in (0..3).cycle().skip(pass % 3).take(3) {
-                pass_rates[which] = match which {
-                    0 => engine_replay(&dbs[0]).0,
-                    1 => raw_replay(&dbs[0]),
-                    _ => verify_rate(&dbs[0]),
-                };
-            }
+            let pass_rates = read_rates(&dbs[0], pass);
             replay.push(pass_rates[0]);
             raw.push(pass_rates[1]);
             verify.push(pass_rates[2]);

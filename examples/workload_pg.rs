@@ -175,6 +175,28 @@ enum Raw {
     LogTables,
 }
 
+impl Raw {
+    /// The baseline's tables in `schema`: the plain table, or the store's.
+    fn create_tables(self, schema: &Schema) {
+        match self {
+            Raw::SameCommits | Raw::PerEvent | Raw::OneStatement => schema
+                .client()
+                .batch_execute(PLAIN_TABLE)
+                .expect("create the plain table"),
+            // The store's migrations make its tables.
+            Raw::LogTables => drop(PgStore::open(&schema.url()).expect("create the log's tables")),
+        }
+    }
+
+    /// Rows a commit (or a statement) writes: one event, or a step's two.
+    fn rows_per_commit(self) -> i64 {
+        match self {
+            Raw::PerEvent => 1,
+            Raw::SameCommits | Raw::LogTables | Raw::OneStatement => 2,
+        }
+    }
+}
+
 /// The log's columns and unique indexes, without CHECKs or triggers;
 /// positions from an identity column, so writers never wait on one another.
 const PLAIN_TABLE: &str = "CREATE TABLE events (
@@ -206,21 +228,11 @@ const LOG_INSERT: &str = "INSERT INTO events
 
 /// Raw inserts of the engine's rows; returns events/s.
 fn raw(schema: &Schema, raw: Raw, jobs: usize, steps: usize, threads: usize) -> f64 {
-    match raw {
-        Raw::SameCommits | Raw::PerEvent | Raw::OneStatement => schema
-            .client()
-            .batch_execute(PLAIN_TABLE)
-            .expect("create the plain table"),
-        // The store's migrations make its tables.
-        Raw::LogTables => drop(PgStore::open(&schema.url()).expect("create the log's tables")),
-    }
+    raw.create_tables(schema);
     let plan_payload = serde_json::to_string(&plan(steps)).expect("plan serialises");
     let digest = "0".repeat(64);
     let job_numbers = AtomicU64::new(0);
-    let rows_per_commit = match raw {
-        Raw::PerEvent => 1,
-        Raw::SameCommits | Raw::LogTables | Raw::OneStatement => 2,
-    };
+    let rows_per_commit = raw.rows_per_commit();
     timed(threads, jobs, steps, |t| {
         let mut client = schema.client();
         let (plain, head, log, unnest) = (

@@ -9,7 +9,7 @@
 //! accepted by all.
 
 use crate::events::Event;
-use crate::model::{JobStatus, PlanError, validate_plan};
+use crate::model::{JobStatus, JobStep, PlanError, validate_plan};
 
 /// Where a job is in its life.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -280,56 +280,16 @@ pub fn apply(state: JobState, event: &Event) -> Result<JobState, TransitionError
             Err(TransitionError::AfterEnd { kind })
         }
 
-        (Phase::NotStarted, Event::JobStarted(started)) => {
-            validate_plan(&started.plan).map_err(TransitionError::InvalidPlan)?;
-            Ok(JobState {
-                phase: Phase::Idle,
-                // validate_plan bounds the plan far below u32::MAX.
-                steps: started.plan.len() as u32,
-                next_step: 0,
-                ..state
-            })
-        }
+        (Phase::NotStarted, Event::JobStarted(started)) => start_job(state, &started.plan),
         (Phase::NotStarted, _) => Err(TransitionError::NotStarted { kind }),
         (_, Event::JobStarted(_)) => Err(TransitionError::AlreadyStarted),
 
         // A request records an outside wish and changes nothing else, so it
         // may arrive at any time, even while a step runs; it is honoured
         // before the next step would start.
-        (_, Event::JobCancelRequested(_)) => {
-            if state.cancel_requested {
-                Err(TransitionError::CancelAlreadyRequested)
-            } else {
-                Ok(JobState {
-                    cancel_requested: true,
-                    ..state
-                })
-            }
-        }
+        (_, Event::JobCancelRequested(_)) => request_cancel(state),
 
-        (Phase::Idle, Event::StepStarted(s)) => {
-            let step_index = s.step_index;
-            if state.cancel_requested {
-                Err(TransitionError::StartAfterCancel { step_index })
-            } else if step_index < state.next_step {
-                Err(TransitionError::Restarted { step_index })
-            } else if step_index >= state.steps {
-                Err(TransitionError::NoSuchStep {
-                    step_index,
-                    steps: state.steps,
-                })
-            } else if step_index > state.next_step {
-                Err(TransitionError::OutOfOrder {
-                    step_index,
-                    expected: state.next_step,
-                })
-            } else {
-                Ok(JobState {
-                    phase: Phase::StepRunning { step_index },
-                    ..state
-                })
-            }
-        }
+        (Phase::Idle, Event::StepStarted(s)) => start_step(state, s.step_index),
         (Phase::Idle, Event::StepSucceeded(s)) => Err(TransitionError::OutcomeWithoutStart {
             kind,
             step_index: s.step_index,
@@ -338,61 +298,19 @@ pub fn apply(state: JobState, event: &Event) -> Result<JobState, TransitionError
             kind,
             step_index: s.step_index,
         }),
-        (Phase::Idle, Event::JobCompleted(_)) => {
-            if state.next_step == state.steps {
-                Ok(JobState {
-                    phase: Phase::Completed,
-                    ..state
-                })
-            } else {
-                Err(TransitionError::Incomplete {
-                    succeeded: state.next_step,
-                    steps: state.steps,
-                })
-            }
-        }
+        (Phase::Idle, Event::JobCompleted(_)) => complete(state),
         (Phase::Idle, Event::JobHalted(h)) => Err(TransitionError::HaltWithoutFailure {
             step_index: h.step_index,
         }),
-        (Phase::Idle, Event::JobCancelled(_)) => {
-            if state.cancel_requested {
-                Ok(JobState {
-                    phase: Phase::Cancelled,
-                    ..state
-                })
-            } else {
-                Err(TransitionError::CancelWithoutRequest)
-            }
-        }
+        (Phase::Idle, Event::JobCancelled(_)) => cancel(state),
         (Phase::Idle, Event::JobResumed(_)) => Ok(state),
 
         (Phase::StepRunning { step_index }, Event::StepSucceeded(s)) => {
-            if s.step_index == step_index {
-                Ok(JobState {
-                    phase: Phase::Idle,
-                    next_step: step_index + 1,
-                    ..state
-                })
-            } else {
-                Err(TransitionError::OutcomeWithoutStart {
-                    kind,
-                    step_index: s.step_index,
-                })
-            }
+            end_step(state, kind, step_index, s.step_index, Phase::Idle)
         }
         (Phase::StepRunning { step_index }, Event::StepFailed(f)) => {
-            if f.step_index == step_index {
-                Ok(JobState {
-                    phase: Phase::StepFailed { step_index },
-                    next_step: step_index + 1,
-                    ..state
-                })
-            } else {
-                Err(TransitionError::OutcomeWithoutStart {
-                    kind,
-                    step_index: f.step_index,
-                })
-            }
+            let failed = Phase::StepFailed { step_index };
+            end_step(state, kind, step_index, f.step_index, failed)
         }
         (Phase::StepRunning { step_index }, _) => Err(TransitionError::OutcomeMissing {
             kind,
@@ -400,22 +318,126 @@ pub fn apply(state: JobState, event: &Event) -> Result<JobState, TransitionError
         }),
 
         (Phase::StepFailed { step_index }, Event::JobHalted(h)) => {
-            if h.step_index == step_index {
-                Ok(JobState {
-                    phase: Phase::Halted { step_index },
-                    ..state
-                })
-            } else {
-                Err(TransitionError::HaltMismatch {
-                    step_index: h.step_index,
-                    failed: step_index,
-                })
-            }
+            halt(state, step_index, h.step_index)
         }
         (Phase::StepFailed { step_index }, _) => Err(TransitionError::AfterFailure {
             kind,
             failed: step_index,
         }),
+    }
+}
+
+/// `JobStarted`: a valid plan, and the job is idle before its first step.
+fn start_job(state: JobState, plan: &[JobStep]) -> Result<JobState, TransitionError> {
+    validate_plan(plan).map_err(TransitionError::InvalidPlan)?;
+    Ok(JobState {
+        phase: Phase::Idle,
+        // validate_plan bounds the plan far below u32::MAX.
+        steps: plan.len() as u32,
+        next_step: 0,
+        ..state
+    })
+}
+
+/// `JobCancelRequested`: once per job.
+fn request_cancel(state: JobState) -> Result<JobState, TransitionError> {
+    if state.cancel_requested {
+        Err(TransitionError::CancelAlreadyRequested)
+    } else {
+        Ok(JobState {
+            cancel_requested: true,
+            ..state
+        })
+    }
+}
+
+/// `StepStarted` between steps: the next step of the plan, and no cancel
+/// request pending.
+fn start_step(state: JobState, step_index: u32) -> Result<JobState, TransitionError> {
+    if state.cancel_requested {
+        Err(TransitionError::StartAfterCancel { step_index })
+    } else if step_index < state.next_step {
+        Err(TransitionError::Restarted { step_index })
+    } else if step_index >= state.steps {
+        Err(TransitionError::NoSuchStep {
+            step_index,
+            steps: state.steps,
+        })
+    } else if step_index > state.next_step {
+        Err(TransitionError::OutOfOrder {
+            step_index,
+            expected: state.next_step,
+        })
+    } else {
+        Ok(JobState {
+            phase: Phase::StepRunning { step_index },
+            ..state
+        })
+    }
+}
+
+/// A step's outcome (`kind`) for step `reported` while step `running` runs:
+/// the same step, which then moves the job to `phase`.
+fn end_step(
+    state: JobState,
+    kind: &'static str,
+    running: u32,
+    reported: u32,
+    phase: Phase,
+) -> Result<JobState, TransitionError> {
+    if reported == running {
+        Ok(JobState {
+            phase,
+            next_step: running + 1,
+            ..state
+        })
+    } else {
+        Err(TransitionError::OutcomeWithoutStart {
+            kind,
+            step_index: reported,
+        })
+    }
+}
+
+/// `JobCompleted`: every step succeeded.
+fn complete(state: JobState) -> Result<JobState, TransitionError> {
+    if state.next_step == state.steps {
+        Ok(JobState {
+            phase: Phase::Completed,
+            ..state
+        })
+    } else {
+        Err(TransitionError::Incomplete {
+            succeeded: state.next_step,
+            steps: state.steps,
+        })
+    }
+}
+
+/// `JobCancelled` between steps: only as requested.
+fn cancel(state: JobState) -> Result<JobState, TransitionError> {
+    if state.cancel_requested {
+        Ok(JobState {
+            phase: Phase::Cancelled,
+            ..state
+        })
+    } else {
+        Err(TransitionError::CancelWithoutRequest)
+    }
+}
+
+/// `JobHalted` after step `failed` failed: naming that step.
+fn halt(state: JobState, failed: u32, halted: u32) -> Result<JobState, TransitionError> {
+    if halted == failed {
+        Ok(JobState {
+            phase: Phase::Halted { step_index: failed },
+            ..state
+        })
+    } else {
+        Err(TransitionError::HaltMismatch {
+            step_index: halted,
+            failed,
+        })
     }
 }
 

@@ -24,6 +24,7 @@ pub(crate) struct Shell {
     pub(crate) csp: String,
     pub(crate) style: &'static str,
     pub(crate) script: &'static str,
+    /// The crate's version, in the footer and the generator tag.
     pub(crate) version: &'static str,
 }
 
@@ -45,7 +46,7 @@ static SHELL: LazyLock<Shell> = LazyLock::new(|| Shell {
     csp: content_security_policy(STYLE, SCRIPT),
     style: STYLE,
     script: SCRIPT,
-    version: crate::EXECUTOR_VERSION,
+    version: env!("CARGO_PKG_VERSION"),
 });
 
 #[derive(Template)]

@@ -218,48 +218,112 @@ pub(crate) fn draw(
     moments: &[Moment],
 ) -> Timeline {
     let rows = steps.len() <= ROWS_MAX;
-    let plot_left = LABEL_WIDTH;
-    let plot_right = f64::from(WIDTH) - RIGHT_PAD;
-    // The lane for marker labels is only there when something is marked.
-    let plot_top = if moments.is_empty() {
-        TOP_PAD
+    let frame = Frame::new(start, end, rows.then_some(steps.len()), !moments.is_empty());
+    let (bars, note) = if rows {
+        (row_bars(&frame, steps), None)
     } else {
-        MARKER_LANE
+        lane_bars(&frame, steps)
     };
-    let lanes_height = if rows {
-        ROW_HEIGHT * steps.len().max(1) as f64
-    } else {
-        LANE_HEIGHT
-    };
-    let plot_bottom = plot_top + lanes_height;
-    // A job whose events all carry one instant still needs an axis.
-    let span_us = (end - start)
-        .num_microseconds()
-        .unwrap_or(i64::MAX)
-        .max(1_000) as f64;
-    let x_of = |at: DateTime<Utc>| {
-        let offset = (at - start).num_microseconds().unwrap_or(0).max(0) as f64;
-        plot_left + (offset / span_us).min(1.0) * (plot_right - plot_left)
-    };
-    let bar = |first: &StepSpan, last: &StepSpan, y: f64, height: f64| {
-        let x = x_of(first.started_at);
-        let width = (x_of(last.ended_at) - x).max(BAR_WIDTH_MIN);
-        // A minimum-width bar at the right edge is drawn inside the plot.
-        let x = x.min(plot_right - width);
-        (Px(x), Px(width), Px(y), Px(height))
-    };
+    let ticks = ticks(frame.span_us as u64)
+        .into_iter()
+        .map(|(offset_us, label)| Tick {
+            x: Px(frame.plot_left + offset_us as f64 / frame.span_us * frame.plot_width()),
+            label,
+        })
+        .collect();
+    let mut legend: Vec<Outcome> = steps.iter().map(|s| s.outcome).collect();
+    legend.sort();
+    legend.dedup();
+    Timeline {
+        width: WIDTH,
+        height: Px(frame.plot_bottom + AXIS_HEIGHT),
+        plot_left: Px(frame.plot_left),
+        plot_right: Px(frame.plot_right),
+        plot_top: Px(frame.plot_top),
+        plot_bottom: Px(frame.plot_bottom),
+        tick_label_y: Px(frame.plot_bottom + 18.0),
+        label_x: Px(frame.plot_left - 10.0),
+        lane_label_y: Px(frame.plot_top + LANE_HEIGHT / 2.0 + 4.0),
+        rows,
+        lane_label: match steps {
+            [] => "no step ran".to_owned(),
+            [only] => format!("step {}", only.index),
+            [first, .., last] => format!("steps {}–{}", first.index, last.index),
+        },
+        bars,
+        ticks,
+        markers: markers(&frame, moments),
+        legend,
+        note,
+        steps: steps.len(),
+    }
+}
 
-    let mut bars = Vec::new();
-    let mut note = None;
-    if rows {
-        for (row, step) in steps.iter().enumerate() {
-            let y = plot_top + ROW_HEIGHT * row as f64 + (ROW_HEIGHT - BAR_HEIGHT) / 2.0;
-            let (x, width, y, height) = bar(step, step, y, BAR_HEIGHT);
-            bars.push(Bar {
+/// The plot's place in the drawing and its time axis.
+struct Frame {
+    start: DateTime<Utc>,
+    /// The time the axis spans, in microseconds (at least a millisecond).
+    span_us: f64,
+    plot_left: f64,
+    plot_right: f64,
+    plot_top: f64,
+    plot_bottom: f64,
+}
+
+impl Frame {
+    /// The frame of a drawing with a labelled row for each of `rows` steps
+    /// (`None`: one shared lane), and a lane for marker labels when
+    /// something is `marked`.
+    fn new(start: DateTime<Utc>, end: DateTime<Utc>, rows: Option<usize>, marked: bool) -> Frame {
+        let plot_top = if marked { MARKER_LANE } else { TOP_PAD };
+        let lanes_height = rows.map_or(LANE_HEIGHT, |n| ROW_HEIGHT * n.max(1) as f64);
+        Frame {
+            start,
+            // A job whose events all carry one instant still needs an axis.
+            span_us: (end - start)
+                .num_microseconds()
+                .unwrap_or(i64::MAX)
+                .max(1_000) as f64,
+            plot_left: LABEL_WIDTH,
+            plot_right: f64::from(WIDTH) - RIGHT_PAD,
+            plot_top,
+            plot_bottom: plot_top + lanes_height,
+        }
+    }
+
+    fn plot_width(&self) -> f64 {
+        self.plot_right - self.plot_left
+    }
+
+    /// Where `at` falls on the axis, clamped to the plot.
+    fn x_of(&self, at: DateTime<Utc>) -> f64 {
+        let offset = (at - self.start).num_microseconds().unwrap_or(0).max(0) as f64;
+        self.plot_left + (offset / self.span_us).min(1.0) * self.plot_width()
+    }
+
+    /// The box of a bar from `first`'s start to `last`'s end: x, width.
+    fn bar(&self, first: &StepSpan, last: &StepSpan) -> (Px, Px) {
+        let x = self.x_of(first.started_at);
+        let width = (self.x_of(last.ended_at) - x).max(BAR_WIDTH_MIN);
+        // A minimum-width bar at the right edge is drawn inside the plot.
+        let x = x.min(self.plot_right - width);
+        (Px(x), Px(width))
+    }
+}
+
+/// One labelled bar per step, a row each.
+fn row_bars(frame: &Frame, steps: &[StepSpan]) -> Vec<Bar> {
+    steps
+        .iter()
+        .enumerate()
+        .map(|(row, step)| {
+            let row_top = frame.plot_top + ROW_HEIGHT * row as f64;
+            let (x, width) = frame.bar(step, step);
+            Bar {
                 x,
-                y,
+                y: Px(row_top + (ROW_HEIGHT - BAR_HEIGHT) / 2.0),
                 width,
-                height,
+                height: Px(BAR_HEIGHT),
                 outcome: step.outcome,
                 first_step: step.index,
                 steps: 1,
@@ -267,29 +331,35 @@ pub(crate) fn draw(
                     &format!("#{} {} · {}", step.index, step.step_type, step.target),
                     36,
                 )),
-                label_y: Px(plot_top + ROW_HEIGHT * row as f64 + ROW_HEIGHT / 2.0 + 4.0),
+                label_y: Px(row_top + ROW_HEIGHT / 2.0 + 4.0),
                 title: step_title(step),
-            });
-        }
-    } else {
-        let per_bar = steps.len().div_ceil(BARS_MAX);
-        if per_bar > 1 {
-            note = Some(format!(
-                "{} steps: each bar is a run of up to {per_bar} consecutive steps, coloured by the worst outcome among them",
-                steps.len()
-            ));
-        }
-        let y = plot_top + (LANE_HEIGHT - 2.0 * BAR_HEIGHT) / 2.0;
-        for run in steps.chunks(per_bar) {
+            }
+        })
+        .collect()
+}
+
+/// The bars of one shared lane: past [`BARS_MAX`] steps, a bar per run of
+/// consecutive steps, and the note that says so.
+fn lane_bars(frame: &Frame, steps: &[StepSpan]) -> (Vec<Bar>, Option<String>) {
+    let per_bar = steps.len().div_ceil(BARS_MAX);
+    let note = (per_bar > 1).then(|| {
+        format!(
+            "{} steps: each bar is a run of up to {per_bar} consecutive steps, coloured by the worst outcome among them",
+            steps.len()
+        )
+    });
+    let y = frame.plot_top + (LANE_HEIGHT - 2.0 * BAR_HEIGHT) / 2.0;
+    let bars = steps
+        .chunks(per_bar)
+        .map(|run| {
             let (first, last) = (&run[0], &run[run.len() - 1]);
-            let (x, width, y, height) = bar(first, last, y, 2.0 * BAR_HEIGHT);
-            let outcome = run.iter().map(|s| s.outcome).max().unwrap_or(first.outcome);
-            bars.push(Bar {
+            let (x, width) = frame.bar(first, last);
+            Bar {
                 x,
-                y,
+                y: Px(y),
                 width,
-                height,
-                outcome,
+                height: Px(2.0 * BAR_HEIGHT),
+                outcome: run.iter().map(|s| s.outcome).max().unwrap_or(first.outcome),
                 first_step: first.index,
                 steps: run.len(),
                 label: None,
@@ -299,29 +369,25 @@ pub(crate) fn draw(
                 } else {
                     run_title(run)
                 },
-            });
-        }
-    }
-
-    let ticks = ticks(span_us as u64)
-        .into_iter()
-        .map(|(offset_us, label)| Tick {
-            x: Px(plot_left + offset_us as f64 / span_us * (plot_right - plot_left)),
-            label,
+            }
         })
         .collect();
+    (bars, note)
+}
 
-    let mut markers: Vec<Marker> = Vec::new();
+/// A vertical line per moment, its label above the plot.
+fn markers(frame: &Frame, moments: &[Moment]) -> Vec<Marker> {
+    let mut markers = Vec::with_capacity(moments.len());
     let mut last_label_x = f64::NEG_INFINITY;
     let mut lower = false;
     for moment in moments {
-        let x = x_of(moment.at);
+        let x = frame.x_of(moment.at);
         // Labels that would collide alternate between two lines.
         lower = x - last_label_x < MARKER_LABEL_SPACING && !lower;
         last_label_x = x;
-        let anchor = if x < plot_left + 50.0 {
+        let anchor = if x < frame.plot_left + 50.0 {
             "start"
-        } else if x > plot_right - 50.0 {
+        } else if x > frame.plot_right - 50.0 {
             "end"
         } else {
             "middle"
@@ -335,34 +401,7 @@ pub(crate) fn draw(
             title: moment.title.clone(),
         });
     }
-
-    let mut legend: Vec<Outcome> = steps.iter().map(|s| s.outcome).collect();
-    legend.sort();
-    legend.dedup();
-
-    Timeline {
-        width: WIDTH,
-        height: Px(plot_bottom + AXIS_HEIGHT),
-        plot_left: Px(plot_left),
-        plot_right: Px(plot_right),
-        plot_top: Px(plot_top),
-        plot_bottom: Px(plot_bottom),
-        tick_label_y: Px(plot_bottom + 18.0),
-        label_x: Px(plot_left - 10.0),
-        lane_label_y: Px(plot_top + LANE_HEIGHT / 2.0 + 4.0),
-        rows,
-        lane_label: match steps {
-            [] => "no step ran".to_owned(),
-            [only] => format!("step {}", only.index),
-            [first, .., last] => format!("steps {}–{}", first.index, last.index),
-        },
-        bars,
-        ticks,
-        markers,
-        legend,
-        note,
-        steps: steps.len(),
-    }
+    markers
 }
 
 fn step_title(step: &StepSpan) -> String {

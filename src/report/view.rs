@@ -9,7 +9,7 @@ use super::ReportOptions;
 use super::health::HealthView;
 use super::text::{Cell, duration, ellipsis};
 use super::timeline::{self, Moment, MomentKind, Outcome, StepSpan, Timeline};
-use crate::events::{Event, EventRecord, FailureKind, format_timestamp};
+use crate::events::{Event, EventRecord, FailureKind, JobStarted, format_timestamp};
 use crate::model::{JobStatus, JobStep, StepStatus};
 use crate::projection::{Projector, ReplayError};
 use crate::result::{ExecutionResult, StepResult};
@@ -195,149 +195,41 @@ impl JobPage {
             records,
             &VerifyOptions::default().with_key(options.key.clone()),
         );
-        let verification = verification(&report, records, options, source);
         let (result, fold_stopped) = fold(job_id, records);
-        let plan = match records.first().map(EventRecord::decode) {
-            Some(Ok(recorded)) => match recorded.event {
-                Event::JobStarted(started) => Some(started),
-                _ => None,
-            },
-            _ => None,
-        };
-        let last_event_at = records
-            .iter()
-            .map(EventRecord::recorded_at_time)
-            .max()
-            .unwrap_or_default();
+        let result = result.as_ref();
+        let plan = job_started(records);
+        let plan = plan.as_ref();
+        let times = Times::of(records, result);
         let (resumptions, cancels) = lifecycle(records);
-        let steps: &[StepResult] = result.as_ref().map_or(&[], |r| &r.step_results);
-        let plan_steps: &[JobStep] = plan.as_ref().map_or(&[], |p| &p.plan);
-
-        let started_at = result.as_ref().map_or(last_event_at, |r| r.started_at);
-        let ended = result
-            .as_ref()
-            .filter(|r| r.final_status != JobStatus::Running)
-            .map(|r| r.completed_at);
-        let end_of_picture = ended.unwrap_or(last_event_at).max(started_at);
-
-        let spans: Vec<StepSpan> = steps
-            .iter()
-            .map(|step| {
-                let planned = plan_steps.get(step.step_index as usize);
-                StepSpan {
-                    index: step.step_index,
-                    step_type: planned.map_or_else(|| "?".to_owned(), |p| p.step_type.clone()),
-                    target: planned.map_or_else(|| "?".to_owned(), |p| p.target.clone()),
-                    started_at: step.started_at,
-                    ended_at: if step.status == StepStatus::Running {
-                        last_event_at.max(step.started_at)
-                    } else {
-                        step.completed_at
-                    },
-                    outcome: outcome(step),
-                    detail: step.error.as_ref().map(|error| match step.failure_kind {
-                        Some(kind) => format!("{}: {error}", failure_name(kind)),
-                        None => error.clone(),
-                    }),
-                }
-            })
-            .collect();
-        let mut moments: Vec<Moment> = steps
-            .iter()
-            .filter_map(|step| {
-                let kind = match step.failure_kind? {
-                    FailureKind::Timeout => MomentKind::TimedOut,
-                    FailureKind::Interrupted => MomentKind::Interrupted,
-                    _ => return None,
-                };
-                Some(Moment {
-                    at: step.completed_at,
-                    kind,
-                    title: format!(
-                        "Step {} {} at {}: {}",
-                        step.step_index,
-                        kind.label(),
-                        format_timestamp(&step.completed_at),
-                        step.error.as_deref().unwrap_or_default()
-                    ),
-                })
-            })
-            .collect();
-        moments.extend(cancels);
-        moments.extend(resumptions.iter().map(|(at, r)| Moment {
-            at: *at,
-            kind: MomentKind::Resumed,
-            title: format!("Resumed at {} by {} (executor {})", r.at, r.by, r.version),
-        }));
-        moments.sort_by_key(|m| m.at);
-        let timeline = timeline::draw(started_at, end_of_picture, &spans, &moments);
-
-        let health = HealthView::new(
-            plan.as_ref().and_then(|p| p.health_before.as_ref()),
-            result.as_ref().and_then(|r| r.health_after.as_ref()),
-            steps
-                .iter()
-                .rev()
-                .find(|s| s.status == StepStatus::Completed && s.health_after.is_some())
-                .map(|s| s.step_index),
-        );
-
-        let events = records
-            .iter()
-            .map(|record| EventRow {
-                seq: record.seq,
-                kind: record.kind.clone(),
-                recorded_at: record.recorded_at.clone(),
-                digest: record.digest.clone(),
-                mac: record.mac.is_some(),
-                problems: report
-                    .violations
-                    .iter()
-                    .filter(|v| v.seq == record.seq)
-                    .map(|v| format!("{}: {}", v.check, v.message))
-                    .collect(),
-            })
-            .collect();
-
-        let cancel_requested = records
-            .iter()
-            .filter(|r| r.kind == "JobCancelRequested")
-            .find_map(|r| match r.decode().map(|e| e.event) {
-                Ok(Event::JobCancelRequested(request)) => Some(request.reason),
-                _ => None,
-            });
-
+        let steps: &[StepResult] = result.map_or(&[], |r| &r.step_results);
+        let plan_steps: &[JobStep] = plan.map_or(&[], |p| &p.plan);
+        let spans = spans(steps, plan_steps, times.last_event);
+        let moments = moments(steps, cancels, &resumptions);
         JobPage {
             job_id,
-            contract_id: plan.as_ref().map(|p| p.contract_id),
-            executed_by: plan
-                .as_ref()
-                .map_or_else(String::new, |p| p.executed_by.clone()),
-            executor_version: plan
-                .as_ref()
-                .map_or_else(String::new, |p| p.executor_version.clone()),
+            contract_id: plan.map(|p| p.contract_id),
+            executed_by: plan.map_or_else(String::new, |p| p.executed_by.clone()),
+            executor_version: plan.map_or_else(String::new, |p| p.executor_version.clone()),
             resumptions: resumptions.into_iter().map(|(_, r)| r).collect(),
-            status: result.as_ref().map(|r| r.final_status),
-            reason: result
-                .as_ref()
-                .map_or_else(String::new, |r| r.final_reason.clone()),
-            cancel_requested,
-            started_at: format_timestamp(&started_at),
-            ended_at: ended.as_ref().map(format_timestamp),
-            last_event_at: format_timestamp(&last_event_at),
-            duration_us: (end_of_picture - started_at)
+            status: result.map(|r| r.final_status),
+            reason: result.map_or_else(String::new, |r| r.final_reason.clone()),
+            cancel_requested: cancel_reason(records),
+            started_at: format_timestamp(&times.started),
+            ended_at: times.ended.as_ref().map(format_timestamp),
+            last_event_at: format_timestamp(&times.last_event),
+            duration_us: (times.end_of_picture - times.started)
                 .num_microseconds()
                 .unwrap_or(i64::MAX),
             steps_planned: plan_steps.len(),
             steps_executed: steps.len(),
-            steps_succeeded: result.as_ref().map_or(0, |r| r.steps_succeeded),
-            steps_failed: result.as_ref().map_or(0, |r| r.steps_failed),
-            verification,
+            steps_succeeded: result.map_or(0, |r| r.steps_succeeded),
+            steps_failed: result.map_or(0, |r| r.steps_failed),
+            verification: verification(&report, records, options, source),
             fold_stopped,
-            timeline,
+            timeline: timeline::draw(times.started, times.end_of_picture, &spans, &moments),
             sections: sections(plan_steps, steps),
-            health,
-            events,
+            health: health(plan, result, steps),
+            events: event_rows(records, &report),
             index_href: index_href.map(str::to_owned),
         }
     }
@@ -383,6 +275,157 @@ pub(crate) fn status_class(status: Option<JobStatus>) -> &'static str {
         Some(JobStatus::Running | JobStatus::Pending) => "running",
         None => "invalid",
     }
+}
+
+/// When the job started and ended, as the page shows it.
+struct Times {
+    started: DateTime<Utc>,
+    /// The terminal event's time; `None` for an unfinished job.
+    ended: Option<DateTime<Utc>>,
+    last_event: DateTime<Utc>,
+    /// Where the timeline ends: the job's end, or its last event.
+    end_of_picture: DateTime<Utc>,
+}
+
+impl Times {
+    fn of(records: &[EventRecord], result: Option<&ExecutionResult>) -> Times {
+        let last_event = records
+            .iter()
+            .map(EventRecord::recorded_at_time)
+            .max()
+            .unwrap_or_default();
+        let started = result.map_or(last_event, |r| r.started_at);
+        let ended = result
+            .filter(|r| r.final_status != JobStatus::Running)
+            .map(|r| r.completed_at);
+        Times {
+            started,
+            ended,
+            last_event,
+            end_of_picture: ended.unwrap_or(last_event).max(started),
+        }
+    }
+}
+
+/// The job's `JobStarted`, when its first event decodes as one.
+fn job_started(records: &[EventRecord]) -> Option<JobStarted> {
+    match records.first()?.decode().ok()?.event {
+        Event::JobStarted(started) => Some(started),
+        _ => None,
+    }
+}
+
+/// The reason of the job's first cancel request.
+fn cancel_reason(records: &[EventRecord]) -> Option<String> {
+    records
+        .iter()
+        .filter(|r| r.kind == "JobCancelRequested")
+        .find_map(|r| match r.decode().map(|e| e.event) {
+            Ok(Event::JobCancelRequested(request)) => Some(request.reason),
+            _ => None,
+        })
+}
+
+/// The timeline's bars: one per executed step; a step still running ends
+/// at the log's last event.
+fn spans(steps: &[StepResult], plan: &[JobStep], last_event: DateTime<Utc>) -> Vec<StepSpan> {
+    steps
+        .iter()
+        .map(|step| {
+            let planned = plan.get(step.step_index as usize);
+            StepSpan {
+                index: step.step_index,
+                step_type: planned.map_or_else(|| "?".to_owned(), |p| p.step_type.clone()),
+                target: planned.map_or_else(|| "?".to_owned(), |p| p.target.clone()),
+                started_at: step.started_at,
+                ended_at: if step.status == StepStatus::Running {
+                    last_event.max(step.started_at)
+                } else {
+                    step.completed_at
+                },
+                outcome: outcome(step),
+                detail: step.error.as_ref().map(|error| match step.failure_kind {
+                    Some(kind) => format!("{}: {error}", failure_name(kind)),
+                    None => error.clone(),
+                }),
+            }
+        })
+        .collect()
+}
+
+/// The timeline's marks, in time order: timeouts and interruptions, cancel
+/// requests and cancellation, resumptions.
+fn moments(
+    steps: &[StepResult],
+    cancels: Vec<Moment>,
+    resumptions: &[(DateTime<Utc>, Resumption)],
+) -> Vec<Moment> {
+    let mut moments: Vec<Moment> = steps
+        .iter()
+        .filter_map(|step| {
+            let kind = match step.failure_kind? {
+                FailureKind::Timeout => MomentKind::TimedOut,
+                FailureKind::Interrupted => MomentKind::Interrupted,
+                _ => return None,
+            };
+            Some(Moment {
+                at: step.completed_at,
+                kind,
+                title: format!(
+                    "Step {} {} at {}: {}",
+                    step.step_index,
+                    kind.label(),
+                    format_timestamp(&step.completed_at),
+                    step.error.as_deref().unwrap_or_default()
+                ),
+            })
+        })
+        .collect();
+    moments.extend(cancels);
+    moments.extend(resumptions.iter().map(|(at, r)| Moment {
+        at: *at,
+        kind: MomentKind::Resumed,
+        title: format!("Resumed at {} by {} (executor {})", r.at, r.by, r.version),
+    }));
+    moments.sort_by_key(|m| m.at);
+    moments
+}
+
+/// Health before the job and after its last step that observed it.
+fn health(
+    plan: Option<&JobStarted>,
+    result: Option<&ExecutionResult>,
+    steps: &[StepResult],
+) -> HealthView {
+    HealthView::new(
+        plan.and_then(|p| p.health_before.as_ref()),
+        result.and_then(|r| r.health_after.as_ref()),
+        steps
+            .iter()
+            .rev()
+            .find(|s| s.status == StepStatus::Completed && s.health_after.is_some())
+            .map(|s| s.step_index),
+    )
+}
+
+/// The raw events table, each event with what verification found at it.
+fn event_rows(records: &[EventRecord], report: &JobReport) -> Vec<EventRow> {
+    records
+        .iter()
+        .map(|record| EventRow {
+            seq: record.seq,
+            kind: record.kind.clone(),
+            recorded_at: record.recorded_at.clone(),
+            digest: record.digest.clone(),
+            mac: record.mac.is_some(),
+            problems: report
+                .violations
+                .iter()
+                .filter(|v| v.seq == record.seq)
+                .map(|v| format!("{}: {}", v.check, v.message))
+                .collect(),
+        })
+        .collect()
 }
 
 /// Where folding a log stopped before its end, and why.
@@ -574,24 +617,16 @@ fn step_row(position: usize, planned: Option<&JobStep>, result: Option<&StepResu
     }
 }
 
+/// The banner: what verifying the events (and, for a bundle, the bundle's
+/// own checks) found.
 fn verification(
     report: &JobReport,
     records: &[EventRecord],
     options: &ReportOptions,
     source: &Source,
 ) -> Verification {
-    let first_of = |check: &str| {
-        report
-            .violations
-            .iter()
-            .find(|v| v.check == check)
-            .map(|v| (v.seq, v.message.clone()))
-    };
-    let macs = match (&options.key, first_of("MAC")) {
-        (Some(_), Some((seq, message))) => Macs::Failed(seq, message),
-        (Some(_), None) => Macs::Verified,
-        (None, _) => Macs::NotChecked(records.iter().filter(|r| r.mac.is_some()).count()),
-    };
+    let bundle_problems = bundle_problems(report, source);
+    let intact = report.is_ok() && bundle_problems.is_empty();
     let mut problems: Vec<String> = report
         .violations
         .iter()
@@ -600,7 +635,47 @@ fn verification(
     if report.more_violations > 0 {
         problems.push(format!("… and {} more", report.more_violations));
     }
-    let bundle_problems: Vec<String> = match source {
+    problems.extend(bundle_problems);
+    Verification {
+        intact,
+        source: match source {
+            Source::Log => "stored log",
+            Source::Bundle { .. } => "audit bundle",
+        },
+        events: report.events,
+        head: shown_head(report, records),
+        first_break: first_violation(report, "CHAIN"),
+        macs: match (&options.key, first_violation(report, "MAC")) {
+            (Some(_), Some((seq, message))) => Macs::Failed(seq, message),
+            (Some(_), None) => Macs::Verified,
+            (None, _) => Macs::NotChecked(records.iter().filter(|r| r.mac.is_some()).count()),
+        },
+        checks: CHECKS
+            .iter()
+            .map(|(id, guards)| CheckRow {
+                id,
+                guards,
+                violation: first_violation(report, id)
+                    .map(|(seq, message)| format!("seq {seq}: {message}")),
+            })
+            .collect(),
+        problems,
+        unsealed: report.unsealed,
+    }
+}
+
+/// The seq and message of the first violation of `check`.
+fn first_violation(report: &JobReport, check: &str) -> Option<(u64, String)> {
+    report
+        .violations
+        .iter()
+        .find(|v| v.check == check)
+        .map(|v| (v.seq, v.message.clone()))
+}
+
+/// What a bundle's own checks found beyond the log's violations.
+fn bundle_problems(report: &JobReport, source: &Source) -> Vec<String> {
+    match source {
         Source::Log => Vec::new(),
         // The bundle's own checks repeat the log's violations (verify_job's
         // lines); only what is about the bundle itself is added.
@@ -609,37 +684,19 @@ fn verification(
             .filter(|p| !report.violations.iter().any(|v| v.to_string() == **p))
             .cloned()
             .collect(),
-    };
-    let intact = report.is_ok() && bundle_problems.is_empty();
-    problems.extend(bundle_problems);
-    let head = if report.is_ok() {
+    }
+}
+
+/// The head the banner shows: recomputed when the chain holds, the last
+/// event's stored digest otherwise.
+fn shown_head(report: &JobReport, records: &[EventRecord]) -> String {
+    if report.is_ok() {
         report.head.to_string()
     } else {
         records
             .last()
             .and_then(|r| r.digest.as_deref())
             .map_or_else(|| "none".to_owned(), |d| format!("sha256:{d}"))
-    };
-    Verification {
-        intact,
-        source: match source {
-            Source::Log => "stored log",
-            Source::Bundle { .. } => "audit bundle",
-        },
-        events: report.events,
-        head,
-        first_break: first_of("CHAIN"),
-        macs,
-        checks: CHECKS
-            .iter()
-            .map(|(id, guards)| CheckRow {
-                id,
-                guards,
-                violation: first_of(id).map(|(seq, message)| format!("seq {seq}: {message}")),
-            })
-            .collect(),
-        problems,
-        unsealed: report.unsealed,
     }
 }
 

@@ -3,7 +3,7 @@
 //! and the promise that no step ever runs twice — on the memory store,
 //! SQLite and PostgreSQL.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 
@@ -17,9 +17,10 @@ use job_executor::store::{EventStore, MemoryStore};
 use job_executor::verify::verify_job;
 use job_executor::{
     ExecutionContext, ExecutorError, JobExecutor, JobStatus, JobStep, Recovery, StepOutput,
+    UnrecordedOutcome,
 };
 use proptest::prelude::*;
-use proptest::test_runner::{Config, FileFailurePersistence};
+use proptest::test_runner::{Config, FileFailurePersistence, TestCaseError};
 use uuid::Uuid;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -105,6 +106,122 @@ fn events(store: &dyn EventStore, job: Uuid) -> Vec<Event> {
         .collect()
 }
 
+/// The doomed process: runs the jobs until its store dies. Returns the
+/// step outcomes that came back unrecorded, for recovery to record.
+fn run_until_the_store_dies(
+    doomed: &JobExecutor,
+    ids: &[Uuid],
+    jobs: &[Vec<Kind>],
+) -> Result<Vec<UnrecordedOutcome>, TestCaseError> {
+    let mut known = Vec::new();
+    for (job, kinds) in ids.iter().zip(jobs) {
+        if let Err(e) = doomed.execute_job(*job, Uuid::nil(), &plan(kinds), None, "prop") {
+            let simulated = match &e {
+                ExecutorError::Store { source, .. } => source.to_string().contains(SIMULATED_FAULT),
+                // A step's outcome that could not be appended comes back
+                // with the error, to be recorded by recovery.
+                ExecutorError::OutcomeNotRecorded { outcome, source } => {
+                    known.push((**outcome).clone());
+                    source.to_string().contains(SIMULATED_FAULT)
+                }
+                _ => false,
+            };
+            prop_assert!(simulated, "unexpected error: {}", e);
+            break;
+        }
+    }
+    Ok(known)
+}
+
+/// A known outcome of a step left in doubt is recorded, never replaced by
+/// `interrupted`.
+fn check_known_outcomes_kept(
+    store: &dyn EventStore,
+    recovered: &[Recovery],
+    known: &[UnrecordedOutcome],
+) -> Result<(), TestCaseError> {
+    for outcome in known {
+        let in_doubt = recovered.iter().any(|a| {
+            matches!(a, Recovery::OutcomeRecorded { job_id, step_index }
+                if *job_id == outcome.job_id && *step_index == outcome.step_index)
+        });
+        let interrupted = recovered.iter().any(|a| {
+            matches!(a, Recovery::Interrupted { job_id, step_index }
+                if *job_id == outcome.job_id && *step_index == outcome.step_index)
+        });
+        prop_assert!(
+            !interrupted,
+            "{:?} declared interrupted though known",
+            outcome
+        );
+        let stored = events(store, outcome.job_id);
+        prop_assert!(
+            in_doubt || stored.contains(&outcome.event),
+            "{:?} lost",
+            outcome
+        );
+    }
+    Ok(())
+}
+
+/// The log and the executor of the process that recovered.
+struct Survivor<'a> {
+    store: &'a dyn EventStore,
+    executor: &'a JobExecutor,
+    calls: &'a Calls,
+}
+
+/// The log tells the truth about `job` after recovery: every event
+/// `committed` before the crash is still there, unchanged; no step started
+/// twice; no handler called twice; a started job ended; its log verifies.
+fn check_job_after_recovery(
+    after: &Survivor<'_>,
+    job: Uuid,
+    kinds: &[Kind],
+    committed: &[EventRecord],
+) -> Result<(), TestCaseError> {
+    let records = after.store.load_job(job).unwrap();
+    prop_assert_eq!(&records[..committed.len()], committed);
+    let log = events(after.store, job);
+    let mut started = std::collections::HashSet::new();
+    for event in &log {
+        if let Event::StepStarted(s) = event {
+            prop_assert!(
+                started.insert(s.step_index),
+                "step {} started twice",
+                s.step_index
+            );
+        }
+    }
+    for i in 0..kinds.len() as u32 {
+        let n = after
+            .calls
+            .lock()
+            .unwrap()
+            .get(&(job, i))
+            .copied()
+            .unwrap_or(0);
+        prop_assert!(n <= 1, "handler of step {} called {} times", i, n);
+        prop_assert!(
+            n == 0 || started.contains(&i),
+            "step {} ran without StepStarted",
+            i
+        );
+    }
+    // A job that never started stays unknown; every other job ended.
+    if !log.is_empty() {
+        let status = after.executor.replay(job).unwrap().final_status;
+        prop_assert!(
+            matches!(status, JobStatus::Completed | JobStatus::Failed),
+            "job ended {:?}",
+            status
+        );
+        let report = verify_job(job, &records, &Default::default());
+        prop_assert!(report.is_ok(), "{:?}", report.violations);
+    }
+    Ok(())
+}
+
 /// Two jobs run one after the other, the store dies at the k-th append; a
 /// new executor recovers, resumes what is resumable, and the log tells the
 /// truth: nothing committed is lost, no step started twice, no handler
@@ -148,30 +265,8 @@ fn crash_at_every_append_then_recover() {
                 let calls: Calls = Arc::default();
                 // Job ids of the case's own: on PostgreSQL the cases share one log.
                 let ids: Vec<Uuid> = (0..jobs.len()).map(|_| Uuid::new_v4()).collect();
-
-                // The doomed process: runs jobs until its store dies.
                 let doomed = executor(crashing.clone(), &calls);
-                let mut known = Vec::new();
-                for (job, kinds) in ids.iter().zip(&jobs) {
-                    if let Err(e) =
-                        doomed.execute_job(*job, Uuid::nil(), &plan(kinds), None, "prop")
-                    {
-                        let simulated = match &e {
-                            ExecutorError::Store { source, .. } => {
-                                source.to_string().contains(SIMULATED_FAULT)
-                            }
-                            // A step's outcome that could not be appended comes back
-                            // with the error, to be recorded by recovery.
-                            ExecutorError::OutcomeNotRecorded { outcome, source } => {
-                                known.push((**outcome).clone());
-                                source.to_string().contains(SIMULATED_FAULT)
-                            }
-                            _ => false,
-                        };
-                        prop_assert!(simulated, "unexpected error: {}", e);
-                        break;
-                    }
-                }
+                let known = run_until_the_store_dies(&doomed, &ids, &jobs)?;
                 let committed: HashMap<Uuid, Vec<EventRecord>> = ids
                     .iter()
                     .map(|&j| (j, inner.load_job(j).unwrap()))
@@ -180,72 +275,19 @@ fn crash_at_every_append_then_recover() {
                 // A new process on the same log recovers, then resumes.
                 let survivor = executor(inner.clone(), &calls);
                 let recovered = survivor.recover_with(&known).unwrap();
-                // A known outcome of a step left in doubt is recorded, never
-                // replaced by `interrupted`.
-                for outcome in &known {
-                    let in_doubt = recovered.iter().any(|a| {
-                        matches!(a, Recovery::OutcomeRecorded { job_id, step_index }
-                            if *job_id == outcome.job_id && *step_index == outcome.step_index)
-                    });
-                    let interrupted = recovered.iter().any(|a| {
-                        matches!(a, Recovery::Interrupted { job_id, step_index }
-                            if *job_id == outcome.job_id && *step_index == outcome.step_index)
-                    });
-                    prop_assert!(
-                        !interrupted,
-                        "{:?} declared interrupted though known",
-                        outcome
-                    );
-                    let stored = events(inner.as_ref(), outcome.job_id);
-                    prop_assert!(
-                        in_doubt || stored.contains(&outcome.event),
-                        "{:?} lost",
-                        outcome
-                    );
-                }
+                check_known_outcomes_kept(inner.as_ref(), &recovered, &known)?;
                 for action in &recovered {
                     if let Recovery::Resumable { job_id, .. } = action {
                         survivor.resume(*job_id, None, "prop").unwrap();
                     }
                 }
-
+                let after = Survivor {
+                    store: inner.as_ref(),
+                    executor: &survivor,
+                    calls: &calls,
+                };
                 for (job, kinds) in ids.iter().zip(&jobs) {
-                    let records = inner.load_job(*job).unwrap();
-                    // Every event committed before the crash is still there, unchanged.
-                    let before = &committed[job];
-                    prop_assert_eq!(&records[..before.len()], &before[..]);
-                    let log = events(inner.as_ref(), *job);
-                    // No step index started twice; no handler called twice.
-                    let mut started = std::collections::HashSet::new();
-                    for event in &log {
-                        if let Event::StepStarted(s) = event {
-                            prop_assert!(
-                                started.insert(s.step_index),
-                                "step {} started twice",
-                                s.step_index
-                            );
-                        }
-                    }
-                    for i in 0..kinds.len() as u32 {
-                        let n = calls.lock().unwrap().get(&(*job, i)).copied().unwrap_or(0);
-                        prop_assert!(n <= 1, "handler of step {} called {} times", i, n);
-                        prop_assert!(
-                            n == 0 || started.contains(&i),
-                            "step {} ran without StepStarted",
-                            i
-                        );
-                    }
-                    // A job that never started stays unknown; every other job ended.
-                    if !log.is_empty() {
-                        let status = survivor.replay(*job).unwrap().final_status;
-                        prop_assert!(
-                            matches!(status, JobStatus::Completed | JobStatus::Failed),
-                            "job ended {:?}",
-                            status
-                        );
-                        let report = verify_job(*job, &records, &Default::default());
-                        prop_assert!(report.is_ok(), "{:?}", report.violations);
-                    }
+                    check_job_after_recovery(&after, *job, kinds, &committed[job])?;
                 }
                 // Nothing is left to recover.
                 let again = survivor.recover().unwrap();

@@ -3,7 +3,7 @@
 //! returned result AND on the stored log; and of the state machine against
 //! mutated logs.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -163,13 +163,74 @@ fn check_run(
     let result = executor
         .execute_job(job_id, contract_id, &plan, health, "prop")
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let expected = Expected::of(kinds);
+    check_result(&result, kinds, &expected)?;
+    // EXEC-004: read once before and once after each executed step; never changed.
+    if with_observer {
+        prop_assert_eq!(observer.reads.load(Ordering::SeqCst), 1 + expected.executed);
+        prop_assert_eq!(&observer.snapshot, &original_snapshot);
+        prop_assert_eq!(&result.health_before.as_ref().unwrap()["read"], &json!(0));
+    } else {
+        prop_assert!(result.health_before.is_none() && result.health_after.is_none());
+    }
+    check_calls(&calls, kinds, expected.executed)?;
 
-    let first_failure = kinds.iter().position(|k| *k != Kind::Succeed);
-    let executed = first_failure.map_or(kinds.len(), |f| f + 1);
+    // The stored log.
+    let records = store
+        .load_job(job_id)
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let events: Vec<Event> = records.iter().map(|r| r.decode().unwrap().event).collect();
+    prop_assert_eq!(records.len() as u64, result.events);
+    prop_assert!(verify_job(job_id, &records, &Default::default()).is_ok());
+    check_log(&events, &plan, contract_id, &expected)?;
 
+    // Replay of the stored log equals the live result, evidence byte for byte.
+    let replayed: ExecutionResult = executor
+        .replay(job_id)
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    prop_assert_eq!(
+        execution_result_to_evidence(&replayed).to_string(),
+        execution_result_to_evidence(&result).to_string()
+    );
+    prop_assert_eq!(&replayed, &result);
+
+    // EXEC-006: a second execution of the job id appends nothing, calls nothing.
+    let calls_before = calls.lock().unwrap().clone();
+    let again = executor.execute_job(job_id, contract_id, &plan, health, "prop");
+    let refused = matches!(again, Err(ExecutorError::JobAlreadyExists { .. }));
+    prop_assert!(refused, "a second execution was not refused");
+    prop_assert_eq!(store.load_job(job_id).unwrap(), records.clone());
+    prop_assert_eq!(&*calls.lock().unwrap(), &calls_before);
+    Ok(records)
+}
+
+/// What a plan of `kinds` must come to.
+struct Expected {
+    /// The first step that does not succeed.
+    first_failure: Option<usize>,
+    /// Steps run: up to and including the first failure.
+    executed: usize,
+}
+
+impl Expected {
+    fn of(kinds: &[Kind]) -> Expected {
+        let first_failure = kinds.iter().position(|k| *k != Kind::Succeed);
+        Expected {
+            first_failure,
+            executed: first_failure.map_or(kinds.len(), |f| f + 1),
+        }
+    }
+}
+
+/// EXEC-001..003 on the result returned live.
+fn check_result(
+    result: &ExecutionResult,
+    kinds: &[Kind],
+    expected: &Expected,
+) -> Result<(), TestCaseError> {
     // EXEC-001: steps ran in declared order, none skipped.
     let indices: Vec<u32> = result.step_results.iter().map(|s| s.step_index).collect();
-    prop_assert_eq!(indices, (0..executed as u32).collect::<Vec<_>>());
+    prop_assert_eq!(indices, (0..expected.executed as u32).collect::<Vec<_>>());
     // EXEC-002: every executed step has exactly one outcome.
     prop_assert!(
         result
@@ -178,7 +239,7 @@ fn check_run(
             .all(|s| s.status != StepStatus::Running)
     );
     // EXEC-003: stop at the first failure, with the right terminal status.
-    match first_failure {
+    match expected.first_failure {
         Some(f) => {
             prop_assert_eq!(result.final_status, JobStatus::Failed);
             prop_assert_eq!(result.steps_failed, 1);
@@ -203,40 +264,36 @@ fn check_run(
             );
         }
     }
-    prop_assert_eq!(result.steps_executed, executed);
-    // EXEC-004: read once before and once after each executed step; never changed.
-    if with_observer {
-        prop_assert_eq!(observer.reads.load(Ordering::SeqCst), 1 + executed);
-        prop_assert_eq!(&observer.snapshot, &original_snapshot);
-        prop_assert_eq!(&result.health_before.as_ref().unwrap()["read"], &json!(0));
-    } else {
-        prop_assert!(result.health_before.is_none() && result.health_after.is_none());
-    }
-    // EXEC-006: each handler called at most once per step, only for executed steps.
-    {
-        let calls = calls.lock().unwrap();
-        for (index, count) in calls.iter() {
-            prop_assert_eq!(*count, 1, "step {} called {} times", index, count);
-            prop_assert!((*index as usize) < executed);
-        }
-        let registered = kinds[..executed]
-            .iter()
-            .filter(|k| **k != Kind::Unregistered)
-            .count();
-        prop_assert_eq!(calls.len(), registered);
-    }
+    prop_assert_eq!(result.steps_executed, expected.executed);
+    Ok(())
+}
 
-    // The stored log.
-    let records = store
-        .load_job(job_id)
-        .map_err(|e| TestCaseError::fail(e.to_string()))?;
-    let events: Vec<Event> = records.iter().map(|r| r.decode().unwrap().event).collect();
-    prop_assert_eq!(records.len() as u64, result.events);
-    prop_assert!(verify_job(job_id, &records, &Default::default()).is_ok());
+/// EXEC-006: each handler called at most once per step, only for executed steps.
+fn check_calls(calls: &Calls, kinds: &[Kind], executed: usize) -> Result<(), TestCaseError> {
+    let calls = calls.lock().unwrap();
+    for (index, count) in calls.iter() {
+        prop_assert_eq!(*count, 1, "step {} called {} times", index, count);
+        prop_assert!((*index as usize) < executed);
+    }
+    let registered = kinds[..executed]
+        .iter()
+        .filter(|k| **k != Kind::Unregistered)
+        .count();
+    prop_assert_eq!(calls.len(), registered);
+    Ok(())
+}
+
+/// EXEC-001, 002, 003 and 005 on the stored events.
+fn check_log(
+    events: &[Event],
+    plan: &[JobStep],
+    contract_id: Uuid,
+    expected: &Expected,
+) -> Result<(), TestCaseError> {
     // EXEC-005: the logged plan and contract are the input ones.
     match &events[0] {
         Event::JobStarted(started) => {
-            prop_assert_eq!(&started.plan, &plan);
+            prop_assert_eq!(&started.plan[..], plan);
             prop_assert_eq!(started.contract_id, contract_id);
         }
         other => {
@@ -272,10 +329,10 @@ fn check_run(
             prop_assert_eq!(outcome_index, s.step_index);
         }
     }
-    prop_assert_eq!(expected_index as usize, executed);
+    prop_assert_eq!(expected_index as usize, expected.executed);
     // EXEC-003: the right terminal event, and it is last.
     let last = events.last().unwrap();
-    match first_failure {
+    match expected.first_failure {
         Some(f) => {
             let halted_at_f = matches!(last, Event::JobHalted(h) if h.step_index as usize == f);
             prop_assert!(halted_at_f, "last event is {}", last.kind());
@@ -286,25 +343,7 @@ fn check_run(
             last.kind()
         ),
     }
-
-    // Replay of the stored log equals the live result, evidence byte for byte.
-    let replayed: ExecutionResult = executor
-        .replay(job_id)
-        .map_err(|e| TestCaseError::fail(e.to_string()))?;
-    prop_assert_eq!(
-        execution_result_to_evidence(&replayed).to_string(),
-        execution_result_to_evidence(&result).to_string()
-    );
-    prop_assert_eq!(&replayed, &result);
-
-    // EXEC-006: a second execution of the job id appends nothing, calls nothing.
-    let calls_before = calls.lock().unwrap().clone();
-    let again = executor.execute_job(job_id, contract_id, &plan, health, "prop");
-    let refused = matches!(again, Err(ExecutorError::JobAlreadyExists { .. }));
-    prop_assert!(refused, "a second execution was not refused");
-    prop_assert_eq!(store.load_job(job_id).unwrap(), records.clone());
-    prop_assert_eq!(&*calls.lock().unwrap(), &calls_before);
-    Ok(records)
+    Ok(())
 }
 
 /// `records` as a log of their own would hold them, positions from 1 —

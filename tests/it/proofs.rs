@@ -203,7 +203,7 @@ impl Vector<'_> {
 }
 
 fn merkle_vectors() -> Value {
-    let text = include_str!("fixtures/proofs/merkle-vectors.json");
+    let text = include_str!("../fixtures/proofs/merkle-vectors.json");
     serde_json::from_str(text).expect("merkle-vectors.json")
 }
 

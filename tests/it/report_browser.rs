@@ -5,11 +5,11 @@
 //! Without chromium and chromedriver these tests skip, saying so on stderr;
 //! `.ci/run` sets `JE_REQUIRE_BROWSER=1`, which makes them fail instead.
 //!
-//! `JE_UPDATE_SCREENSHOTS=1 cargo test --test report_browser -- --ignored screenshots`
+//! `cargo test --test it -- --ignored report_browser::screenshots`
 //! remakes the pictures in `docs/`.
 
-mod browser;
-mod common;
+use crate::browser;
+use crate::common;
 
 use std::io::ErrorKind;
 use std::net::TcpListener;
@@ -108,6 +108,89 @@ async fn bars(browser: &Browser) -> Vec<(u64, String, String)> {
         .collect()
 }
 
+/// The banner of a log that verifies without a key: every check passed,
+/// and it says `events` (how many were checked).
+async fn the_banner_says_intact(browser: &Browser, events: &str) {
+    assert!(
+        browser
+            .text("#verification h2")
+            .await
+            .ends_with("Log intact")
+    );
+    let banner = browser.text("#verification").await;
+    assert!(banner.contains(events), "{banner}");
+    assert!(banner.contains("not checked: no key given"), "{banner}");
+    assert_eq!(
+        browser.texts("#checks li").await,
+        [
+            "✓ EXEC-001",
+            "✓ EXEC-002",
+            "✓ EXEC-003",
+            "✓ EXEC-004",
+            "✓ EXEC-005",
+            "✓ EXEC-006",
+            "✓ CANCEL",
+            "✓ LOG"
+        ]
+    );
+}
+
+/// The halted job's raw events are there, collapsed, open on a click, and
+/// open for printing.
+async fn raw_events_open_on_a_click_and_for_printing(browser: &Browser) {
+    let raw_visible = "return document.querySelector('table.events').checkVisibility();";
+    assert_eq!(browser.eval(raw_visible).await, json!(false));
+    click(browser, "#raw-events > summary").await;
+    assert_eq!(browser.eval(raw_visible).await, json!(true));
+    assert_eq!(
+        browser.texts("table.events tbody td:nth-child(2)").await,
+        [
+            "JobStarted",
+            "StepStarted",
+            "StepSucceeded",
+            "StepStarted",
+            "StepFailed",
+            "JobHalted"
+        ]
+    );
+
+    // Printing opens what is collapsed, so the paper has it all.
+    click(browser, "#raw-events > summary").await;
+    assert_eq!(browser.eval(raw_visible).await, json!(false));
+    browser
+        .eval("dispatchEvent(new Event('beforeprint'));")
+        .await;
+    assert_eq!(browser.eval(raw_visible).await, json!(true));
+    browser
+        .eval("dispatchEvent(new Event('afterprint'));")
+        .await;
+    assert_eq!(browser.eval(raw_visible).await, json!(false));
+    let pdf = browser
+        .client
+        .print(fantoccini::wd::PrintConfiguration::default())
+        .await
+        .unwrap();
+    assert!(pdf.starts_with(b"%PDF"), "the page prints");
+}
+
+/// On a phone the page does not scroll sideways; wide tables and the
+/// timeline scroll inside their own boxes.
+async fn nothing_scrolls_sideways_on_a_phone(browser: &Browser) {
+    browser
+        .client
+        .set_window_size(PHONE_WIDTH, 800)
+        .await
+        .unwrap();
+    let widths = browser
+        .eval(
+            "return [document.documentElement.clientWidth, document.documentElement.scrollWidth];",
+        )
+        .await;
+    let [client, scroll]: [u64; 2] = serde_json::from_value(widths).unwrap();
+    assert!(client <= u64::from(PHONE_WIDTH), "{client}");
+    assert_eq!(scroll, client, "nothing sticks out at {PHONE_WIDTH} px");
+}
+
 #[tokio::test]
 async fn a_halted_job_shows_its_status_one_bar_per_step_and_an_intact_log() {
     let Some(browser) = Browser::start("halted job page", DESKTOP.0, DESKTOP.1).await else {
@@ -153,97 +236,14 @@ async fn a_halted_job_shows_its_status_one_bar_per_step_and_an_intact_log() {
     );
     assert!(bars[1].2.contains("No handler registered"), "{}", bars[1].2);
 
-    assert!(
-        browser
-            .text("#verification h2")
-            .await
-            .ends_with("Log intact")
-    );
-    let banner = browser.text("#verification").await;
-    assert!(banner.contains("all 6 events"), "{banner}");
-    assert!(banner.contains("not checked: no key given"), "{banner}");
-    assert_eq!(
-        browser.texts("#checks li").await,
-        [
-            "✓ EXEC-001",
-            "✓ EXEC-002",
-            "✓ EXEC-003",
-            "✓ EXEC-004",
-            "✓ EXEC-005",
-            "✓ EXEC-006",
-            "✓ CANCEL",
-            "✓ LOG"
-        ]
-    );
+    the_banner_says_intact(&browser, "all 6 events").await;
     let statuses = browser.texts("table.steps tbody td.status .pill").await;
     assert_eq!(statuses, ["COMPLETED", "FAILED", "NOT RUN"]);
     let failure = browser.texts("table.steps tbody td.status").await;
     assert_eq!(failure, ["COMPLETED", "FAILED\nno_handler", "NOT RUN"]);
 
-    // The raw events are there, collapsed, and open on a click.
-    let raw_visible = "return document.querySelector('table.events').checkVisibility();";
-    assert_eq!(browser.eval(raw_visible).await, json!(false));
-    browser
-        .client
-        .find(fantoccini::Locator::Css("#raw-events > summary"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    assert_eq!(browser.eval(raw_visible).await, json!(true));
-    assert_eq!(
-        browser.texts("table.events tbody td:nth-child(2)").await,
-        [
-            "JobStarted",
-            "StepStarted",
-            "StepSucceeded",
-            "StepStarted",
-            "StepFailed",
-            "JobHalted"
-        ]
-    );
-
-    // Printing opens what is collapsed, so the paper has it all.
-    browser
-        .client
-        .find(fantoccini::Locator::Css("#raw-events > summary"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    assert_eq!(browser.eval(raw_visible).await, json!(false));
-    browser
-        .eval("dispatchEvent(new Event('beforeprint'));")
-        .await;
-    assert_eq!(browser.eval(raw_visible).await, json!(true));
-    browser
-        .eval("dispatchEvent(new Event('afterprint'));")
-        .await;
-    assert_eq!(browser.eval(raw_visible).await, json!(false));
-    let pdf = browser
-        .client
-        .print(fantoccini::wd::PrintConfiguration::default())
-        .await
-        .unwrap();
-    assert!(pdf.starts_with(b"%PDF"), "the page prints");
-
-    // On a phone the page does not scroll sideways; wide tables and the
-    // timeline scroll inside their own boxes.
-    browser
-        .client
-        .set_window_size(PHONE_WIDTH, 800)
-        .await
-        .unwrap();
-    let widths = browser
-        .eval(
-            "return [document.documentElement.clientWidth, document.documentElement.scrollWidth];",
-        )
-        .await;
-    let [client, scroll]: [u64; 2] = serde_json::from_value(widths).unwrap();
-    assert!(client <= u64::from(PHONE_WIDTH), "{client}");
-    assert_eq!(scroll, client, "nothing sticks out at {PHONE_WIDTH} px");
+    raw_events_open_on_a_click_and_for_printing(&browser).await;
+    nothing_scrolls_sideways_on_a_phone(&browser).await;
     browser.quit().await;
 }
 
@@ -317,6 +317,22 @@ fn attacker(db: &Path) -> rusqlite::Connection {
     raw
 }
 
+/// In the log `db`: the second step's start of job `edited` now claims
+/// the third step (EXEC-001), and job `inserted` gets a copy of its third
+/// event, later ones renumbered.
+fn edit_one_and_insert_into_the_other(db: &Path, edited: &str, inserted: &str) {
+    let raw = attacker(db);
+    raw.execute(
+        "UPDATE events SET payload = '{\"step_index\":2}' WHERE job_id = ?1 AND seq = 4",
+        [edited],
+    )
+    .unwrap();
+    let records = common::reader(db)
+        .load_job(inserted.parse().unwrap())
+        .unwrap();
+    common::insert_renumbered(&raw, &records, 3, true);
+}
+
 #[tokio::test]
 async fn a_tampered_log_shows_its_first_broken_link() {
     let Some(browser) = Browser::start("tampered log page", DESKTOP.0, DESKTOP.1).await else {
@@ -327,20 +343,7 @@ async fn a_tampered_log_shows_its_first_broken_link() {
     let plan = example("enable-billing.json");
     let edited = job_id_of(&cli_ok(d, &["run", &plan, "--db", "x.db"], 0));
     let inserted = job_id_of(&cli_ok(d, &["run", &plan, "--db", "x.db"], 0));
-    {
-        let raw = attacker(&d.join("x.db"));
-        // The second step's start now claims the third step (EXEC-001) ...
-        raw.execute(
-            "UPDATE events SET payload = '{\"step_index\":2}' WHERE job_id = ?1 AND seq = 4",
-            [&edited],
-        )
-        .unwrap();
-        // ... and the other job gets a copy of its third event, later ones renumbered.
-        let records = common::reader(&d.join("x.db"))
-            .load_job(inserted.parse().unwrap())
-            .unwrap();
-        common::insert_renumbered(&raw, &records, 3, true);
-    }
+    edit_one_and_insert_into_the_other(&d.join("x.db"), &edited, &inserted);
 
     browser.open(&report(d, "x.db", &edited, "edited")).await;
     assert_eq!(
@@ -489,6 +492,60 @@ async fn click(browser: &Browser, selector: &str) {
         .unwrap();
 }
 
+/// Each total of the index filters its rows to the jobs of that status
+/// (the tampered job's log still says COMPLETED); `all` is every job, in
+/// the order they started.
+async fn each_filter_shows_its_jobs(browser: &Browser, jobs: &Mixed, all: &[String]) {
+    click(browser, "#totals [data-filter=FAILED]").await;
+    assert_eq!(visible_jobs(browser).await, [jobs.failed.to_string()]);
+    assert_eq!(
+        browser.text("#shown").await,
+        "Showing 1 of 6 jobs (FAILED)."
+    );
+    assert_eq!(
+        browser.eval("return document.querySelector('[data-filter=FAILED]').getAttribute('aria-pressed');").await,
+        json!("true")
+    );
+    click(browser, "#totals [data-filter=COMPLETED]").await;
+    let mut completed = [jobs.completed[0], jobs.completed[1], jobs.tampered];
+    completed.sort_by_key(|id| all.iter().position(|a| *a == id.to_string()));
+    assert_eq!(
+        visible_jobs(browser).await,
+        completed.iter().map(Uuid::to_string).collect::<Vec<_>>()
+    );
+    click(browser, "#totals [data-filter=CANCELLED]").await;
+    assert_eq!(visible_jobs(browser).await, [jobs.cancelled.to_string()]);
+    click(browser, "#totals [data-filter=RUNNING]").await;
+    assert_eq!(visible_jobs(browser).await, [jobs.running.to_string()]);
+    click(browser, "#totals [data-filter=BROKEN]").await;
+    assert_eq!(visible_jobs(browser).await, [jobs.tampered.to_string()]);
+    click(browser, "#totals [data-filter=all]").await;
+    assert_eq!(visible_jobs(browser).await, all);
+}
+
+/// Sorting by duration, then the other way.
+async fn sorting_by_duration_goes_both_ways(browser: &Browser) {
+    let durations = "return [...document.querySelectorAll('#jobs tbody tr')].map(r => Number(r.dataset.duration));";
+    click(browser, "th[data-key=duration] button").await;
+    let ascending: Vec<i64> = serde_json::from_value(browser.eval(durations).await).unwrap();
+    assert!(ascending.windows(2).all(|w| w[0] <= w[1]), "{ascending:?}");
+    assert!(ascending.first() < ascending.last(), "{ascending:?}");
+    click(browser, "th[data-key=duration] button").await;
+    let descending: Vec<i64> = serde_json::from_value(browser.eval(durations).await).unwrap();
+    assert!(
+        descending.windows(2).all(|w| w[0] >= w[1]),
+        "{descending:?}"
+    );
+    assert_eq!(
+        browser
+            .eval(
+                "return document.querySelector('th[data-key=duration]').getAttribute('aria-sort');"
+            )
+            .await,
+        json!("descending")
+    );
+}
+
 #[tokio::test]
 async fn the_index_filters_by_status_and_sorts_in_the_browser() {
     let Some(browser) = Browser::start("index filter", DESKTOP.0, DESKTOP.1).await else {
@@ -532,52 +589,8 @@ async fn the_index_filters_by_status_and_sorts_in_the_browser() {
         "in the order they started"
     );
 
-    click(&browser, "#totals [data-filter=FAILED]").await;
-    assert_eq!(visible_jobs(&browser).await, [jobs.failed.to_string()]);
-    assert_eq!(
-        browser.text("#shown").await,
-        "Showing 1 of 6 jobs (FAILED)."
-    );
-    assert_eq!(
-        browser.eval("return document.querySelector('[data-filter=FAILED]').getAttribute('aria-pressed');").await,
-        json!("true")
-    );
-    click(&browser, "#totals [data-filter=COMPLETED]").await;
-    let mut completed = [jobs.completed[0], jobs.completed[1], jobs.tampered];
-    completed.sort_by_key(|id| all.iter().position(|a| *a == id.to_string()));
-    assert_eq!(
-        visible_jobs(&browser).await,
-        completed.iter().map(Uuid::to_string).collect::<Vec<_>>()
-    );
-    click(&browser, "#totals [data-filter=CANCELLED]").await;
-    assert_eq!(visible_jobs(&browser).await, [jobs.cancelled.to_string()]);
-    click(&browser, "#totals [data-filter=RUNNING]").await;
-    assert_eq!(visible_jobs(&browser).await, [jobs.running.to_string()]);
-    click(&browser, "#totals [data-filter=BROKEN]").await;
-    assert_eq!(visible_jobs(&browser).await, [jobs.tampered.to_string()]);
-    click(&browser, "#totals [data-filter=all]").await;
-    assert_eq!(visible_jobs(&browser).await, all);
-
-    // Sorting by duration, then the other way.
-    let durations = "return [...document.querySelectorAll('#jobs tbody tr')].map(r => Number(r.dataset.duration));";
-    click(&browser, "th[data-key=duration] button").await;
-    let ascending: Vec<i64> = serde_json::from_value(browser.eval(durations).await).unwrap();
-    assert!(ascending.windows(2).all(|w| w[0] <= w[1]), "{ascending:?}");
-    assert!(ascending.first() < ascending.last(), "{ascending:?}");
-    click(&browser, "th[data-key=duration] button").await;
-    let descending: Vec<i64> = serde_json::from_value(browser.eval(durations).await).unwrap();
-    assert!(
-        descending.windows(2).all(|w| w[0] >= w[1]),
-        "{descending:?}"
-    );
-    assert_eq!(
-        browser
-            .eval(
-                "return document.querySelector('th[data-key=duration]').getAttribute('aria-sort');"
-            )
-            .await,
-        json!("descending")
-    );
+    each_filter_shows_its_jobs(&browser, &jobs, &all).await;
+    sorting_by_duration_goes_both_ways(&browser).await;
     // Filtering keeps the order chosen.
     click(&browser, "#totals [data-filter=COMPLETED]").await;
     assert_eq!(visible_jobs(&browser).await.len(), 3);
@@ -695,30 +708,39 @@ async fn nothing_ran(browser: &Browser, witness: &Witness, page: &str) {
     assert!(arrivals.is_empty(), "{page} reached out: {arrivals:?}");
 }
 
+/// Runs a job into the log `db` whose every recorded value is one of the
+/// `hostile` ones: step types, targets, parameters, output, error, health
+/// and who executed it. Its job id.
+fn run_hostile_job(db: &Path, hostile: [String; 6]) -> Uuid {
+    let [script, attribute, style, title, network, import] = hostile;
+    let mut executor = executor(db, 0);
+    let output = json!({ "html": style, "title": title.clone(), "net": network.clone() });
+    executor.register_handler("echo", move |_: &JobStep, _: &ExecutionContext| {
+        StepOutput::succeeded(output.clone())
+    });
+    executor.register_handler(script.clone(), FailingHandler::new(import));
+    let mut first = JobStep::new(0, "echo", script.clone());
+    first.parameters = json!({ "q": attribute.clone(), "net": network.clone() });
+    let steps = [first, JobStep::new(1, script, title)];
+    let job_id = Uuid::new_v4();
+    let health = HostileHealth(network);
+    executor
+        .execute_job(job_id, Uuid::new_v4(), &steps, Some(&health), &attribute)
+        .unwrap();
+    job_id
+}
+
 #[tokio::test]
 async fn hostile_values_show_as_text_and_run_nothing() {
     let Some(browser) = Browser::start("hostile values", DESKTOP.0, DESKTOP.1).await else {
         return;
     };
     let witness = Witness::new();
-    let [script, attribute, style, title, network, import] = hostile(&witness);
+    let values = hostile(&witness);
+    let [script, attribute, style, title, network, import] = values.clone();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let db = d.join("x.db");
-    let mut executor = executor(&db, 0);
-    let output = json!({ "html": style.clone(), "title": title.clone(), "net": network.clone() });
-    executor.register_handler("echo", move |_: &JobStep, _: &ExecutionContext| {
-        StepOutput::succeeded(output.clone())
-    });
-    executor.register_handler(script.clone(), FailingHandler::new(import.clone()));
-    let mut first = JobStep::new(0, "echo", script.clone());
-    first.parameters = json!({ "q": attribute.clone(), "net": network.clone() });
-    let steps = [first, JobStep::new(1, script.clone(), title.clone())];
-    let job_id = Uuid::new_v4();
-    let health = HostileHealth(network.clone());
-    executor
-        .execute_job(job_id, Uuid::new_v4(), &steps, Some(&health), &attribute)
-        .unwrap();
+    let job_id = run_hostile_job(&d.join("x.db"), values);
     let page = report(d, "x.db", &job_id.to_string(), "job");
     cli_ok(d, &["report", "--all", "--db", "x.db", "--out", "site"], 0);
 
@@ -768,17 +790,54 @@ async fn hostile_values_show_as_text_and_run_nothing() {
     assert_eq!(shown["net"], json!(network));
     nothing_ran(&browser, &witness, "job page, output opened").await;
 
-    browser.open(&d.join("site/index.html")).await;
-    nothing_ran(&browser, &witness, "index").await;
+    the_site_runs_nothing(&browser, &witness, &d.join("site"), job_id, &import).await;
+    browser.quit().await;
+}
+
+/// The `site` written of the hostile job `job_id` (whose error is `import`)
+/// runs and loads nothing either, index and page.
+async fn the_site_runs_nothing(
+    browser: &Browser,
+    witness: &Witness,
+    site: &Path,
+    job_id: Uuid,
+    import: &str,
+) {
+    browser.open(&site.join("index.html")).await;
+    nothing_ran(browser, witness, "index").await;
     assert_eq!(
         browser
             .eval("return document.querySelector('#jobs tbody .pill').title;")
             .await,
         json!(format!("Step 1 failed: {import}"))
     );
-    browser.open(&d.join(format!("site/{job_id}.html"))).await;
-    nothing_ran(&browser, &witness, "job page of the site").await;
-    browser.quit().await;
+    browser.open(&site.join(format!("{job_id}.html"))).await;
+    nothing_ran(browser, witness, "job page of the site").await;
+}
+
+/// A script that adds to the page what escaping might let through: a
+/// script, an image and a frame from the `witness`, a style; and records
+/// which directives of the policy refused them.
+fn injection(witness: &Witness) -> String {
+    format!(
+        "window.__violations = [];
+         document.addEventListener('securitypolicyviolation',
+             e => window.__violations.push(e.effectiveDirective));
+         const s = document.createElement('script');
+         s.textContent = 'window.__ran = 1';
+         document.body.appendChild(s);
+         const i = document.createElement('img');
+         i.src = {img};
+         document.body.appendChild(i);
+         const st = document.createElement('style');
+         st.textContent = 'body {{ background: rgb(255, 0, 0) }}';
+         document.head.appendChild(st);
+         const f = document.createElement('iframe');
+         f.src = {frame};
+         document.body.appendChild(f);",
+        img = json!(witness.url("img")),
+        frame = json!(witness.url("frame")),
+    )
 }
 
 #[tokio::test]
@@ -818,26 +877,7 @@ async fn the_policy_stops_what_escaping_might_miss() {
         "the inline script runs"
     );
     // Markup that got into the page by mistake can neither run nor load.
-    let script = format!(
-        "window.__violations = [];
-         document.addEventListener('securitypolicyviolation',
-             e => window.__violations.push(e.effectiveDirective));
-         const s = document.createElement('script');
-         s.textContent = 'window.__ran = 1';
-         document.body.appendChild(s);
-         const i = document.createElement('img');
-         i.src = {img};
-         document.body.appendChild(i);
-         const st = document.createElement('style');
-         st.textContent = 'body {{ background: rgb(255, 0, 0) }}';
-         document.head.appendChild(st);
-         const f = document.createElement('iframe');
-         f.src = {frame};
-         document.body.appendChild(f);",
-        img = json!(witness.url("img")),
-        frame = json!(witness.url("frame")),
-    );
-    browser.eval(&script).await;
+    browser.eval(&injection(&witness)).await;
     // Chromium may open a connection for the frame before the policy
     // refuses the navigation; nothing is ever sent on it.
     let arrivals = witness.arrivals().await;
@@ -874,15 +914,11 @@ async fn moments_and_outcomes(browser: &Browser) -> (Vec<String>, Vec<String>) {
     )
 }
 
-#[tokio::test]
-async fn the_timeline_marks_timeouts_interruptions_cancellations_and_resumptions() {
-    let Some(browser) = Browser::start("timeline moments", DESKTOP.0, DESKTOP.1).await else {
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let db = d.join("x.db");
-    let mut executor = executor(&db, 1_000);
+/// Jobs written into the log `db`, one per moment the timeline marks: a
+/// step timed out, a step interrupted, a job cancelled, a job resumed, and
+/// a step still in doubt, in that order.
+fn jobs_of_every_moment(db: &Path) -> [Uuid; 5] {
+    let mut executor = executor(db, 1_000);
     executor.register_handler("slow", |_: &JobStep, _: &ExecutionContext| {
         std::thread::sleep(Duration::from_secs(3));
         StepOutput::succeeded(json!({}))
@@ -902,24 +938,35 @@ async fn the_timeline_marks_timeouts_interruptions_cancellations_and_resumptions
         .unwrap();
     let interrupted = Uuid::new_v4();
     append(
-        &db,
+        db,
         interrupted,
         &[common::started_of(2, "noop"), common::step_started(0)],
     );
     let cancelled = Uuid::new_v4();
-    append(&db, cancelled, &common::stopped_between_steps(3, "noop"));
+    append(db, cancelled, &common::stopped_between_steps(3, "noop"));
     executor.request_cancel(cancelled, "change freeze").unwrap();
     executor.recover().unwrap();
     let resumed = Uuid::new_v4();
-    append(&db, resumed, &common::stopped_between_steps(3, "noop"));
+    append(db, resumed, &common::stopped_between_steps(3, "noop"));
     executor.resume(resumed, None, "night shift").unwrap();
     let in_doubt = Uuid::new_v4();
     append(
-        &db,
+        db,
         in_doubt,
         &[common::started_of(1, "noop"), common::step_started(0)],
     );
+    [timed_out, interrupted, cancelled, resumed, in_doubt]
+}
 
+#[tokio::test]
+async fn the_timeline_marks_timeouts_interruptions_cancellations_and_resumptions() {
+    let Some(browser) = Browser::start("timeline moments", DESKTOP.0, DESKTOP.1).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let [timed_out, interrupted, cancelled, resumed, in_doubt] =
+        jobs_of_every_moment(&d.join("x.db"));
     let cases = [
         (
             timed_out,
@@ -1007,20 +1054,23 @@ impl HealthObserver for DemoHealth {
     }
 }
 
-/// A log that looks like a week of operations, for the pictures in
-/// `docs/`: returns the job that halted on a failed migration.
-fn demo_log(db: &Path) -> Uuid {
-    let store = Arc::new(SqliteStore::open(db).unwrap());
-    let clock_start = chrono::DateTime::parse_from_rfc3339("2025-03-14T09:30:00Z")
+/// When the demo log's first job starts.
+fn demo_start() -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::parse_from_rfc3339("2025-03-14T09:30:00Z")
         .unwrap()
-        .to_utc();
+        .to_utc()
+}
+
+/// The executor of the demo log: a scripted clock from [`demo_start`], and
+/// handlers that answer as real ones would.
+fn demo_executor(store: Arc<SqliteStore>) -> JobExecutor {
     let clock = ScriptedClock {
-        start: clock_start,
+        start: demo_start(),
         gaps_ms: vec![120, 2_350, 40, 810, 35, 14_900, 60, 31_020, 25, 420],
         readings: std::sync::atomic::AtomicUsize::new(0),
     };
     let mut executor = JobExecutor::builder()
-        .store(store.clone())
+        .store(store)
         .clock(Arc::new(clock))
         .build();
     for kind in [
@@ -1046,39 +1096,50 @@ fn demo_log(db: &Path) -> Uuid {
             "migration 0042_invoice_due_date_index failed: lock timeout after 30 s on relation \"invoices\"",
         ),
     );
-    let step = |i: u32, kind: &str, target: &str, parameters: Value| {
-        let mut step = JobStep::new(i, kind, target);
-        step.parameters = parameters;
-        step
-    };
-    let halted_plan = [
-        step(
+    executor
+}
+
+fn demo_step(i: u32, kind: &str, target: &str, parameters: Value) -> JobStep {
+    let mut step = JobStep::new(i, kind, target);
+    step.parameters = parameters;
+    step
+}
+
+/// The demo's maintenance job, which halts on a failed migration.
+fn demo_maintenance_plan() -> [JobStep; 5] {
+    [
+        demo_step(
             0,
             "capability_disable",
             "billing-api",
             json!({"capability": "invoice-writes", "reason": "maintenance window"}),
         ),
-        step(
+        demo_step(
             1,
             "configuration_change",
             "billing-db",
             json!({"max_connections": 200, "statement_timeout_ms": 5000}),
         ),
-        step(
+        demo_step(
             2,
             "backup",
             "billing-db",
             json!({"argv": ["pg_dump", "--format=custom", "-f", "/backups/billing-2025-03-14.dump"]}),
         ),
-        step(3, "migrate", "billing-db", json!({"to_version": 42})),
-        step(
+        demo_step(3, "migrate", "billing-db", json!({"to_version": 42})),
+        demo_step(
             4,
             "capability_enable",
             "billing-api",
             json!({"capability": "invoice-writes"}),
         ),
-    ];
-    let health = DemoHealth {
+    ]
+}
+
+/// The health the maintenance job observes: the database under strain as
+/// the migration waits for its lock.
+fn demo_health() -> DemoHealth {
+    DemoHealth {
         observations: vec![
             json!({"billing-api": {"status": "up", "p99_ms": 182}, "billing-db": {"connections": 41, "replication_lag_s": 0}, "error_rate": 0.002}),
             json!({"billing-api": {"status": "draining", "p99_ms": 95}, "billing-db": {"connections": 41, "replication_lag_s": 0}, "error_rate": 0.002}),
@@ -1087,20 +1148,30 @@ fn demo_log(db: &Path) -> Uuid {
             json!({"billing-api": {"status": "draining", "p99_ms": 90}, "billing-db": {"connections": 57, "replication_lag_s": 4, "locks_waiting": 9}, "error_rate": 0.013}),
         ],
         read: std::sync::atomic::AtomicUsize::new(0),
-    };
+    }
+}
+
+/// A rollout of a capability to `regions` regions, one step each.
+fn rollout(regions: u32) -> Vec<JobStep> {
+    (0..regions)
+        .map(|i| {
+            demo_step(
+                i,
+                "capability_enable",
+                &format!("region-{}", i + 1),
+                json!({"capability": "instant-refunds"}),
+            )
+        })
+        .collect()
+}
+
+/// A log that looks like a week of operations, for the pictures in
+/// `docs/`: returns the job that halted on a failed migration.
+fn demo_log(db: &Path) -> Uuid {
+    let executor = demo_executor(Arc::new(SqliteStore::open(db).unwrap()));
+    let halted_plan = demo_maintenance_plan();
+    let health = demo_health();
     let contract: Uuid = "0b6f3a55-1f0e-4c1e-9a8b-2d7c9e4f6a10".parse().unwrap();
-    let rollout = |n: u32| -> Vec<JobStep> {
-        (0..n)
-            .map(|i| {
-                step(
-                    i,
-                    "capability_enable",
-                    &format!("region-{}", i + 1),
-                    json!({"capability": "instant-refunds"}),
-                )
-            })
-            .collect()
-    };
     let ids: Vec<Uuid> = (1..=9u128)
         .map(|n| {
             Uuid::from_u128(0x7c3e_52a1_0000_4000_8000_0000_0000_0000 + n * 0x1_0000_0000_0001)
@@ -1119,7 +1190,7 @@ fn demo_log(db: &Path) -> Uuid {
     executor
         .execute_job(ids[3], contract, &rollout(6), None, "release-bot")
         .unwrap();
-    let later = |seconds: i64| clock_start + TimeDelta::seconds(seconds);
+    let later = |seconds: i64| demo_start() + TimeDelta::seconds(seconds);
     append_from(
         db,
         ids[4],
@@ -1176,7 +1247,7 @@ async fn full_page(browser: &Browser, width: u32) -> Vec<u8> {
 }
 
 #[tokio::test]
-#[ignore = "remakes the pictures in docs/: cargo test --test report_browser -- --ignored screenshots"]
+#[ignore = "remakes the pictures in docs/: cargo test --test it -- --ignored report_browser::screenshots"]
 async fn screenshots() {
     let Some(browser) = Browser::start("screenshots", 1280, 900).await else {
         panic!("the pictures need chromium and chromedriver");

@@ -10,7 +10,7 @@
 //! `job_no` are the store's index of the whole log, not part of any job's
 //! evidence, and are not covered by the chain (see ARCHITECTURE.md).
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -476,6 +476,55 @@ fn first_violation_seq(reports: &[JobReport], job: Uuid) -> Option<u64> {
         .map(|v| v.seq)
 }
 
+/// The heads of `jobs` an auditor keeps.
+fn kept_heads(log: &Backend, jobs: &[Uuid]) -> HashMap<Uuid, Digest> {
+    let reader = log.reader();
+    jobs.iter()
+        .map(|&j| (j, replay(reader.as_ref(), j).unwrap().head))
+        .collect()
+}
+
+/// The seq of the event to change, of the `last` of its job; rejects the
+/// cases a mutation cannot apply to.
+fn target_seq(
+    mutation: &Mutation,
+    event: &prop::sample::Index,
+    last: u64,
+    keyed: bool,
+) -> Result<u64, TestCaseError> {
+    let mut seq = 1 + event.index(last as usize) as u64;
+    if matches!(mutation, Mutation::CutTail) {
+        seq = seq.max(2); // a log cut to nothing has no job left to name
+        prop_assume!(seq <= last);
+    }
+    if matches!(
+        mutation,
+        Mutation::EditByte {
+            column: Column::Mac,
+            ..
+        }
+    ) {
+        prop_assume!(keyed);
+    }
+    Ok(seq)
+}
+
+/// Whether the mutation of event `seq` (of `last`) only shortens the job's
+/// log: a cut tail, or a last event deleted or moved away to another job id
+/// (which is the same thing for this job). Only a kept head reveals it.
+fn cuts_the_tail(mutation: &Mutation, seq: u64, last: u64) -> bool {
+    matches!(mutation, Mutation::CutTail)
+        || (seq == last
+            && matches!(
+                mutation,
+                Mutation::Delete
+                    | Mutation::EditByte {
+                        column: Column::JobId | Column::Seq(_),
+                        ..
+                    }
+            ))
+}
+
 #[test]
 fn verify_finds_every_single_change() {
     let test = "verify_finds_every_single_change";
@@ -502,34 +551,15 @@ fn verify_finds_every_single_change() {
             |(plans, keyed, target, event, mutation), log| {
                 let jobs = write_log(log, &plans, keyed);
                 let job = jobs[target.index(jobs.len())];
-                let reader = log.reader();
-                let heads: HashMap<Uuid, Digest> = jobs
-                    .iter()
-                    .map(|&j| (j, replay(reader.as_ref(), j).unwrap().head))
-                    .collect();
                 let plain = VerifyOptions::default().with_key(keyed.then(key));
-                let with_heads = plain.clone().with_expected_heads(heads);
+                let with_heads = plain.clone().with_expected_heads(kept_heads(log, &jobs));
 
                 // Untouched: everything passes, with or without the kept heads.
                 prop_assert!(verify(log, &plain).iter().all(JobReport::is_ok));
                 prop_assert!(verify(log, &with_heads).iter().all(JobReport::is_ok));
 
-                let last = reader.last_seq(job).unwrap();
-                drop(reader);
-                let mut seq = 1 + event.index(last as usize) as u64;
-                if matches!(mutation, Mutation::CutTail) {
-                    seq = seq.max(2); // a log cut to nothing has no job left to name
-                    prop_assume!(seq <= last);
-                }
-                if matches!(
-                    mutation,
-                    Mutation::EditByte {
-                        column: Column::Mac,
-                        ..
-                    }
-                ) {
-                    prop_assume!(keyed);
-                }
+                let last = log.reader().last_seq(job).unwrap();
+                let seq = target_seq(&mutation, &event, last, keyed)?;
                 let Some(expected_seq) = apply(log, job, seq, last, &mutation) else {
                     return Err(TestCaseError::reject("mutation not applicable"));
                 };
@@ -545,19 +575,8 @@ fn verify_finds_every_single_change() {
                     last
                 );
 
-                // Without them, all but a cut tail (or a last event moved away
-                // to another job id, which is the same thing for this job).
-                let tail_only = matches!(mutation, Mutation::CutTail)
-                    || (seq == last
-                        && matches!(
-                            mutation,
-                            Mutation::Delete
-                                | Mutation::EditByte {
-                                    column: Column::JobId | Column::Seq(_),
-                                    ..
-                                }
-                        ));
-                if !tail_only {
+                // Without them, all but a cut tail.
+                if !cuts_the_tail(&mutation, seq, last) {
                     let found = first_violation_seq(&verify(log, &plain), job);
                     prop_assert_eq!(
                         found,

@@ -7,7 +7,7 @@
 //! The same three entry points have `cargo fuzz` targets under `fuzz/`
 //! (see `fuzz/README.md`); what either finds is kept here as a regression.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -423,10 +423,10 @@ proptest! {
     }
 }
 
-// What the fuzzers found, kept as plain tests.
+// Inputs the fuzzers found, kept as plain tests.
 
-/// `verify` computed the next expected seq as `seq + 1`: a stored (or
-/// bundled) seq of u64::MAX overflowed.
+/// A stored (or bundled) seq of u64::MAX is reported: the seq expected
+/// after it is not computed as `seq + 1`, which would overflow.
 #[test]
 fn a_seq_of_u64_max_is_reported_not_overflowed() {
     let record = EventRecord {

@@ -1,7 +1,7 @@
 //! Tamper evidence: the hash chain, keyed heads, audit bundles, and logs
 //! written by the first schema.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -246,18 +246,30 @@ fn first_violation(path: &Path, job: Uuid, options: &VerifyOptions) -> Option<(u
         })
 }
 
+/// Two jobs written to `dir/name`, then each of `statements` run on the
+/// file with its rules dropped, `?1` the first job's id.
+fn two_jobs_then(dir: &Path, name: &str, statements: &[&str]) -> (PathBuf, Uuid, Uuid) {
+    let (path, a, b) = two_jobs(&dir.join(name).tap_mkdir(), None);
+    let raw = tamper(&path);
+    for statement in statements {
+        raw.execute(statement, [a.to_string()]).unwrap();
+    }
+    (path, a, b)
+}
+
 #[test]
 fn verify_tells_apart_edit_delete_swap_and_insert() {
     let no = VerifyOptions::default();
     let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
 
-    let (path, a, b) = two_jobs(&dir.path().join("edit").tap_mkdir(), None);
-    tamper(&path)
-        .execute(
+    let (path, a, b) = two_jobs_then(
+        dir,
+        "edit",
+        &[
             "UPDATE events SET payload = replace(payload, '\"step_index\":1', '\"step_index\":2') WHERE job_id = ?1 AND seq = 4",
-            [a.to_string()],
-        )
-        .unwrap();
+        ],
+    );
     let (seq, what) = first_violation(&path, a, &no).unwrap();
     assert_eq!(seq, 4);
     assert!(
@@ -269,65 +281,40 @@ fn verify_tells_apart_edit_delete_swap_and_insert() {
         "job b is untouched"
     );
 
-    let (path, a, _) = two_jobs(&dir.path().join("digest").tap_mkdir(), None);
-    tamper(&path)
-        .execute(
-            "UPDATE events SET digest = printf('%064d', 7) WHERE job_id = ?1 AND seq = 3",
-            [a.to_string()],
-        )
-        .unwrap();
+    let (path, a, _) = two_jobs_then(
+        dir,
+        "digest",
+        &["UPDATE events SET digest = printf('%064d', 7) WHERE job_id = ?1 AND seq = 3"],
+    );
     let (seq, what) = first_violation(&path, a, &no).unwrap();
     assert_eq!(
         (seq, what.as_str()),
         (3, "CHAIN: event edited: its stored digest was changed")
     );
 
-    let (path, a, _) = two_jobs(&dir.path().join("delete").tap_mkdir(), None);
-    tamper(&path)
-        .execute(
-            "DELETE FROM events WHERE job_id = ?1 AND seq = 3",
-            [a.to_string()],
-        )
-        .unwrap();
-    let (seq, what) = first_violation(&path, a, &no).unwrap();
-    assert_eq!(seq, 3);
-    assert!(what.starts_with("CHAIN: event deleted"), "{what}");
+    let delete = "DELETE FROM events WHERE job_id = ?1 AND seq = 3";
+    let renumber = "UPDATE events SET seq = seq - 1 WHERE job_id = ?1 AND seq > 3";
+    for (name, statements) in [
+        ("delete", &[delete][..]),
+        ("delete-renumber", &[delete, renumber][..]),
+    ] {
+        let (path, a, _) = two_jobs_then(dir, name, statements);
+        let (seq, what) = first_violation(&path, a, &no).unwrap();
+        assert_eq!(seq, 3, "{name}");
+        assert!(what.starts_with("CHAIN: event deleted"), "{name}: {what}");
+    }
 
-    let (path, a, _) = two_jobs(&dir.path().join("delete-renumber").tap_mkdir(), None);
-    let raw = tamper(&path);
-    raw.execute(
-        "DELETE FROM events WHERE job_id = ?1 AND seq = 3",
-        [a.to_string()],
-    )
-    .unwrap();
-    raw.execute(
-        "UPDATE events SET seq = seq - 1 WHERE job_id = ?1 AND seq > 3",
-        [a.to_string()],
-    )
-    .unwrap();
-    let (seq, what) = first_violation(&path, a, &no).unwrap();
-    assert_eq!(seq, 3);
-    assert!(what.starts_with("CHAIN: event deleted"), "{what}");
-
-    let (path, a, _) = two_jobs(&dir.path().join("swap").tap_mkdir(), None);
-    swap_rows(&tamper(&path), a, 4, 5, true);
-    let (seq, what) = first_violation(&path, a, &no).unwrap();
-    assert_eq!(
-        (seq, what.as_str()),
-        (4, "CHAIN: events reordered: seq 4 and seq 5 swapped")
-    );
-
-    let (path, a, _) = two_jobs(&dir.path().join("swap-content").tap_mkdir(), None);
-    swap_rows(&tamper(&path), a, 2, 3, false);
-    let (seq, what) = first_violation(&path, a, &no).unwrap();
-    assert_eq!(
-        (seq, what.as_str()),
-        (2, "CHAIN: events reordered: seq 2 and seq 3 swapped")
-    );
+    for (name, x, y, with_digests) in [("swap", 4, 5, true), ("swap-content", 2, 3, false)] {
+        let (path, a, _) = two_jobs(&dir.join(name).tap_mkdir(), None);
+        swap_rows(&tamper(&path), a, x, y, with_digests);
+        let (seq, what) = first_violation(&path, a, &no).unwrap();
+        let swapped = format!("CHAIN: events reordered: seq {x} and seq {y} swapped");
+        assert_eq!((seq, what), (x, swapped));
+    }
 
     for forge_digest in [false, true] {
         let sub = format!("insert-{forge_digest}");
-        let (path, a, _) = two_jobs(&dir.path().join(sub).tap_mkdir(), None);
+        let (path, a, _) = two_jobs(&dir.join(sub).tap_mkdir(), None);
         let records = read_only(&path).load_job(a).unwrap();
         common::insert_renumbered(&tamper(&path), &records, 4, forge_digest);
         let (seq, what) = first_violation(&path, a, &no).unwrap();

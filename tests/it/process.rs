@@ -2,7 +2,7 @@
 //! processes, cancel and resume from another process, read-only, locked and
 //! full databases.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -112,6 +112,39 @@ impl Lcg {
     }
 }
 
+/// The steps of `job` that ran (their numbers appended to `lines`) ran
+/// once each, in plan order, and each has its `StepStarted` in the log `db`.
+fn each_step_ran_once_in_order_and_was_logged(db: &Path, job: Uuid, lines: &Path, context: &str) {
+    let ran: Vec<usize> = std::fs::read_to_string(lines)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    for i in &ran {
+        assert!(seen.insert(*i), "{context}: step {i} ran twice: {ran:?}");
+    }
+    // Every step that ran has its StepStarted in the log.
+    let store = SqliteStore::open(db).unwrap();
+    let started: std::collections::HashSet<usize> = store
+        .load_job(job)
+        .unwrap()
+        .iter()
+        .filter(|r| r.kind == "StepStarted")
+        .map(|r| r.decode().unwrap())
+        .map(|r| match r.event {
+            job_executor::events::Event::StepStarted(s) => s.step_index as usize,
+            _ => unreachable!(),
+        })
+        .collect();
+    assert!(
+        seen.is_subset(&started),
+        "{context}: {seen:?} not within {started:?}"
+    );
+    // Steps run in order, without gaps.
+    assert_eq!(ran, (0..ran.len()).collect::<Vec<_>>(), "{context}");
+}
+
 #[test]
 fn twenty_random_kill_9s_never_run_a_step_twice() {
     let seed = common::kill_seed("kill test");
@@ -170,34 +203,7 @@ fn twenty_random_kill_9s_never_run_a_step_twice() {
         }
         verify_ok(d, &db);
 
-        let ran: Vec<usize> = std::fs::read_to_string(&lines)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| l.parse().unwrap())
-            .collect();
-        let mut seen = std::collections::HashSet::new();
-        for i in &ran {
-            assert!(seen.insert(*i), "{context}: step {i} ran twice: {ran:?}");
-        }
-        // Every step that ran has its StepStarted in the log.
-        let store = SqliteStore::open(d.join(&db)).unwrap();
-        let started: std::collections::HashSet<usize> = store
-            .load_job(job)
-            .unwrap()
-            .iter()
-            .filter(|r| r.kind == "StepStarted")
-            .map(|r| r.decode().unwrap())
-            .map(|r| match r.event {
-                job_executor::events::Event::StepStarted(s) => s.step_index as usize,
-                _ => unreachable!(),
-            })
-            .collect();
-        assert!(
-            seen.is_subset(&started),
-            "{context}: {seen:?} not within {started:?}"
-        );
-        // Steps run in order, without gaps.
-        assert_eq!(ran, (0..ran.len()).collect::<Vec<_>>(), "{context}");
+        each_step_ran_once_in_order_and_was_logged(&d.join(&db), job, &lines, &context);
     }
     eprintln!("kill test outcomes: {outcomes:?}");
 }
@@ -474,7 +480,7 @@ fn a_full_disk_fails_cleanly() {
             .is_ok_and(|s| s.success());
     if !mounted {
         eprintln!(
-            "skipped: cannot mount a small tmpfs here (the max_page_count test in tests/lifecycle.rs covers a full database)"
+            "skipped: cannot mount a small tmpfs here (the max_page_count test in tests/it/lifecycle.rs covers a full database)"
         );
         return;
     }

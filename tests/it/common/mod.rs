@@ -1,5 +1,4 @@
 //! Builders shared by the integration tests.
-#![allow(dead_code)]
 
 pub mod backend;
 pub mod pg;
@@ -309,7 +308,6 @@ pub fn reader(path: &std::path::Path) -> job_executor::store::SqliteStore {
 
 /// The seed of a randomised kill test: `KILL_SEED` when set, else the
 /// clock's; printed (under `what`) so that a failing run can be replayed.
-#[allow(dead_code)] // not every test binary kills processes
 pub fn kill_seed(what: &str) -> u64 {
     let seed = std::env::var("KILL_SEED")
         .ok()

@@ -1,7 +1,7 @@
 //! Every transition of the state machine and every refusal, as
 //! given events / when event / then state or error.
 
-mod common;
+use crate::common;
 
 use common::{completed, failed, halted, started, step_started, succeeded};
 use job_executor::JobStep;

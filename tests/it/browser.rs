@@ -5,7 +5,6 @@
 //! with `JE_REQUIRE_BROWSER=1` (as `.ci/run` sets) or `CI` set, a missing
 //! browser fails them instead. `JE_CHROMIUM` and `JE_CHROMEDRIVER` name
 //! other binaries than Debian's `chromium` and `chromedriver`.
-#![allow(dead_code)]
 
 use std::io::Write;
 use std::net::TcpListener;

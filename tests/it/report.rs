@@ -1,11 +1,11 @@
 //! `job-executor report`: its command-line shapes, exit codes and files,
 //! and that a page is a projection of the log: the same log and options give
 //! the same bytes. What the pages look like in a browser is
-//! `tests/report_browser.rs`.
+//! `tests/it/report_browser.rs`.
 
 use std::path::{Path, PathBuf};
 
-mod common;
+use crate::common;
 
 use common::cli;
 use job_executor::report::{JobPage, ReportOptions};

@@ -1,7 +1,7 @@
 //! Timeouts, cancellation, resumption, the `command` handler and storage
 //! faults, through the library.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -374,6 +374,12 @@ fn a_cancel_request_stops_the_job_before_its_next_step() {
         ]
     );
     assert_verifies(store.as_ref(), job);
+    a_cancel_of_an_ended_or_unknown_job_is_refused(&executor, job);
+}
+
+/// `job` ended cancelled: a request to cancel it, or a job never seen, is
+/// refused.
+fn a_cancel_of_an_ended_or_unknown_job_is_refused(executor: &JobExecutor, job: Uuid) {
     let err = executor.request_cancel(job, "late").unwrap_err();
     assert!(
         matches!(

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-mod common;
+use crate::common;
 
 use common::cli;
 use serde_json::Value;
@@ -51,21 +51,9 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
     path.to_str().unwrap().to_owned()
 }
 
-#[test]
-fn run_replay_events_jobs_verify() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let plan = example("enable-billing.json");
-    let evidence = run_ok(d, &["run", plan.to_str().unwrap(), "--db", "x.db"], 0);
-    let value: Value = serde_json::from_str(&evidence).unwrap();
-    assert_eq!(value["final_status"], "COMPLETED");
-    assert_eq!(value["execution_summary"]["steps_succeeded"], 3);
-    let id = job_id(&evidence);
-
-    let replayed = run_ok(d, &["replay", &id, "--db", "x.db"], 0);
-    assert_eq!(replayed, evidence, "replay is byte-identical to run");
-
-    let events = run_ok(d, &["events", &id, "--db", "x.db"], 0);
+/// `events` printed the log of the enable-billing plan, run as job `id`:
+/// one JSON object a line, in seq order, with the plan as given.
+fn check_events_of_enable_billing(events: &str, id: &str, plan: &Path) {
     let lines: Vec<Value> = events
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -86,16 +74,34 @@ fn run_replay_events_jobs_verify() {
     );
     for (i, line) in lines.iter().enumerate() {
         assert_eq!(line["seq"], i as u64 + 1);
-        assert_eq!(line["job_id"], id.as_str());
+        assert_eq!(line["job_id"], id);
         assert_eq!(line["schema_version"], job_executor::events::SCHEMA_VERSION);
         assert!(line["digest"].as_str().unwrap().starts_with("sha256:"));
         assert!(line["position"].as_u64().unwrap() >= 1);
         assert!(line["recorded_at"].as_str().unwrap().ends_with('Z'));
         assert!(line["payload"].is_object());
     }
-    let plan_json: Value = serde_json::from_str(&std::fs::read_to_string(&plan).unwrap()).unwrap();
+    let plan_json: Value = serde_json::from_str(&std::fs::read_to_string(plan).unwrap()).unwrap();
     assert_eq!(lines[0]["payload"]["plan"][2]["timeout_seconds"], 60);
     assert_eq!(lines[0]["payload"]["contract_id"], plan_json["contract_id"]);
+}
+
+#[test]
+fn run_replay_events_jobs_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let plan = example("enable-billing.json");
+    let evidence = run_ok(d, &["run", plan.to_str().unwrap(), "--db", "x.db"], 0);
+    let value: Value = serde_json::from_str(&evidence).unwrap();
+    assert_eq!(value["final_status"], "COMPLETED");
+    assert_eq!(value["execution_summary"]["steps_succeeded"], 3);
+    let id = job_id(&evidence);
+
+    let replayed = run_ok(d, &["replay", &id, "--db", "x.db"], 0);
+    assert_eq!(replayed, evidence, "replay is byte-identical to run");
+
+    let events = run_ok(d, &["events", &id, "--db", "x.db"], 0);
+    check_events_of_enable_billing(&events, &id, &plan);
 
     let failing = run_ok(
         d,
@@ -364,13 +370,39 @@ fn verify_names_each_broken_job_and_seq() {
     refused(d, &["replay", &bad_id, "--db", "x.db"], "hash chain broken");
 }
 
-#[test]
-fn export_verify_and_replay_a_bundle_offline() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let key = write(d, "key", "a key of at least sixteen bytes\n");
-    let plan = example("halts-on-unknown-step.json");
-    let evidence = run_ok(
+/// In `d`, beside the log `x.db` holding job `id` (of `plan`): a malformed
+/// `--expect` and a key file too short or missing are refused, and a run
+/// refused for its key writes nothing.
+fn bad_heads_and_keys_are_refused(d: &Path, plan: &Path, id: &str) {
+    refused(
+        d,
+        &["verify", "--db", "x.db", "--expect", "nonsense"],
+        "invalid --expect",
+    );
+    refused(
+        d,
+        &[
+            "verify",
+            "--db",
+            "x.db",
+            "--expect",
+            &format!("{id}=sha256:ABC"),
+        ],
+        "invalid --expect",
+    );
+    let short = write(d, "short", "tiny");
+    refused(
+        d,
+        &["verify", "--db", "x.db", "--key-file", &short],
+        "at least 16",
+    );
+    refused(
+        d,
+        &["verify", "--db", "x.db", "--key-file", "nope"],
+        "cannot read key file",
+    );
+    let before = std::fs::read(d.join("x.db")).unwrap();
+    refused(
         d,
         &[
             "run",
@@ -378,10 +410,37 @@ fn export_verify_and_replay_a_bundle_offline() {
             "--db",
             "x.db",
             "--key-file",
-            &key,
+            &short,
         ],
-        1,
+        "at least 16",
     );
+    assert_eq!(std::fs::read(d.join("x.db")).unwrap(), before);
+}
+
+/// `run` of `plan` into `x.db` in `d`, keyed with the key file `key`;
+/// asserts the exit `code` and returns the evidence.
+fn run_keyed(d: &Path, plan: &Path, key: &str, code: i32) -> String {
+    run_ok(
+        d,
+        &[
+            "run",
+            plan.to_str().unwrap(),
+            "--db",
+            "x.db",
+            "--key-file",
+            key,
+        ],
+        code,
+    )
+}
+
+#[test]
+fn export_verify_and_replay_a_bundle_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let key = write(d, "key", "a key of at least sixteen bytes\n");
+    let plan = example("halts-on-unknown-step.json");
+    let evidence = run_keyed(d, &plan, &key, 1);
     let id = job_id(&evidence);
     let value: Value = serde_json::from_str(&evidence).unwrap();
     assert_eq!(value["event_log"]["events"], 6);
@@ -424,7 +483,13 @@ fn export_verify_and_replay_a_bundle_offline() {
         evidence
     );
 
-    let edited = to_stdout.replacen("No handler registered", "No handler registred", 1);
+    bundles_edited_or_under_another_key_fail(d, &to_stdout);
+}
+
+/// In `d`, beside `bundle.json` (whose text is `bundle`): an edited copy,
+/// another key, a missing file and a file that is no bundle all fail.
+fn bundles_edited_or_under_another_key_fail(d: &Path, bundle: &str) {
+    let edited = bundle.replacen("No handler registered", "No handler registred", 1);
     write(d, "edited.json", &edited);
     let out = cli(d, &["verify", "--bundle", "edited.json"]);
     assert_eq!(out.status.code(), Some(1));
@@ -464,18 +529,7 @@ fn verify_with_kept_heads_and_keys() {
     let d = dir.path();
     let key = write(d, "key", "0123456789abcdef0123456789abcdef");
     let plan = example("enable-billing.json");
-    let evidence = run_ok(
-        d,
-        &[
-            "run",
-            plan.to_str().unwrap(),
-            "--db",
-            "x.db",
-            "--key-file",
-            &key,
-        ],
-        0,
-    );
+    let evidence = run_keyed(d, &plan, &key, 0);
     let value: Value = serde_json::from_str(&evidence).unwrap();
     let head = value["event_log"]["head"].as_str().unwrap();
     let expect = format!("{}={head}", job_id(&evidence));
@@ -507,47 +561,7 @@ fn verify_with_kept_heads_and_keys() {
         stdout(&out)
     );
 
-    refused(
-        d,
-        &["verify", "--db", "x.db", "--expect", "nonsense"],
-        "invalid --expect",
-    );
-    refused(
-        d,
-        &[
-            "verify",
-            "--db",
-            "x.db",
-            "--expect",
-            &format!("{}=sha256:ABC", job_id(&evidence)),
-        ],
-        "invalid --expect",
-    );
-    let short = write(d, "short", "tiny");
-    refused(
-        d,
-        &["verify", "--db", "x.db", "--key-file", &short],
-        "at least 16",
-    );
-    refused(
-        d,
-        &["verify", "--db", "x.db", "--key-file", "nope"],
-        "cannot read key file",
-    );
-    let before = std::fs::read(d.join("x.db")).unwrap();
-    refused(
-        d,
-        &[
-            "run",
-            plan.to_str().unwrap(),
-            "--db",
-            "x.db",
-            "--key-file",
-            &short,
-        ],
-        "at least 16",
-    );
-    assert_eq!(std::fs::read(d.join("x.db")).unwrap(), before);
+    bad_heads_and_keys_are_refused(d, &plan, &job_id(&evidence));
 
     // A job written without the key does not verify under it.
     run_ok(d, &["run", plan.to_str().unwrap(), "--db", "x.db"], 0);

@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 
-mod common;
+use crate::common;
 
 use common::{cli, completed_log, reader, records};
 use job_executor::chain::{Digest, chain};

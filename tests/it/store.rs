@@ -4,7 +4,7 @@
 //! (`common::backend`); what is about a SQLite file or a PostgreSQL schema
 //! runs on that store alone.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -618,6 +618,51 @@ fn a_conflict_in_a_group_commit_fails_that_append_alone() {
     }
 }
 
+/// A first append whose hook holds the lead of group commit, then appends
+/// of `jobs` queued behind it; once they are queued, the lead is released.
+/// What each of those appends returned.
+fn appends_queued_behind_a_held_leader(
+    store: &Arc<dyn EventStore>,
+    jobs: [Uuid; 3],
+) -> Vec<(Uuid, Result<Vec<u64>, StoreError>)> {
+    std::thread::scope(|scope| {
+        // Made in here, so that a panic of this thread drops `release`
+        // and frees the leader rather than leaving the scope waiting.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (queued_tx, queued) = std::sync::mpsc::channel::<()>();
+        // The first append leads, and its hook holds the lead while the
+        // others queue behind it.
+        let leader = scope.spawn(|| {
+            let hook = Box::new(move || held.recv().unwrap());
+            store.append_then(&records(Uuid::new_v4(), &[started(0)]), hook)
+        });
+        // Wait until the leader is inside its hook.
+        while store.job_ids().unwrap().is_empty() {
+            std::thread::yield_now();
+        }
+        let followers: Vec<_> = jobs
+            .into_iter()
+            .map(|job| {
+                let (store, queued_tx) = (&store, queued_tx.clone());
+                scope.spawn(move || {
+                    queued_tx.send(()).unwrap();
+                    (job, store.append(&records(job, &[started(0)])))
+                })
+            })
+            .collect();
+        for _ in 0..jobs.len() {
+            queued.recv().unwrap();
+        }
+        // The followers are at most a few instructions from the queue;
+        // when one is late it commits on its own, which is a conflict
+        // too, so the assertions hold either way.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        release.send(()).unwrap();
+        leader.join().unwrap().unwrap();
+        followers.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 /// Two appends of the same seq of one job, queued behind a commit that is
 /// still running its hook, go into the next group commit together: the
 /// second must fail as a conflict, like any other writer that came second,
@@ -628,42 +673,8 @@ fn a_conflict_inside_one_group_commit_is_a_conflict() {
         let name = backend.name();
         let store = backend.open();
         let (contested, bystander) = (Uuid::new_v4(), Uuid::new_v4());
-        let results: Vec<_> = std::thread::scope(|scope| {
-            // Made in here, so that a panic of this thread drops `release`
-            // and frees the leader rather than leaving the scope waiting.
-            let (release, held) = std::sync::mpsc::channel::<()>();
-            let (queued_tx, queued) = std::sync::mpsc::channel::<()>();
-            // The first append leads, and its hook holds the lead while the
-            // others queue behind it.
-            let leader = scope.spawn(|| {
-                let hook = Box::new(move || held.recv().unwrap());
-                store.append_then(&records(Uuid::new_v4(), &[started(0)]), hook)
-            });
-            // Wait until the leader is inside its hook.
-            while store.job_ids().unwrap().is_empty() {
-                std::thread::yield_now();
-            }
-            let followers: Vec<_> = [contested, contested, bystander]
-                .into_iter()
-                .map(|job| {
-                    let (store, queued_tx) = (&store, queued_tx.clone());
-                    scope.spawn(move || {
-                        queued_tx.send(()).unwrap();
-                        (job, store.append(&records(job, &[started(0)])))
-                    })
-                })
-                .collect();
-            for _ in 0..3 {
-                queued.recv().unwrap();
-            }
-            // The followers are at most a few instructions from the queue;
-            // when one is late it commits on its own, which is a conflict
-            // too, so the assertions hold either way.
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            release.send(()).unwrap();
-            leader.join().unwrap().unwrap();
-            followers.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+        let results =
+            appends_queued_behind_a_held_leader(&store, [contested, contested, bystander]);
         let contested_results: Vec<_> = results
             .iter()
             .filter(|(job, _)| *job == contested)
@@ -900,6 +911,54 @@ fn postgres_openers_of_a_fresh_schema_all_succeed_and_migrate_once() {
     }
 }
 
+/// Reads the log's positions as they commit, while `writing`, asserting
+/// that none appears before an earlier one; all it saw, in order.
+fn follow_positions(backend: &Backend, writing: &AtomicBool) -> Vec<i64> {
+    let mut client = backend.schema().client();
+    let mut seen: Vec<i64> = Vec::new();
+    loop {
+        let done = !writing.load(Ordering::SeqCst);
+        let after = seen.last().copied().unwrap_or(0);
+        let batch: Vec<i64> = client
+            .query(
+                "SELECT position FROM events WHERE position > $1 ORDER BY position",
+                &[&after],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        // A later position visible before an earlier one would be
+        // skipped for good by a reader that moved past it.
+        let expected: Vec<i64> = (after + 1..=after + batch.len() as i64).collect();
+        assert_eq!(batch, expected, "a reader at {after} would skip an event");
+        seen.extend(batch);
+        if done {
+            return seen;
+        }
+    }
+}
+
+/// Writes `jobs` completed jobs, one event per append: (job, seq,
+/// position, `clock` when the append began, `clock` when it returned) each.
+fn append_one_event_at_a_time(
+    store: &dyn EventStore,
+    clock: &AtomicU64,
+    jobs: usize,
+) -> Vec<(Uuid, u64, u64, u64, u64)> {
+    let mut appends = Vec::new();
+    for _ in 0..jobs {
+        let job = Uuid::new_v4();
+        for record in records(job, &completed_log(3)) {
+            let began = clock.fetch_add(1, Ordering::SeqCst);
+            let positions = store.append(std::slice::from_ref(&record)).unwrap();
+            let returned = clock.fetch_add(1, Ordering::SeqCst);
+            appends.push((job, record.seq, positions[0], began, returned));
+        }
+    }
+    appends
+}
+
 /// Many writers (several stores, several threads each) appending at once:
 /// positions are 1..=N without a gap, each job's events are in seq order by
 /// position, an append that returned before another began has the smaller
@@ -922,47 +981,11 @@ fn postgres_positions_are_dense_and_in_commit_order() {
     let clock = AtomicU64::new(0);
     let writing = AtomicBool::new(true);
     let (appends, followed) = std::thread::scope(|scope| {
-        let follower = scope.spawn(|| {
-            let mut client = backend.schema().client();
-            let mut seen: Vec<i64> = Vec::new();
-            loop {
-                let done = !writing.load(Ordering::SeqCst);
-                let after = seen.last().copied().unwrap_or(0);
-                let batch: Vec<i64> = client
-                    .query(
-                        "SELECT position FROM events WHERE position > $1 ORDER BY position",
-                        &[&after],
-                    )
-                    .unwrap()
-                    .iter()
-                    .map(|r| r.get(0))
-                    .collect();
-                // A later position visible before an earlier one would be
-                // skipped for good by a reader that moved past it.
-                let expected: Vec<i64> = (after + 1..=after + batch.len() as i64).collect();
-                assert_eq!(batch, expected, "a reader at {after} would skip an event");
-                seen.extend(batch);
-                if done {
-                    return seen;
-                }
-            }
-        });
+        let follower = scope.spawn(|| follow_positions(&backend, &writing));
         let writers: Vec<_> = (0..STORES * THREADS_PER_STORE)
             .map(|n| {
-                let (store, clock) = (&stores[n % STORES], &clock);
-                scope.spawn(move || {
-                    let mut appends = Vec::new();
-                    for _ in 0..JOBS_PER_THREAD {
-                        let job = Uuid::new_v4();
-                        for record in records(job, &completed_log(3)) {
-                            let began = clock.fetch_add(1, Ordering::SeqCst);
-                            let positions = store.append(std::slice::from_ref(&record)).unwrap();
-                            let returned = clock.fetch_add(1, Ordering::SeqCst);
-                            appends.push((job, record.seq, positions[0], began, returned));
-                        }
-                    }
-                    appends
-                })
+                let (store, clock) = (stores[n % STORES].as_ref(), &clock);
+                scope.spawn(move || append_one_event_at_a_time(store, clock, JOBS_PER_THREAD))
             })
             .collect();
         let joined: Vec<_> = writers.into_iter().map(|h| h.join()).collect();
@@ -1004,7 +1027,12 @@ fn postgres_positions_are_dense_and_in_commit_order() {
             "the position returned is the one stored"
         );
     }
-    for a in &appends {
+    assert_returned_before_began_is_positioned_before(&appends);
+}
+
+/// An append that returned before another began has the smaller position.
+fn assert_returned_before_began_is_positioned_before(appends: &[(Uuid, u64, u64, u64, u64)]) {
+    for a in appends {
         for b in appends.iter().filter(|b| a.4 < b.3) {
             assert!(
                 a.2 < b.2,

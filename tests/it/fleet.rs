@@ -2,7 +2,7 @@
 //! them, and workers that are killed, paused and restarted — with every
 //! step still run at most once.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -73,13 +73,9 @@ fn write(dir: &Path, name: &str, value: &Value) -> String {
 /// A command, as shown, and what it answered: exit code, stdout, stderr.
 type Said = (Vec<String>, Option<i32>, String, String);
 
-/// The same session of commands on each store: every output and exit code
-/// must be byte for byte the same on both.
-#[test]
-fn every_command_behaves_the_same_on_both_stores() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let dbs = both(d, "same");
+/// The files of the session below, in `d`: two plans (job a completes, job
+/// b fails) and a key file.
+fn session_files(d: &Path) -> (String, String, String) {
     let plans = [
         json!({"job_id": "00000000-0000-0000-0000-00000000000a", "contract_id": Uuid::nil(),
                "steps": [{"step_index": 0, "step_type": "capability_enable", "target": "billing"},
@@ -92,7 +88,38 @@ fn every_command_behaves_the_same_on_both_stores() {
     let plan_b = write(d, "b.json", &plans[1]);
     let key = d.join("key");
     std::fs::write(&key, "a key of more than sixteen bytes\n").unwrap();
-    let key = key.display().to_string();
+    (plan_a, plan_b, key.display().to_string())
+}
+
+/// Runs each command of `session` in `d`; what each answered, with the
+/// database `url` and the `bundle` path written as DB and BUNDLE.
+fn transcript(d: &Path, session: &[Vec<&str>], url: &str, bundle: &str) -> Vec<Said> {
+    session
+        .iter()
+        .map(|args| {
+            let out = run(d, args);
+            let shown: Vec<String> = args
+                .iter()
+                .map(|a| a.replace(url, "DB").replace(bundle, "BUNDLE"))
+                .collect();
+            (
+                shown,
+                out.status.code(),
+                text(&out.stdout).replace(url, "DB"),
+                text(&out.stderr).replace(url, "DB"),
+            )
+        })
+        .collect()
+}
+
+/// The same session of commands on each store: every output and exit code
+/// must be byte for byte the same on both.
+#[test]
+fn every_command_behaves_the_same_on_both_stores() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let dbs = both(d, "same");
+    let (plan_a, plan_b, key) = session_files(d);
     let a = "00000000-0000-0000-0000-00000000000a";
     let b = "00000000-0000-0000-0000-00000000000b";
     let mut transcripts: Vec<Vec<Said>> = Vec::new();
@@ -130,23 +157,7 @@ fn every_command_behaves_the_same_on_both_stores() {
             ],
             vec!["report", b, "--db", &url],
         ];
-        let transcript = session
-            .iter()
-            .map(|args| {
-                let out = run(d, args);
-                let shown: Vec<String> = args
-                    .iter()
-                    .map(|a| a.replace(&url, "DB").replace(&bundle, "BUNDLE"))
-                    .collect();
-                (
-                    shown,
-                    out.status.code(),
-                    text(&out.stdout).replace(&url, "DB"),
-                    text(&out.stderr).replace(&url, "DB"),
-                )
-            })
-            .collect();
-        transcripts.push(transcript);
+        transcripts.push(transcript(d, &session, &url, &bundle));
     }
     let Some((first, rest)) = transcripts.split_first() else {
         return;
@@ -225,22 +236,27 @@ fn copy_keeps_every_head_between_the_stores() {
             .collect();
         assert_eq!(evidence[0], evidence[1], "job {job}");
         assert_eq!(evidence[1], evidence[2], "job {job}");
-        let bundle = d.join(format!("{job}.json"));
-        let out = run(
-            d,
-            &[
-                "export",
-                &job.to_string(),
-                "--db",
-                &url,
-                "--out",
-                bundle.to_str().unwrap(),
-            ],
-        );
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        let out = run(d, &["verify", "--bundle", bundle.to_str().unwrap()]);
-        assert!(out.status.success(), "{}", text(&out.stdout));
+        export_then_verify_offline(d, &url, job);
     }
+}
+
+/// Exports `job`'s bundle from the log at `url` into `d`, and verifies it.
+fn export_then_verify_offline(d: &Path, url: &str, job: Uuid) {
+    let bundle = d.join(format!("{job}.json"));
+    let out = run(
+        d,
+        &[
+            "export",
+            &job.to_string(),
+            "--db",
+            url,
+            "--out",
+            bundle.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = run(d, &["verify", "--bundle", bundle.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stdout));
 }
 
 struct Lcg(u64);
@@ -296,6 +312,71 @@ fn marker_plan(dir: &Path, job: usize, steps: usize) -> Value {
     json!({"contract_id": Uuid::nil(), "steps": steps})
 }
 
+/// Submits the marker plan of `job` (see [`marker_plan`]) to the log at
+/// `url`; its job id.
+fn submit_marker_plan(dir: &Path, url: &str, job: usize, steps: usize) -> String {
+    let plan = write(
+        dir,
+        &format!("plan-{job}.json"),
+        &marker_plan(dir, job, steps),
+    );
+    let out = run(dir, &["submit", &plan, "--db", url]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout).trim().to_owned()
+}
+
+/// SIGTERM: the worker finishes its steps in flight and exits 0.
+fn stop_politely(mut worker: Child, seed: u64) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(worker.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = worker.wait().unwrap();
+    assert!(
+        status.success(),
+        "seed {seed}: a worker did not stop cleanly: {status}"
+    );
+}
+
+/// Every job of `ids` ended, completed or failed; how many steps were
+/// recorded interrupted.
+fn every_job_ended(log: &dyn Log, ids: &[String], seed: u64) -> usize {
+    let mut interrupted = 0;
+    for id in ids {
+        let job: Uuid = id.parse().unwrap();
+        let result = job_executor::replay(log, job).unwrap();
+        assert!(
+            matches!(
+                result.final_status,
+                JobStatus::Completed | JobStatus::Failed
+            ),
+            "seed {seed}: job {job} ended {:?}",
+            result.final_status
+        );
+        interrupted += result
+            .step_results
+            .iter()
+            .filter(|s| s.failure_kind == Some(job_executor::events::FailureKind::Interrupted))
+            .count();
+    }
+    interrupted
+}
+
+/// Each step of the marker plans wrote one line: none ran twice.
+fn each_step_ran_once(dir: &Path, seed: u64) {
+    for entry in std::fs::read_dir(dir.join("runs")).unwrap() {
+        let entry = entry.unwrap();
+        let runs = std::fs::read_to_string(entry.path()).unwrap();
+        assert_eq!(
+            runs.lines().count(),
+            1,
+            "seed {seed}: step {:?} ran more than once",
+            entry.file_name()
+        );
+    }
+}
+
 /// Three workers share one log; at random moments (seeded) one is killed
 /// with SIGKILL and started again. In the end every job has ended, no step
 /// ran twice, the log verifies, and its positions, read in order, skip
@@ -308,17 +389,9 @@ fn failover(db: &Db, dir: &Path) {
     std::fs::create_dir_all(dir.join("runs")).unwrap();
     std::fs::create_dir_all(dir.join("markers")).unwrap();
     let url = db.arg();
-    let mut ids = Vec::new();
-    for job in 0..JOBS {
-        let plan = write(
-            dir,
-            &format!("plan-{job}.json"),
-            &marker_plan(dir, job, STEPS),
-        );
-        let out = run(dir, &["submit", &plan, "--db", &url]);
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        ids.push(text(&out.stdout).trim().to_owned());
-    }
+    let ids: Vec<String> = (0..JOBS)
+        .map(|job| submit_marker_plan(dir, &url, job, STEPS))
+        .collect();
     let lease = "1.5";
     let mut workers: Vec<Child> = (0..3)
         .map(|w| spawn_worker(dir, &url, &format!("w{w}"), lease, false))
@@ -342,52 +415,17 @@ fn failover(db: &Db, dir: &Path) {
         "seed {seed}: {}",
         text(&drained.stderr)
     );
-    for mut worker in workers {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(worker.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        let status = worker.wait().unwrap();
-        assert!(
-            status.success(),
-            "seed {seed}: a worker did not stop cleanly: {status}"
-        );
+    for worker in workers {
+        stop_politely(worker, seed);
     }
 
     let log = db.open();
-    let mut interrupted = 0;
-    for id in &ids {
-        let job: Uuid = id.parse().unwrap();
-        let result = job_executor::replay(&*log, job).unwrap();
-        assert!(
-            matches!(
-                result.final_status,
-                JobStatus::Completed | JobStatus::Failed
-            ),
-            "seed {seed}: job {job} ended {:?}",
-            result.final_status
-        );
-        interrupted += result
-            .step_results
-            .iter()
-            .filter(|s| s.failure_kind == Some(job_executor::events::FailureKind::Interrupted))
-            .count();
-    }
+    let interrupted = every_job_ended(log.as_ref(), &ids, seed);
     assert!(
         log.queued().unwrap().is_empty(),
         "seed {seed}: jobs left in the queue"
     );
-    for entry in std::fs::read_dir(dir.join("runs")).unwrap() {
-        let entry = entry.unwrap();
-        let runs = std::fs::read_to_string(entry.path()).unwrap();
-        assert_eq!(
-            runs.lines().count(),
-            1,
-            "seed {seed}: step {:?} ran more than once",
-            entry.file_name()
-        );
-    }
+    each_step_ran_once(dir, seed);
     let out = run(dir, &["verify", "--db", &url]);
     assert!(out.status.success(), "seed {seed}: {}", text(&out.stdout));
     let mut positions = Vec::new();

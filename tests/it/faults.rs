@@ -8,15 +8,15 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-mod common;
+use crate::common;
 
 use common::{completed_log, records};
 use job_executor::events::Event;
 use job_executor::projection::replay_all;
 use job_executor::store::{EventStore, SqliteOptions, SqliteStore};
 use job_executor::{
-    ExecutionContext, ExecutorError, JobExecutor, JobStatus, JobStep, PoolOptions, Recovery,
-    StepOutput,
+    ExecutionContext, ExecutionResult, ExecutorError, JobExecutor, JobStatus, JobStep, PoolOptions,
+    Recovery, StepOutput,
 };
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -244,6 +244,30 @@ fn whole_log_replay_reports_unreadable_rows() {
     assert_eq!(seen.iter().filter(|(_, r)| r.is_ok()).count(), 2);
 }
 
+/// `jobs` jobs of the one `step`, each executed on a thread of its own, all
+/// at once; their results.
+fn execute_at_once(executor: &JobExecutor, jobs: usize, step: &JobStep) -> Vec<ExecutionResult> {
+    std::thread::scope(|scope| {
+        let running: Vec<_> = (0..jobs)
+            .map(|_| {
+                scope.spawn(|| {
+                    executor.execute_job(
+                        Uuid::new_v4(),
+                        Uuid::nil(),
+                        std::slice::from_ref(step),
+                        None,
+                        "t",
+                    )
+                })
+            })
+            .collect();
+        running
+            .into_iter()
+            .map(|r| r.join().unwrap().unwrap())
+            .collect()
+    })
+}
+
 #[test]
 fn the_handler_pool_is_capped_and_a_step_waiting_past_its_deadline_never_runs() {
     const CAP: usize = 2;
@@ -277,25 +301,7 @@ fn the_handler_pool_is_capped_and_a_step_waiting_past_its_deadline_never_runs() 
     // by threads that call their handlers themselves, CAP more hand their
     // step to the handler pool, and the rest never start; every job still
     // ends, at its deadline.
-    let results: Vec<_> = std::thread::scope(|scope| {
-        let running: Vec<_> = (0..6)
-            .map(|_| {
-                scope.spawn(|| {
-                    executor.execute_job(
-                        Uuid::new_v4(),
-                        Uuid::nil(),
-                        &[step(0, "stuck", 1)],
-                        None,
-                        "t",
-                    )
-                })
-            })
-            .collect();
-        running
-            .into_iter()
-            .map(|r| r.join().unwrap().unwrap())
-            .collect()
-    });
+    let results = execute_at_once(&executor, 6, &step(0, "stuck", 1));
     assert_eq!(entered.load(Ordering::SeqCst), 2 * CAP);
     let errors: Vec<String> = results
         .iter()

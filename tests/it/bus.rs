@@ -8,7 +8,6 @@
 //! their own.
 #![cfg(feature = "bus")]
 
-#[path = "bus/brokers.rs"]
 mod brokers;
 
 use std::collections::HashSet;
