@@ -51,6 +51,8 @@ pub struct JobState {
     pub next_step: u32,
     /// Whether a cancel request has been recorded.
     pub cancel_requested: bool,
+    /// The epoch of the last `JobClaimed` (0 before any).
+    pub claim_epoch: u64,
 }
 
 impl Default for JobState {
@@ -67,6 +69,7 @@ impl JobState {
             steps: 0,
             next_step: 0,
             cancel_requested: false,
+            claim_epoch: 0,
         }
     }
 
@@ -227,6 +230,15 @@ pub enum TransitionError {
     /// `JobCancelled` with no request to honour.
     #[error("JobCancelled without a JobCancelRequested before it")]
     CancelWithoutRequest,
+    /// A claim whose epoch does not move past the last claim's: claims
+    /// fence each other off only by moving the epoch on.
+    #[error("JobClaimed at epoch {epoch}, but the job was already claimed at epoch {previous}")]
+    StaleClaim {
+        /// The refused claim's epoch.
+        epoch: u64,
+        /// The last claim's epoch.
+        previous: u64,
+    },
     /// Anything after the terminal event.
     #[error("{kind} after the job ended: the log of a finished job is closed")]
     AfterEnd {
@@ -241,7 +253,7 @@ impl TransitionError {
     /// log shares.
     pub fn invariant(&self) -> &'static str {
         match self {
-            TransitionError::NotStarted { .. } => "LOG",
+            TransitionError::NotStarted { .. } | TransitionError::StaleClaim { .. } => "LOG",
             TransitionError::AlreadyStarted | TransitionError::Restarted { .. } => "EXEC-006",
             TransitionError::InvalidPlan(_)
             | TransitionError::OutOfOrder { .. }
@@ -288,6 +300,10 @@ pub fn apply(state: JobState, event: &Event) -> Result<JobState, TransitionError
         // may arrive at any time, even while a step runs; it is honoured
         // before the next step would start.
         (_, Event::JobCancelRequested(_)) => request_cancel(state),
+        // A claim records who appends from here on, and nothing else; a
+        // takeover claims a job wherever its last owner left it — with a
+        // step in doubt, before recording that step interrupted.
+        (_, Event::JobClaimed(claimed)) => claim(state, claimed.epoch),
 
         (Phase::Idle, Event::StepStarted(s)) => start_step(state, s.step_index),
         (Phase::Idle, Event::StepSucceeded(s)) => Err(TransitionError::OutcomeWithoutStart {
@@ -347,6 +363,21 @@ fn request_cancel(state: JobState) -> Result<JobState, TransitionError> {
         Ok(JobState {
             cancel_requested: true,
             ..state
+        })
+    }
+}
+
+/// `JobClaimed`: at an epoch past the last claim's.
+fn claim(state: JobState, epoch: u64) -> Result<JobState, TransitionError> {
+    if epoch > state.claim_epoch {
+        Ok(JobState {
+            claim_epoch: epoch,
+            ..state
+        })
+    } else {
+        Err(TransitionError::StaleClaim {
+            epoch,
+            previous: state.claim_epoch,
         })
     }
 }

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use crate::events::EventRecord;
+use crate::events::{EventRecord, JobClaimed};
 use crate::executor::{ExecutorBuilder, ExecutorError, JobExecutor, RunControl};
 use crate::handler::StepHandler;
 use crate::model::CancelSignal;
@@ -42,8 +42,11 @@ use crate::store::{AppendOptions, Claim, EventStore, Fence, JobQueue, Log, Queue
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct WorkerOptions {
-    /// Names the worker in leases and in `jobs` (default: host and pid).
+    /// Names the worker in leases, in `jobs` and in its claims (default:
+    /// host and pid).
     pub worker_id: String,
+    /// The host recorded in its claims (default: this host's name).
+    pub host: String,
     /// Jobs run at once (default 4).
     pub concurrency: usize,
     /// How long a claim lasts unless renewed (default 30 s).
@@ -58,7 +61,8 @@ pub struct WorkerOptions {
 impl Default for WorkerOptions {
     fn default() -> Self {
         WorkerOptions {
-            worker_id: default_worker_id(),
+            worker_id: format!("{}:{}", hostname(), std::process::id()),
+            host: hostname(),
             concurrency: 4,
             lease: Duration::from_secs(30),
             idle_poll: Duration::from_millis(200),
@@ -93,11 +97,11 @@ impl WorkerOptions {
     }
 }
 
-fn default_worker_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+/// This host's name (`host` where it cannot be read).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "host".to_owned());
-    format!("{host}:{}", std::process::id())
+        .unwrap_or_else(|_| "host".to_owned())
 }
 
 /// Submits a job to the queue of `log`; a worker will run it.
@@ -323,7 +327,14 @@ impl Worker {
                 self.options.worker_id
             );
         }
-        let mut control = RunControl::new().stop_on(&self.stop);
+        let mut control = RunControl::new()
+            .stop_on(&self.stop)
+            .claimed(JobClaimed {
+                worker_id: self.options.worker_id.clone(),
+                host: self.options.host.clone(),
+                epoch: claim.fence.epoch,
+                taken_over_from: claim.taken_over_from.clone(),
+            });
         if let Some(signal) = self.leases.cancel_signal(job_id) {
             control = control.cancel_signal(signal);
         }

@@ -118,6 +118,7 @@ impl Run<'_> {
     /// prefix that a caught-up cancel request left valid. Returns the step
     /// started, when the events recorded end with a `StepStarted`.
     pub(super) fn record(&mut self, events: &[Event]) -> Result<Option<Started>, ExecutorError> {
+        let events = &*self.control.with_claim(events);
         let mut caught_up = false;
         for _ in 0..CONFLICT_RETRIES_MAX {
             let accepted = self.accepted(events, caught_up)?;

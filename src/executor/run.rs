@@ -14,8 +14,8 @@ use uuid::Uuid;
 use super::append::Sealer;
 use super::{Engine, ExecutorError};
 use crate::events::{
-    Event, EventRecord, Failure, JobCancelled, JobCompleted, JobHalted, JobResumed, JobStarted,
-    StepFailed, StepStarted, StepSucceeded,
+    Event, EventRecord, Failure, JobCancelled, JobClaimed, JobCompleted, JobHalted, JobResumed,
+    JobStarted, StepFailed, StepStarted, StepSucceeded,
 };
 use crate::handler::{HealthObserver, Outcome, StepHandler};
 use crate::machine::{self, NextAction, next_action};
@@ -74,7 +74,7 @@ pub(super) struct Run<'a> {
     contract_id: Uuid,
     executed_by: String,
     observer: Option<&'a dyn HealthObserver>,
-    control: RunControl<'a>,
+    pub(super) control: RunControl<'a>,
 }
 
 /// How a caller steers a run it does not follow step by step: a flag that
@@ -99,6 +99,8 @@ pub struct RunControl<'a> {
     /// Set: handlers run on this run's own thread, and where the watchdog
     /// answers when it ends the job at a step's deadline.
     answer: Option<Answer>,
+    /// A worker's claim, appended with the run's first events.
+    claimed: Option<JobClaimed>,
 }
 
 impl<'a> RunControl<'a> {
@@ -123,6 +125,15 @@ impl<'a> RunControl<'a> {
         self
     }
 
+    /// The run appends `claimed` — who claimed the job, at which epoch —
+    /// with its first events (right after `JobStarted` for a job not
+    /// started yet), so the log tells which worker appended what follows.
+    /// A worker gives every job it takes up its claim.
+    pub fn claimed(mut self, claimed: JobClaimed) -> Self {
+        self.claimed = Some(claimed);
+        self
+    }
+
     /// Handlers are called on the run's own thread; the watchdog answers
     /// `answer` if it ends the job at a step's deadline.
     pub(super) fn answering(mut self, answer: Answer) -> Self {
@@ -132,6 +143,20 @@ impl<'a> RunControl<'a> {
 
     fn stopping(&self) -> bool {
         self.stop.is_some_and(|stop| stop.load(Ordering::SeqCst))
+    }
+
+    /// `events` with the claim still to be appended, if any, put in: after
+    /// a `JobStarted` (which stays a job's first event), else first.
+    pub(super) fn with_claim<'e>(&mut self, events: &'e [Event]) -> Cow<'e, [Event]> {
+        let Some(claimed) = self.claimed.take() else {
+            return Cow::Borrowed(events);
+        };
+        let at = usize::from(matches!(events.first(), Some(Event::JobStarted(_))));
+        let mut with_claim = Vec::with_capacity(events.len() + 1);
+        with_claim.extend_from_slice(&events[..at]);
+        with_claim.push(Event::JobClaimed(claimed));
+        with_claim.extend_from_slice(&events[at..]);
+        Cow::Owned(with_claim)
     }
 }
 

@@ -472,10 +472,11 @@ fn zombie(db: &Db, dir: &Path) {
     let zombie = spawn_worker(dir, &url, "zombie", "1", false);
     let log = db.open();
     let give_up = Instant::now() + Duration::from_secs(20);
-    while log.last_seq(job).unwrap() < 2 && Instant::now() < give_up {
+    // JobStarted, JobClaimed, StepStarted.
+    while log.last_seq(job).unwrap() < 3 && Instant::now() < give_up {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(log.last_seq(job).unwrap(), 2, "the step never started");
+    assert_eq!(log.last_seq(job).unwrap(), 3, "the step never started");
     let pid = nix::unistd::Pid::from_raw(zombie.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
     std::thread::sleep(Duration::from_millis(1500));
@@ -491,11 +492,19 @@ fn zombie(db: &Db, dir: &Path) {
     );
     let after_takeover = log.load_job(job).unwrap();
     let kinds: Vec<&str> = after_takeover.iter().map(|r| r.kind.as_str()).collect();
+    // The rescuer's claim comes before the outcome it records.
     assert_eq!(
         kinds,
-        ["JobStarted", "StepStarted", "StepFailed", "JobHalted"]
+        [
+            "JobStarted",
+            "JobClaimed",
+            "StepStarted",
+            "JobClaimed",
+            "StepFailed",
+            "JobHalted"
+        ]
     );
-    match after_takeover[2].decode().unwrap().event {
+    match after_takeover[4].decode().unwrap().event {
         Event::StepFailed(f) => {
             assert_eq!(
                 f.failure.kind,
