@@ -47,6 +47,7 @@ pub mod handler;
 pub mod jobs;
 pub mod machine;
 pub mod merkle;
+pub mod metrics;
 pub mod model;
 pub mod note;
 pub mod projection;

@@ -446,15 +446,6 @@ fn status_name(status: StepStatus) -> &'static str {
     }
 }
 
-fn failure_name(kind: FailureKind) -> &'static str {
-    match kind {
-        FailureKind::HandlerFailed => "handler_failed",
-        FailureKind::NoHandler => "no_handler",
-        FailureKind::Panic => "panic",
-        FailureKind::Timeout => "timeout",
-        FailureKind::Interrupted => "interrupted",
-    }
-}
 
 /// The audit evidence of a result: a JSON object whose keys serialise in
 /// sorted order, with RFC 3339 UTC timestamps, so the same result always
@@ -483,7 +474,7 @@ pub fn execution_result_to_evidence(result: &ExecutionResult) -> Value {
                 "completed_at": format_timestamp(&step.completed_at),
                 "output": step.output,
                 "error": step.error,
-                "failure_kind": step.failure_kind.map(failure_name),
+                "failure_kind": step.failure_kind.map(FailureKind::as_str),
                 "health_after": step.health_after,
             })
         })

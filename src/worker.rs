@@ -34,6 +34,7 @@ use uuid::Uuid;
 use crate::events::{EventRecord, JobClaimed};
 use crate::executor::{ExecutorBuilder, ExecutorError, JobExecutor, RunControl};
 use crate::handler::StepHandler;
+use crate::metrics::Health;
 use crate::model::CancelSignal;
 use crate::result::ExecutionResult;
 use crate::store::{AppendOptions, Claim, EventStore, Fence, JobQueue, Log, QueuedJob, StoreError};
@@ -193,6 +194,7 @@ pub struct Worker {
     executor: JobExecutor,
     options: WorkerOptions,
     stop: Arc<AtomicBool>,
+    health: Arc<Health>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -225,9 +227,17 @@ impl Worker {
             log,
             leases,
             executor,
+            health: Arc::new(Health::new(options.lease)),
             options,
             stop: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// What the worker tells its probes: live while [`run`](Self::run)'s
+    /// loops run; ready while, besides, its store answered within the last
+    /// lease and it takes work.
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
     }
 
     /// Registers `handler` for `step_type`.
@@ -261,6 +271,8 @@ impl Worker {
     pub fn run(&self) -> Result<WorkerReport, StoreError> {
         let report = Mutex::new(WorkerReport::default());
         let renewing = AtomicBool::new(true);
+        self.health.set_running(true);
+        self.health.set_taking_work(true);
         let outcome = std::thread::scope(|scope| {
             let renewer = scope.spawn(|| self.renew_leases(&renewing));
             let slots: Vec<_> = (0..self.options.concurrency)
@@ -276,6 +288,8 @@ impl Worker {
             let _ = renewer.join();
             outcome
         });
+        self.health.set_taking_work(false);
+        self.health.set_running(false);
         outcome?;
         Ok(report.into_inner().unwrap_or_else(|p| p.into_inner()))
     }
@@ -284,18 +298,21 @@ impl Worker {
     /// cannot be reached is tried again, backing off up to ten polls.
     fn work(&self, report: &Mutex<WorkerReport>) -> Result<(), StoreError> {
         let (worker_id, lease) = (&self.options.worker_id, self.options.lease);
+        let _worker = tracing::info_span!("worker", worker_id = %worker_id).entered();
         let mut unreachable = 0u32;
         while !self.stop.load(Ordering::SeqCst) {
             let claimed = match self.leases.claim(&*self.log, worker_id, lease) {
                 Ok(claimed) => claimed,
                 Err(e) if e.is_transient() => {
+                    self.health.store_failed(&e);
                     unreachable = (unreachable + 1).min(10);
-                    eprintln!("job-executor worker {worker_id}: cannot claim a job: {e}");
+                    tracing::warn!(error = %e, "cannot claim a job");
                     std::thread::sleep(self.options.idle_poll * unreachable);
                     continue;
                 }
                 Err(e) => return Err(e),
             };
+            self.health.store_answered();
             unreachable = 0;
             let Some(claim) = claimed else {
                 if self.options.until_idle && self.log.queued()?.is_empty() {
@@ -304,28 +321,35 @@ impl Worker {
                 std::thread::sleep(self.options.idle_poll);
                 continue;
             };
+            let job_id = claim.fence.job_id;
+            let _claim = tracing::info_span!("claim", job_id = %job_id, epoch = claim.fence.epoch)
+                .entered();
             let ended = self.run_claim(&claim);
-            self.leases.let_go(claim.fence.job_id);
+            self.leases.let_go(job_id);
             if let Some(finished) = ended.releases() {
                 self.log.release(claim.fence, finished)?;
             }
-            if let Ended::Failed(error) = &ended {
-                let job_id = claim.fence.job_id;
-                eprintln!("job-executor worker {worker_id}: job {job_id}: {error}");
-            }
-            lock(report).count(claim.fence.job_id, ended);
+            log_end(&ended);
+            lock(report).count(job_id, ended);
         }
+        self.health.set_taking_work(false);
         Ok(())
     }
 
     /// Runs one claimed job as far as the worker may take it.
     fn run_claim(&self, claim: &Claim) -> Ended {
-        let job_id = claim.fence.job_id;
-        if let Some(previous) = &claim.taken_over_from {
-            eprintln!(
-                "job-executor worker {}: took job {job_id} over from {previous}, whose lease ran out",
-                self.options.worker_id
-            );
+        let (job_id, epoch) = (claim.fence.job_id, claim.fence.epoch);
+        match &claim.taken_over_from {
+            Some(previous) => {
+                if let Some(metrics) = self.executor.metrics() {
+                    metrics.taken_over();
+                }
+                tracing::info!(
+                    taken_over_from = %previous,
+                    "took job {job_id} over from {previous}, whose lease ran out"
+                );
+            }
+            None => tracing::info!("claimed job {job_id} at epoch {epoch}"),
         }
         let mut control = RunControl::new()
             .stop_on(&self.stop)
@@ -338,11 +362,18 @@ impl Worker {
         if let Some(signal) = self.leases.cancel_signal(job_id) {
             control = control.cancel_signal(signal);
         }
-        Ended::of(
-            &self
-                .executor
-                .take_up(&claim.job, &self.options.worker_id, control),
-        )
+        let taken_up = self
+            .executor
+            .take_up(&claim.job, &self.options.worker_id, control);
+        if let Ok(result) = taken_up.as_ref().filter(|r| r.final_status.is_terminal()) {
+            tracing::info!(
+                status = %result.final_status,
+                reason = %result.final_reason,
+                "job {job_id} ended {}",
+                result.final_status
+            );
+        }
+        Ended::of(&taken_up)
     }
 
     /// Renews the leases held, every third of a lease, until told to stop.
@@ -358,15 +389,34 @@ impl Worker {
             let renewed =
                 self.leases
                     .renew(&*self.log, &self.options.worker_id, self.options.lease);
-            // Unrenewed, the leases run out on their own: no new step
-            // starts once they do.
-            if let Err(e) = renewed {
-                eprintln!(
-                    "job-executor worker {}: cannot renew leases: {e}",
-                    self.options.worker_id
-                );
+            match renewed {
+                Ok(0) => {}
+                Ok(leases) => {
+                    self.health.store_answered();
+                    if let Some(metrics) = self.executor.metrics() {
+                        metrics.leases_renewed(leases);
+                    }
+                }
+                // Unrenewed, the leases run out on their own: no new step
+                // starts once they do.
+                Err(e) => {
+                    self.health.store_failed(&e);
+                    tracing::warn!(worker_id = %self.options.worker_id, error = %e, "cannot renew leases");
+                }
             }
         }
+    }
+}
+
+/// Logs what became of a claimed job (in the job's span).
+fn log_end(ended: &Ended) {
+    match ended {
+        Ended::Finished => tracing::debug!("released the ended job from the queue"),
+        Ended::Stopped => tracing::info!("gave the job back between steps, as asked to stop"),
+        Ended::Lost => tracing::warn!(
+            "fenced off: another worker took the job over; this one appends nothing more to it"
+        ),
+        Ended::Failed(error) => tracing::error!(%error, "the job's run failed; it is left for another claim once its lease runs out"),
     }
 }
 
@@ -503,12 +553,14 @@ impl Leases {
     /// gets its cancel signal raised. One round of what a worker's renewal
     /// thread does every third of a lease.
     ///
+    /// Returns how many leases were renewed.
+    ///
     /// # Errors
     /// The queue's: the leases were not renewed, and run out on their own.
-    pub fn renew(&self, log: &dyn Log, owner: &str, lease: Duration) -> Result<(), StoreError> {
+    pub fn renew(&self, log: &dyn Log, owner: &str, lease: Duration) -> Result<usize, StoreError> {
         let fences = self.fences();
         if fences.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let asked = Instant::now();
         let held = log.renew(owner, &fences, lease)?;
@@ -518,7 +570,7 @@ impl Leases {
                 self.raise_cancel(fence.job_id);
             }
         }
-        Ok(())
+        Ok(held.len())
     }
 
     /// Notes a renewal asked for `asked_for` at `asked`: the claims in

@@ -19,13 +19,15 @@ use crate::events::{
 };
 use crate::handler::{HealthObserver, Outcome, StepHandler};
 use crate::machine::{self, NextAction, next_action};
-use crate::model::{CancelSignal, ExecutionContext, FailureKind, JobStep};
+use crate::metrics::Metrics;
+use crate::model::{CancelSignal, ExecutionContext, FailureKind, JobStatus, JobStep, StepStatus};
 use crate::projection::{self, Projector};
 use crate::result::ExecutionResult;
 use crate::runner::{self, Dispatch, Handover};
 use crate::store::QueuedJob;
 use crate::sync::panic_message;
 use crate::watchdog::Action;
+use tracing::{Span, field};
 
 /// A step whose start was just recorded, and how its handler runs.
 pub(super) struct Started {
@@ -75,6 +77,8 @@ pub(super) struct Run<'a> {
     executed_by: String,
     observer: Option<&'a dyn HealthObserver>,
     pub(super) control: RunControl<'a>,
+    /// When the step in flight started here (kept only for metrics).
+    step_began: Option<Instant>,
 }
 
 /// How a caller steers a run it does not follow step by step: a flag that
@@ -259,6 +263,7 @@ impl<'a> Run<'a> {
             executed_by,
             observer: None,
             control: RunControl::default(),
+            step_began: None,
         }
     }
 
@@ -368,7 +373,27 @@ impl<'a> Run<'a> {
     /// run has recorded, at the time it fires, and appended.
     fn record_later(&self, event: Event) -> Action {
         let (store, sealer) = (self.engine.store.clone(), self.sealer());
-        Box::new(move || sealer.append(store.as_ref(), std::slice::from_ref(&event)))
+        let counted = self.counted_later(step_of(&event));
+        Box::new(move || {
+            sealer.append(store.as_ref(), std::slice::from_ref(&event))?;
+            counted(std::slice::from_ref(&event));
+            Ok(())
+        })
+    }
+
+    /// What counts events the watchdog records for this run, for step
+    /// `step_index` (the step in flight).
+    fn counted_later(&self, step_index: Option<u32>) -> impl Fn(&[Event]) + Send + 'static {
+        let metrics = self.engine.metrics.clone();
+        let step_type = step_index.map_or("", |i| self.step_type(i)).to_owned();
+        let began = self.step_began;
+        move |events| {
+            if let Some(metrics) = &metrics {
+                for event in events {
+                    count(metrics, event, &step_type, began);
+                }
+            }
+        }
     }
 
     /// Advances the job until the machine says it is done (or the run is
@@ -382,16 +407,26 @@ impl<'a> Run<'a> {
     /// one commit, and nothing about at-most-once changes.
     pub(super) fn advance(&mut self, first: Vec<Event>) -> Result<ExecutionResult, ExecutorError> {
         let _running = self.engine.pool.job();
+        let _counted = self.engine.metrics.as_deref().map(Metrics::job_running);
+        let job = tracing::info_span!("job", job_id = %self.job_id, otel.status_code = field::Empty);
+        let _job = job.enter();
         let mut batch = first;
+        // The span of the step in flight: its outcome is recorded with the
+        // next step's start.
+        let mut step = None;
         loop {
             self.decide_more(&mut batch);
             if batch.is_empty() {
                 break;
             }
-            let started = self.record(&batch)?;
+            let started = self.record_in(&batch, step.take())?;
             batch.clear();
             if let Some(started) = started {
-                let Some(outcome) = self.outcome(started) else {
+                let span = self.step_span(started.step_index);
+                let _step = span.enter();
+                let outcome = self.outcome(started);
+                step = Some(span.clone());
+                let Some(outcome) = outcome else {
                     // The watchdog ended the job at a step's deadline, and
                     // answered for it.
                     return projection::replay(self.engine.store.as_ref(), self.job_id)
@@ -402,17 +437,51 @@ impl<'a> Run<'a> {
                     Observed::Failed(e) => {
                         // The step's outcome is a fact: record it (without
                         // health), then stop before the next step.
-                        self.record(std::slice::from_ref(&outcome))?;
+                        self.record_in(std::slice::from_ref(&outcome), step.take())?;
                         return Err(e);
                     }
                     Observed::Recorded(e) => return Err(e),
                 }
             }
         }
-        Ok(self
+        let result = self
             .projector
             .result()
-            .expect("a job that ran has a JobStarted event"))
+            .expect("a job that ran has a JobStarted event");
+        if result.final_status == JobStatus::Failed {
+            job.record("otel.status_code", "ERROR");
+        }
+        tracing::debug!(status = %result.final_status, reason = %result.final_reason, "job ended");
+        Ok(result)
+    }
+
+    /// Records `events` as [`record`](Self::record) does; the outcome among
+    /// them, if any, is logged in `ending`, the span of the step it ends.
+    fn record_in(
+        &mut self,
+        events: &[Event],
+        ending: Option<Span>,
+    ) -> Result<Option<Started>, ExecutorError> {
+        let started = self.record(events)?;
+        if let Some(span) = ending {
+            for event in events {
+                log_outcome(&span, event);
+            }
+        }
+        Ok(started)
+    }
+
+    /// The span of step `step_index`, which has just started.
+    fn step_span(&self, step_index: u32) -> Span {
+        let span = tracing::info_span!(
+            "step",
+            step_index,
+            step_type = self.step_type(step_index),
+            otel.status_code = field::Empty,
+            error.r#type = field::Empty,
+        );
+        span.in_scope(|| tracing::debug!("step started"));
+        span
     }
 
     /// Appends to `batch` what the machine decides after it, up to the next
@@ -448,7 +517,30 @@ impl<'a> Run<'a> {
             self.projector.head(),
             self.engine.clock.clone(),
             self.engine.head_key.clone(),
+            self.engine.metrics.clone(),
         )
+    }
+
+    /// Counts an event this run recorded, when there are metrics: a step's
+    /// outcome (how long it took, when it started here), a job's end.
+    pub(super) fn tally(&mut self, event: &Event) {
+        let Some(metrics) = self.engine.metrics.as_deref() else {
+            return;
+        };
+        if let Event::StepStarted(_) = event {
+            self.step_began = Some(Instant::now());
+            return;
+        }
+        let began = self.step_began.take();
+        let step_type = step_of(event).map_or("", |i| self.step_type(i));
+        count(metrics, event, step_type, began);
+    }
+
+    /// The type of step `step_index` of the plan.
+    fn step_type(&self, step_index: u32) -> &str {
+        self.plan
+            .get(step_index as usize)
+            .map_or("", |step| step.step_type.as_str())
     }
 
     /// Prepares the handler of a step about to start (its deadline runs
@@ -544,20 +636,58 @@ impl<'a> Run<'a> {
         let cancel = context.cancel.clone();
         let answer = self.control.answer.clone();
         let job_id = self.job_id;
+        let counted = self.counted_later(Some(step_index));
         // Built only if it fires: arming costs no allocation but the box.
         Box::new(move || {
             cancel.cancel();
             let outcome = outcome_event(runner::timed_out(timeout_seconds, ""), step_index);
-            sealer.append(
-                store.as_ref(),
-                &[outcome, Event::JobHalted(JobHalted { step_index })],
-            )?;
+            let ending = [outcome, Event::JobHalted(JobHalted { step_index })];
+            sealer.append(store.as_ref(), &ending)?;
+            counted(&ending);
             if let Some(answer) = answer {
                 answer
                     .give(projection::replay(store.as_ref(), job_id).map_err(ExecutorError::from));
             }
             Ok(())
         })
+    }
+}
+
+/// Logs a step's outcome in its span (marked an error when it failed).
+fn log_outcome(span: &Span, event: &Event) {
+    let _in = span.enter();
+    match event {
+        Event::StepSucceeded(_) => tracing::debug!("step succeeded"),
+        Event::StepFailed(failed) => {
+            let kind = failed.failure.kind.as_str();
+            span.record("otel.status_code", "ERROR");
+            span.record("error.type", kind);
+            tracing::debug!(failure_kind = kind, error = %failed.failure.message, "step failed");
+        }
+        _ => {}
+    }
+}
+
+/// The step an outcome event is about.
+fn step_of(event: &Event) -> Option<u32> {
+    match event {
+        Event::StepSucceeded(s) => Some(s.step_index),
+        Event::StepFailed(f) => Some(f.step_index),
+        _ => None,
+    }
+}
+
+/// Counts `event`, recorded here, into `metrics`: a step's outcome (of
+/// type `step_type`, started at `began` when it started here), a job's end.
+fn count(metrics: &Metrics, event: &Event, step_type: &str, began: Option<Instant>) {
+    let took = || began.map(|at| at.elapsed());
+    match event {
+        Event::StepSucceeded(_) => metrics.step_ended(step_type, StepStatus::Completed, took()),
+        Event::StepFailed(_) => metrics.step_ended(step_type, StepStatus::Failed, took()),
+        Event::JobCompleted(_) => metrics.job_ended(JobStatus::Completed),
+        Event::JobHalted(_) => metrics.job_ended(JobStatus::Failed),
+        Event::JobCancelled(_) => metrics.job_ended(JobStatus::Cancelled),
+        _ => {}
     }
 }
 
