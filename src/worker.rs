@@ -365,7 +365,7 @@ impl Worker {
         let taken_up = self
             .executor
             .take_up(&claim.job, &self.options.worker_id, control);
-        if let Ok(result) = taken_up.as_ref().filter(|r| r.final_status.is_terminal()) {
+        if let Some(result) = taken_up.as_ref().ok().filter(|r| r.final_status.is_terminal()) {
             tracing::info!(
                 status = %result.final_status,
                 reason = %result.final_reason,
