@@ -20,6 +20,7 @@ mod faults;
 mod fleet;
 mod fuzz;
 mod lifecycle;
+mod ops;
 mod machine;
 mod process;
 mod proofs;

@@ -1,0 +1,509 @@
+//! Running a fleet: who ran each part of a job (claims in the log, the
+//! evidence and the report), metrics scraped over HTTP and parsed by the
+//! Prometheus project's own parser, probes that follow the store, and the
+//! JSON listings checked against the events.
+//!
+//! The parser is Python's `prometheus_client` (`python3`, or `JE_PYTHON`);
+//! without it the scrape tests say `SKIPPED`, and fail when
+//! `JE_REQUIRE_INTEROP=1` or `CI` is set.
+
+use crate::common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use job_executor::events::{Event, JobClaimed};
+use job_executor::machine::{Phase, Scenario, TransitionError};
+use job_executor::metrics::Metrics;
+use job_executor::{JobExecutor, JobStep, NoOpHandler, StepOutput};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+const BIN: &str = env!("CARGO_BIN_EXE_job-executor");
+
+fn claimed(worker: &str, epoch: u64) -> Event {
+    Event::JobClaimed(JobClaimed {
+        worker_id: worker.into(),
+        host: "h".into(),
+        epoch,
+        taken_over_from: None,
+    })
+}
+
+#[test]
+fn a_claim_is_admitted_wherever_a_started_job_is_and_only_forward() {
+    let started = common::started(2);
+    Scenario::given([started.clone()])
+        .when(claimed("a", 1))
+        .then_phase(Phase::Idle);
+    // A takeover claims a job with a step in doubt: the claim comes before
+    // the outcome the new owner records.
+    Scenario::given([started.clone(), claimed("a", 1), common::step_started(0)])
+        .when(claimed("b", 2))
+        .then_phase(Phase::StepRunning { step_index: 0 });
+    Scenario::given([started.clone(), common::step_started(0), common::failed(0)])
+        .when(claimed("b", 2))
+        .then_phase(Phase::StepFailed { step_index: 0 });
+    Scenario::given([started.clone(), claimed("a", 2)])
+        .when(claimed("b", 2))
+        .then_error(TransitionError::StaleClaim {
+            epoch: 2,
+            previous: 2,
+        });
+    Scenario::given([])
+        .when(claimed("a", 1))
+        .then_error(TransitionError::NotStarted { kind: "JobClaimed" });
+    let mut ended = common::completed_log(2);
+    ended.insert(1, claimed("a", 1));
+    Scenario::given(ended)
+        .when(claimed("b", 2))
+        .then_error(TransitionError::AfterEnd { kind: "JobClaimed" });
+    // A claim does not stand in for an outcome in any other way.
+    Scenario::given([started, common::step_started(0), claimed("b", 1)])
+        .when(common::step_started(1))
+        .then_error(TransitionError::OutcomeMissing {
+            kind: "StepStarted",
+            running: 0,
+        });
+}
+
+/// An embedded executor counts into the metrics it was given; one given
+/// none has none.
+#[test]
+fn an_embedded_executor_counts_into_its_metrics() {
+    let metrics = Arc::new(Metrics::new());
+    let mut executor = JobExecutor::builder().metrics(metrics.clone()).build();
+    executor.register_handler("ok", NoOpHandler);
+    executor.register_handler("bad", |_: &JobStep, _: &job_executor::ExecutionContext| {
+        StepOutput::failed("no")
+    });
+    let plan = |types: &[&str]| -> Vec<JobStep> {
+        let steps = types.iter().enumerate();
+        steps.map(|(i, t)| JobStep::new(i as u32, *t, "x")).collect()
+    };
+    for types in [&["ok", "ok"][..], &["ok", "bad", "ok"], &["ok"]] {
+        let _ = executor
+            .execute_job(Uuid::new_v4(), Uuid::nil(), &plan(types), None, "t")
+            .unwrap();
+    }
+    let text = metrics.encode_text();
+    for line in [
+        r#"job_executor_jobs_total{status="completed"} 2"#,
+        r#"job_executor_jobs_total{status="failed"} 1"#,
+        r#"job_executor_jobs_total{status="cancelled"} 0"#,
+        r#"job_executor_steps_total{step_type="ok",status="completed"} 4"#,
+        r#"job_executor_steps_total{step_type="bad",status="failed"} 1"#,
+        r#"job_executor_step_duration_seconds_count{step_type="ok"} 4"#,
+        // Three appends a two-step job: start, outcome with the next start,
+        // outcome with the end; the failed job's third carries its halt.
+        "job_executor_append_duration_seconds_count 8",
+        "job_executor_jobs_running 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+    }
+    assert!(JobExecutor::new().metrics().is_none());
+}
+
+/// A worker counts each lease it renews into its executor's metrics.
+#[test]
+fn a_worker_counts_the_leases_it_renews() {
+    use job_executor::store::{Log, MemoryStore, QueuedJob};
+    use job_executor::worker::{Worker, WorkerOptions};
+    let log: Arc<dyn Log> = Arc::new(MemoryStore::new());
+    let steps = vec![JobStep::new(0, "slow", "x")];
+    job_executor::worker::submit(&*log, &QueuedJob::new(Uuid::new_v4(), Uuid::nil(), steps, "t"))
+        .unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let options = WorkerOptions::default()
+        .with_lease(Duration::from_millis(300))
+        .until_idle();
+    let mut worker = Worker::with(log, options, |b| b.metrics(metrics.clone()));
+    worker.register_handler("slow", |_: &JobStep, _: &job_executor::ExecutionContext| {
+        std::thread::sleep(Duration::from_millis(700));
+        StepOutput::succeeded(json!({}))
+    });
+    let report = worker.run().unwrap();
+    assert_eq!(report.finished, 1);
+    // Renewed every 100 ms for 700 ms, give or take the scheduler.
+    let renewals = metrics
+        .encode_text()
+        .lines()
+        .find_map(|l| l.strip_prefix("job_executor_lease_renewals_total "))
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap();
+    assert!((3..=8).contains(&renewals), "{renewals} renewals");
+}
+
+// ------------------------------------------------------------ helpers
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn cli(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+fn write_plan(dir: &Path, name: &str, plan: &Value) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, plan.to_string()).unwrap();
+    path.display().to_string()
+}
+
+fn submit(dir: &Path, db: &str, plan: &Value, name: &str) -> Uuid {
+    let path = write_plan(dir, name, plan);
+    let out = cli(dir, &["submit", &path, "--db", db]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout).trim().parse().unwrap()
+}
+
+/// A plan of steps of these types.
+fn plan_of(types: &[&str]) -> Value {
+    let steps: Vec<Value> = types
+        .iter()
+        .enumerate()
+        .map(|(i, t)| json!({"step_index": i, "step_type": t, "target": "x"}))
+        .collect();
+    json!({"contract_id": Uuid::nil(), "steps": steps})
+}
+
+/// A worker process serving its metrics on a port of its own choosing,
+/// read from its log; its stderr is kept.
+struct Served {
+    child: Child,
+    addr: String,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Served {
+    fn start(dir: &Path, db: &str, id: &str, lease: &str, more: &[&str]) -> Served {
+        let mut args = vec!["worker", "--db", db, "--worker-id", id];
+        args.extend(["--lease-seconds", lease, "--metrics-addr", "127.0.0.1:0"]);
+        args.extend(more);
+        let mut child = Command::new(BIN)
+            .args(&args)
+            .current_dir(dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut addr = None;
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            stderr.lock().unwrap().push_str(&format!("{line}\n"));
+            if let Some(at) = line.split("addr=").nth(1) {
+                addr = Some(at.trim().to_owned());
+                break;
+            }
+        }
+        let kept = stderr.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                kept.lock().unwrap().push_str(&format!("{line}\n"));
+            }
+        });
+        let addr = addr.unwrap_or_else(|| panic!("no address in {}", stderr.lock().unwrap()));
+        Served {
+            child,
+            addr,
+            stderr,
+        }
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, signal).unwrap();
+    }
+
+    /// SIGTERM, then its exit and its stdout.
+    fn stop(mut self) -> String {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let mut out = String::new();
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "{status}: {}", self.stderr.lock().unwrap());
+        out
+    }
+}
+
+/// GET `path` of `addr`: the status code and the body.
+fn get(addr: &str, path: &str, accept: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: {accept}\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, body.to_owned())
+}
+
+fn interop_required() -> bool {
+    std::env::var("JE_REQUIRE_INTEROP").is_ok_and(|v| v == "1")
+        || std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// The Python with `prometheus_client`, or `None` (said loudly) when there
+/// is none and it is not required.
+fn python(test: &str) -> Option<String> {
+    let python = std::env::var("JE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let probe = Command::new(&python)
+        .args(["-c", "import prometheus_client"])
+        .output();
+    if probe.as_ref().is_ok_and(|out| out.status.success()) {
+        return Some(python);
+    }
+    assert!(
+        !interop_required(),
+        "JE_REQUIRE_INTEROP=1 or CI, but {python} cannot import prometheus_client"
+    );
+    eprintln!(
+        "SKIPPED: {test}: {python} cannot import prometheus_client; `pip install prometheus-client` or set JE_PYTHON (JE_REQUIRE_INTEROP=1 makes this a failure)"
+    );
+    None
+}
+
+/// A sample's name and labels, as the parser gave them.
+type Samples = BTreeMap<(String, BTreeMap<String, String>), f64>;
+
+/// `exposition` parsed by `prometheus_client`'s parser for `format`
+/// (`prometheus` or `openmetrics`).
+fn parse(python: &str, format: &str, exposition: &str) -> Samples {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/metrics.py");
+    let mut child = Command::new(python)
+        .args([script, format])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(exposition.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the {format} parser refused:\n{}\n{exposition}",
+        text(&out.stderr)
+    );
+    let samples: Vec<(String, BTreeMap<String, String>, f64)> =
+        serde_json::from_slice(&out.stdout).unwrap();
+    samples
+        .into_iter()
+        .map(|(name, labels, value)| ((name, labels), value))
+        .collect()
+}
+
+/// The value of sample `name{labels}`; 0 when absent (a family with no
+/// member yet).
+fn value(samples: &Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let labels = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    samples
+        .get(&(name.to_owned(), labels))
+        .copied()
+        .unwrap_or(0.0)
+}
+
+/// Waits until `done` holds, for at most `seconds`.
+fn wait_for(seconds: u64, what: &str, mut done: impl FnMut() -> bool) {
+    let give_up = Instant::now() + Duration::from_secs(seconds);
+    while !done() {
+        assert!(Instant::now() < give_up, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The job's events, as `events` prints them.
+fn events(dir: &Path, db: &str, job: Uuid) -> Vec<Value> {
+    let out = cli(dir, &["events", &job.to_string(), "--db", db]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+// ------------------------------------------- a known run, scraped
+
+/// What the run below does, on the rescuer: 3 jobs complete, 1 fails on a
+/// step with no handler, and 1 is taken over from a zombie with its step in
+/// doubt (recorded interrupted: it fails too).
+fn check_rescuer(samples: &Samples) {
+    let expected: [(&str, &[(&str, &str)], f64); 17] = [
+        ("job_executor_jobs_total", &[("status", "completed")], 3.0),
+        ("job_executor_jobs_total", &[("status", "failed")], 2.0),
+        ("job_executor_jobs_total", &[("status", "cancelled")], 0.0),
+        (
+            "job_executor_steps_total",
+            &[("step_type", "capability_enable"), ("status", "completed")],
+            4.0,
+        ),
+        (
+            "job_executor_steps_total",
+            &[("step_type", "configuration_change"), ("status", "completed")],
+            3.0,
+        ),
+        (
+            "job_executor_steps_total",
+            &[("step_type", "reindex"), ("status", "failed")],
+            1.0,
+        ),
+        (
+            "job_executor_steps_total",
+            &[("step_type", "command"), ("status", "failed")],
+            1.0,
+        ),
+        (
+            "job_executor_steps_total",
+            &[("step_type", "capability_enable"), ("status", "failed")],
+            0.0,
+        ),
+        // Steps started here: the interrupted one started elsewhere.
+        (
+            "job_executor_step_duration_seconds_count",
+            &[("step_type", "capability_enable")],
+            4.0,
+        ),
+        (
+            "job_executor_step_duration_seconds_count",
+            &[("step_type", "command")],
+            0.0,
+        ),
+        // Three appends for each job run here, one for the takeover's
+        // claim, interrupted outcome and halt.
+        ("job_executor_append_duration_seconds_count", &[], 13.0),
+        ("job_executor_jobs_running", &[], 0.0),
+        ("job_executor_takeovers_total", &[], 1.0),
+        ("job_executor_fenced_appends_total", &[], 0.0),
+        // A lease of 60 s is renewed every 20 s: never, in this run.
+        ("job_executor_lease_renewals_total", &[], 0.0),
+        ("job_executor_queue_jobs", &[("status", "submitted")], 0.0),
+        ("job_executor_queue_jobs", &[("status", "running")], 0.0),
+    ];
+    for (name, labels, want) in expected {
+        assert_eq!(value(samples, name, labels), want, "{name}{labels:?}");
+    }
+    let version = [("version", job_executor::EXECUTOR_VERSION)];
+    assert_eq!(value(samples, "job_executor_build_info", &version), 1.0);
+    assert_eq!(
+        value(samples, "job_executor_queue_oldest_submitted_age_seconds", &[]),
+        0.0
+    );
+}
+
+/// The taken-over job names both workers: in its events, its evidence and
+/// its report page.
+fn check_attribution(dir: &Path, db: &str, job: Uuid) {
+    let events = events(dir, db, job);
+    let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        ["JobStarted", "JobClaimed", "StepStarted", "JobClaimed", "StepFailed", "JobHalted"]
+    );
+    assert_eq!(events[1]["payload"]["worker_id"], "zombie");
+    assert_eq!(events[1]["payload"]["taken_over_from"], Value::Null);
+    assert_eq!(events[3]["payload"]["worker_id"], "rescuer");
+    assert_eq!(events[3]["payload"]["taken_over_from"], "zombie");
+    assert!(events[3]["payload"]["epoch"].as_u64() > events[1]["payload"]["epoch"].as_u64());
+    let out = cli(dir, &["replay", &job.to_string(), "--db", db]);
+    let evidence: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let step = &evidence["step_results"][0];
+    assert_eq!(step["started_by"]["worker_id"], "zombie");
+    assert_eq!(step["recorded_by"]["worker_id"], "rescuer");
+    assert_eq!(step["failure_kind"], "interrupted");
+    let claims: Vec<&str> = evidence["claims"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["worker_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(claims, ["zombie", "rescuer"]);
+    let out = cli(dir, &["report", &job.to_string(), "--db", db]);
+    let page = text(&out.stdout);
+    assert!(page.contains("Taken over"), "{page}");
+    assert!(
+        page.contains("started by zombie (epoch 1), outcome recorded by rescuer (epoch 2)"),
+        "{page}"
+    );
+}
+
+#[test]
+fn metrics_after_a_known_run_with_a_takeover() {
+    let Some(python) = python("metrics_after_a_known_run_with_a_takeover") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let db = d.join("fleet.db").display().to_string();
+    let zombie = Served::start(d, &db, "zombie", "1", &["--concurrency", "1"]);
+    let slow = json!({"contract_id": Uuid::nil(), "steps": [
+        {"step_index": 0, "step_type": "command", "target": "slow",
+         "parameters": {"argv": ["sh", "-c", "sleep 2.5"]}, "timeout_seconds": 60},
+        {"step_index": 1, "step_type": "capability_enable", "target": "next"}]});
+    let victim = submit(d, &db, &slow, "slow.json");
+    wait_for(20, "the slow step to start", || {
+        let out = cli(d, &["events", &victim.to_string(), "--db", &db]);
+        text(&out.stdout).lines().count() >= 3
+    });
+    zombie.signal(nix::sys::signal::Signal::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(1500));
+    let ok = plan_of(&["capability_enable", "configuration_change"]);
+    for n in 0..3 {
+        submit(d, &db, &ok, &format!("ok-{n}.json"));
+    }
+    submit(d, &db, &plan_of(&["capability_enable", "reindex"]), "bad.json");
+    let rescuer = Served::start(d, &db, "rescuer", "60", &["--concurrency", "2"]);
+    wait_for(30, "every job to end", || {
+        let out = cli(d, &["jobs", "--db", &db, "--json"]);
+        let ended = text(&out.stdout).lines().filter(|l| l.contains("\"ended_at\":\"")).count();
+        ended == 5
+    });
+    zombie.signal(nix::sys::signal::Signal::SIGCONT);
+    let accept = "application/openmetrics-text; version=1.0.0";
+    wait_for(20, "the zombie's appends to be refused", || {
+        let samples = parse(&python, "openmetrics", &get(&zombie.addr, "/metrics", accept).1);
+        value(&samples, "job_executor_fenced_appends_total", &[]) > 1.0
+    });
+    for (format, accept) in [("prometheus", "text/plain"), ("openmetrics", accept)] {
+        let (status, body) = get(&rescuer.addr, "/metrics", accept);
+        assert_eq!(status, 200);
+        check_rescuer(&parse(&python, format, &body));
+    }
+    // The zombie: its outcome and then the outcome alone, both refused.
+    let samples = parse(&python, "prometheus", &get(&zombie.addr, "/metrics", "*/*").1);
+    assert_eq!(value(&samples, "job_executor_fenced_appends_total", &[]), 2.0);
+    assert_eq!(value(&samples, "job_executor_jobs_total", &[("status", "failed")]), 0.0);
+    // Its one renewal after waking found the lease taken over: none counted.
+    assert_eq!(value(&samples, "job_executor_lease_renewals_total", &[]), 0.0);
+    assert_eq!(get(&rescuer.addr, "/readyz", "*/*"), (200, "ok\n".to_owned()));
+    assert_eq!(get(&rescuer.addr, "/healthz", "*/*"), (200, "ok\n".to_owned()));
+    check_attribution(d, &db, victim);
+    assert!(rescuer.stderr.lock().unwrap().contains("took job"));
+    let _ = rescuer.stop();
+    assert!(zombie.stop().contains("1 taken over by others"));
+}
