@@ -18,10 +18,10 @@ use crate::bundle::{BundleError, export, verify_bundle};
 use crate::chain::{Digest, HeadKey, KeyError};
 #[cfg(unix)]
 use crate::command::CommandHandler;
+use crate::events::parse_timestamp;
 use crate::executor::{
     ExecutorConfig, ExecutorError, JobExecutor, LogLocation, Recovery, register_defaults,
 };
-use crate::events::parse_timestamp;
 use crate::jobs::{JobFilter, job_rows};
 use crate::metrics::{Metrics, MetricsServer, QueueGauges};
 use crate::model::{JobStatus, PlanError, PlanFile, validate_plan};
@@ -617,12 +617,13 @@ fn serve_metrics(
 ) -> Result<MetricsServer, CliError> {
     let mut registry = metrics.registry();
     QueueGauges::new(log, Some(worker.health())).register(&mut registry);
-    let server = crate::metrics::serve(addr, Arc::new(registry), worker.health()).map_err(
-        |source| CliError::MetricsAddr {
-            addr: addr.to_owned(),
-            source,
-        },
-    )?;
+    let server =
+        crate::metrics::serve(addr, Arc::new(registry), worker.health()).map_err(|source| {
+            CliError::MetricsAddr {
+                addr: addr.to_owned(),
+                source,
+            }
+        })?;
     tracing::info!(addr = %server.addr(), "serving /metrics, /healthz and /readyz");
     Ok(server)
 }

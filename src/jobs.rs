@@ -102,12 +102,24 @@ impl JobRow {
                     json!(ended.then_some(final_reason)),
                 )
             }
-            JobRow::Queued { steps, owner, .. } => {
-                (json!(0), json!(steps), Value::Null, Value::Null, json!(owner), Value::Null)
-            }
+            JobRow::Queued { steps, owner, .. } => (
+                json!(0),
+                json!(steps),
+                Value::Null,
+                Value::Null,
+                json!(owner),
+                Value::Null,
+            ),
             JobRow::Invalid { problem, .. } => {
                 let null = Value::Null;
-                (null.clone(), null.clone(), null.clone(), null.clone(), null, json!(problem))
+                (
+                    null.clone(),
+                    null.clone(),
+                    null.clone(),
+                    null.clone(),
+                    null,
+                    json!(problem),
+                )
             }
         };
         json!({
@@ -345,7 +357,14 @@ pub struct Stats {
 }
 
 /// The statuses `stats` always shows, in order.
-const STATUSES: [&str; 6] = ["SUBMITTED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "INVALID"];
+const STATUSES: [&str; 6] = [
+    "SUBMITTED",
+    "RUNNING",
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "INVALID",
+];
 
 impl Stats {
     /// As `stats --json` prints it: `jobs_by_status`,
@@ -379,7 +398,11 @@ impl fmt::Display for Stats {
             .iter()
             .map(|(owner, n)| format!("{owner} {n}"))
             .collect();
-        let owners = if owners.is_empty() { "none".to_owned() } else { owners.join(", ") };
+        let owners = if owners.is_empty() {
+            "none".to_owned()
+        } else {
+            owners.join(", ")
+        };
         writeln!(f, "running by owner: {owners}")?;
         write!(f, "log: {} events, {} jobs", self.events, self.jobs)
     }

@@ -446,7 +446,6 @@ fn status_name(status: StepStatus) -> &'static str {
     }
 }
 
-
 /// The audit evidence of a result: a JSON object whose keys serialise in
 /// sorted order, with RFC 3339 UTC timestamps, so the same result always
 /// gives the same bytes.
@@ -526,9 +525,10 @@ fn attribute(evidence: &mut Value, result: &ExecutionResult) {
         return;
     }
     let by = |claim: &Option<ClaimRef>| {
-        claim
-            .as_ref()
-            .map_or(Value::Null, |c| json!({"worker_id": c.worker_id, "epoch": c.epoch}))
+        claim.as_ref().map_or(
+            Value::Null,
+            |c| json!({"worker_id": c.worker_id, "epoch": c.epoch}),
+        )
     };
     if let Some(steps) = evidence["step_results"].as_array_mut() {
         for (json, step) in steps.iter_mut().zip(&result.step_results) {

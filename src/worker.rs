@@ -322,8 +322,8 @@ impl Worker {
                 continue;
             };
             let job_id = claim.fence.job_id;
-            let _claim = tracing::info_span!("claim", job_id = %job_id, epoch = claim.fence.epoch)
-                .entered();
+            let _claim =
+                tracing::info_span!("claim", job_id = %job_id, epoch = claim.fence.epoch).entered();
             let ended = self.run_claim(&claim);
             self.leases.let_go(job_id);
             if let Some(finished) = ended.releases() {
@@ -351,21 +351,23 @@ impl Worker {
             }
             None => tracing::info!("claimed job {job_id} at epoch {epoch}"),
         }
-        let mut control = RunControl::new()
-            .stop_on(&self.stop)
-            .claimed(JobClaimed {
-                worker_id: self.options.worker_id.clone(),
-                host: self.options.host.clone(),
-                epoch: claim.fence.epoch,
-                taken_over_from: claim.taken_over_from.clone(),
-            });
+        let mut control = RunControl::new().stop_on(&self.stop).claimed(JobClaimed {
+            worker_id: self.options.worker_id.clone(),
+            host: self.options.host.clone(),
+            epoch: claim.fence.epoch,
+            taken_over_from: claim.taken_over_from.clone(),
+        });
         if let Some(signal) = self.leases.cancel_signal(job_id) {
             control = control.cancel_signal(signal);
         }
         let taken_up = self
             .executor
             .take_up(&claim.job, &self.options.worker_id, control);
-        if let Some(result) = taken_up.as_ref().ok().filter(|r| r.final_status.is_terminal()) {
+        if let Some(result) = taken_up
+            .as_ref()
+            .ok()
+            .filter(|r| r.final_status.is_terminal())
+        {
             tracing::info!(
                 status = %result.final_status,
                 reason = %result.final_reason,
@@ -416,7 +418,9 @@ fn log_end(ended: &Ended) {
         Ended::Lost => tracing::warn!(
             "fenced off: another worker took the job over; this one appends nothing more to it"
         ),
-        Ended::Failed(error) => tracing::error!(%error, "the job's run failed; it is left for another claim once its lease runs out"),
+        Ended::Failed(error) => {
+            tracing::error!(%error, "the job's run failed; it is left for another claim once its lease runs out")
+        }
     }
 }
 

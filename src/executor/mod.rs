@@ -34,8 +34,8 @@ pub use run::RunControl;
 
 use crate::chain::HeadKey;
 use crate::clock::Clock;
-use crate::metrics::Metrics;
 use crate::handler::{DEFAULT_STEP_TYPES, HealthObserver, NoOpHandler, StepHandler};
+use crate::metrics::Metrics;
 use crate::model::{JobStep, validate_plan};
 use crate::projection;
 use crate::result::ExecutionResult;

@@ -408,7 +408,8 @@ impl<'a> Run<'a> {
     pub(super) fn advance(&mut self, first: Vec<Event>) -> Result<ExecutionResult, ExecutorError> {
         let _running = self.engine.pool.job();
         let _counted = self.engine.metrics.as_deref().map(Metrics::job_running);
-        let job = tracing::info_span!("job", job_id = %self.job_id, otel.status_code = field::Empty);
+        let job =
+            tracing::info_span!("job", job_id = %self.job_id, otel.status_code = field::Empty);
         let _job = job.enter();
         let mut batch = first;
         // The span of the step in flight: its outcome is recorded with the

@@ -158,7 +158,11 @@ impl Metrics {
     /// (so an embedder's registry holds them beside its own).
     pub fn register(&self, registry: &mut Registry) {
         let registry = registry.sub_registry_with_prefix(PREFIX);
-        registry.register("jobs", "Jobs ended here, by final status", self.jobs.clone());
+        registry.register(
+            "jobs",
+            "Jobs ended here, by final status",
+            self.jobs.clone(),
+        );
         registry.register(
             "steps",
             "Step outcomes recorded here, by step type and status",

@@ -56,7 +56,10 @@ impl QueueGauges {
             .last
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if last.as_ref().is_none_or(|(at, _)| at.elapsed() >= READ_EVERY) {
+        if last
+            .as_ref()
+            .is_none_or(|(at, _)| at.elapsed() >= READ_EVERY)
+        {
             match self.queue.queue_summary() {
                 Ok(summary) => {
                     if let Some(health) = &self.health {
@@ -84,7 +87,10 @@ impl Collector for QueueGauges {
             return Ok(());
         };
         let jobs: Family<Vec<(String, String)>, Gauge> = Family::default();
-        for (status, count) in [("submitted", summary.submitted), ("running", summary.running)] {
+        for (status, count) in [
+            ("submitted", summary.submitted),
+            ("running", summary.running),
+        ] {
             jobs.get_or_create(&vec![("status".to_owned(), status.to_owned())])
                 .set(i64::try_from(count).unwrap_or(i64::MAX));
         }
@@ -94,7 +100,11 @@ impl Collector for QueueGauges {
             None,
             jobs.metric_type(),
         )?)?;
-        let age = ConstGauge::new(summary.oldest_submitted_age.map_or(0.0, |a| a.as_secs_f64()));
+        let age = ConstGauge::new(
+            summary
+                .oldest_submitted_age
+                .map_or(0.0, |a| a.as_secs_f64()),
+        );
         age.encode(encoder.encode_descriptor(
             "queue_oldest_submitted_age_seconds",
             "How long the oldest submitted job has waited (0 when none waits)",

@@ -89,7 +89,11 @@ fn answer(request: Request, registry: &Registry, health: &Health) {
         "/metrics" => (200, PROMETHEUS_TEXT, encode_prometheus(registry)),
         "/healthz" => probe(health.live()),
         "/readyz" => probe(health.ready()),
-        _ => (404, PLAIN, "not found: try /metrics, /healthz or /readyz\n".to_owned()),
+        _ => (
+            404,
+            PLAIN,
+            "not found: try /metrics, /healthz or /readyz\n".to_owned(),
+        ),
     };
     let mut response = Response::from_string(body).with_status_code(status);
     if let Ok(header) = Header::from_bytes("Content-Type", content_type) {
@@ -108,8 +112,7 @@ fn probe(answer: Result<(), String>) -> (u16, &'static str, String) {
 }
 
 fn wants_openmetrics(request: &Request) -> bool {
-    request
-        .headers()
-        .iter()
-        .any(|h| h.field.equiv("Accept") && h.value.as_str().contains("application/openmetrics-text"))
+    request.headers().iter().any(|h| {
+        h.field.equiv("Accept") && h.value.as_str().contains("application/openmetrics-text")
+    })
 }

@@ -204,8 +204,12 @@ pub trait JobQueue: Send + Sync {
                     if summary.submitted == 1 {
                         let waited = chrono::DateTime::parse_from_rfc3339(&entry.submitted_at)
                             .map(|at| chrono::Utc::now() - at.with_timezone(&chrono::Utc));
-                        summary.oldest_submitted_age =
-                            Some(waited.ok().and_then(|w| w.to_std().ok()).unwrap_or_default());
+                        summary.oldest_submitted_age = Some(
+                            waited
+                                .ok()
+                                .and_then(|w| w.to_std().ok())
+                                .unwrap_or_default(),
+                        );
                     }
                 }
                 QueueState::Running => summary.running += 1,

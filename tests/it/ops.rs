@@ -11,9 +11,10 @@ use crate::common;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -84,7 +85,9 @@ fn an_embedded_executor_counts_into_its_metrics() {
     });
     let plan = |types: &[&str]| -> Vec<JobStep> {
         let steps = types.iter().enumerate();
-        steps.map(|(i, t)| JobStep::new(i as u32, *t, "x")).collect()
+        steps
+            .map(|(i, t)| JobStep::new(i as u32, *t, "x"))
+            .collect()
     };
     for types in [&["ok", "ok"][..], &["ok", "bad", "ok"], &["ok"]] {
         let _ = executor
@@ -116,8 +119,11 @@ fn a_worker_counts_the_leases_it_renews() {
     use job_executor::worker::{Worker, WorkerOptions};
     let log: Arc<dyn Log> = Arc::new(MemoryStore::new());
     let steps = vec![JobStep::new(0, "slow", "x")];
-    job_executor::worker::submit(&*log, &QueuedJob::new(Uuid::new_v4(), Uuid::nil(), steps, "t"))
-        .unwrap();
+    job_executor::worker::submit(
+        &*log,
+        &QueuedJob::new(Uuid::new_v4(), Uuid::nil(), steps, "t"),
+    )
+    .unwrap();
     let metrics = Arc::new(Metrics::new());
     let options = WorkerOptions::default()
         .with_lease(Duration::from_millis(300))
@@ -237,7 +243,11 @@ impl Served {
             .read_to_string(&mut out)
             .unwrap();
         let status = self.child.wait().unwrap();
-        assert!(status.success(), "{status}: {}", self.stderr.lock().unwrap());
+        assert!(
+            status.success(),
+            "{status}: {}",
+            self.stderr.lock().unwrap()
+        );
         out
     }
 }
@@ -365,7 +375,10 @@ fn check_rescuer(samples: &Samples) {
         ),
         (
             "job_executor_steps_total",
-            &[("step_type", "configuration_change"), ("status", "completed")],
+            &[
+                ("step_type", "configuration_change"),
+                ("status", "completed"),
+            ],
             3.0,
         ),
         (
@@ -411,7 +424,11 @@ fn check_rescuer(samples: &Samples) {
     let version = [("version", job_executor::EXECUTOR_VERSION)];
     assert_eq!(value(samples, "job_executor_build_info", &version), 1.0);
     assert_eq!(
-        value(samples, "job_executor_queue_oldest_submitted_age_seconds", &[]),
+        value(
+            samples,
+            "job_executor_queue_oldest_submitted_age_seconds",
+            &[]
+        ),
         0.0
     );
 }
@@ -423,7 +440,14 @@ fn check_attribution(dir: &Path, db: &str, job: Uuid) {
     let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
     assert_eq!(
         kinds,
-        ["JobStarted", "JobClaimed", "StepStarted", "JobClaimed", "StepFailed", "JobHalted"]
+        [
+            "JobStarted",
+            "JobClaimed",
+            "StepStarted",
+            "JobClaimed",
+            "StepFailed",
+            "JobHalted"
+        ]
     );
     assert_eq!(events[1]["payload"]["worker_id"], "zombie");
     assert_eq!(events[1]["payload"]["taken_over_from"], Value::Null);
@@ -476,17 +500,29 @@ fn metrics_after_a_known_run_with_a_takeover() {
     for n in 0..3 {
         submit(d, &db, &ok, &format!("ok-{n}.json"));
     }
-    submit(d, &db, &plan_of(&["capability_enable", "reindex"]), "bad.json");
+    submit(
+        d,
+        &db,
+        &plan_of(&["capability_enable", "reindex"]),
+        "bad.json",
+    );
     let rescuer = Served::start(d, &db, "rescuer", "60", &["--concurrency", "2"]);
     wait_for(30, "every job to end", || {
         let out = cli(d, &["jobs", "--db", &db, "--json"]);
-        let ended = text(&out.stdout).lines().filter(|l| l.contains("\"ended_at\":\"")).count();
+        let ended = text(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("\"ended_at\":\""))
+            .count();
         ended == 5
     });
     zombie.signal(nix::sys::signal::Signal::SIGCONT);
     let accept = "application/openmetrics-text; version=1.0.0";
     wait_for(20, "the zombie's appends to be refused", || {
-        let samples = parse(&python, "openmetrics", &get(&zombie.addr, "/metrics", accept).1);
+        let samples = parse(
+            &python,
+            "openmetrics",
+            &get(&zombie.addr, "/metrics", accept).1,
+        );
         value(&samples, "job_executor_fenced_appends_total", &[]) > 1.0
     });
     for (format, accept) in [("prometheus", "text/plain"), ("openmetrics", accept)] {
@@ -495,15 +531,258 @@ fn metrics_after_a_known_run_with_a_takeover() {
         check_rescuer(&parse(&python, format, &body));
     }
     // The zombie: its outcome and then the outcome alone, both refused.
-    let samples = parse(&python, "prometheus", &get(&zombie.addr, "/metrics", "*/*").1);
-    assert_eq!(value(&samples, "job_executor_fenced_appends_total", &[]), 2.0);
-    assert_eq!(value(&samples, "job_executor_jobs_total", &[("status", "failed")]), 0.0);
+    let samples = parse(
+        &python,
+        "prometheus",
+        &get(&zombie.addr, "/metrics", "*/*").1,
+    );
+    assert_eq!(
+        value(&samples, "job_executor_fenced_appends_total", &[]),
+        2.0
+    );
+    assert_eq!(
+        value(&samples, "job_executor_jobs_total", &[("status", "failed")]),
+        0.0
+    );
     // Its one renewal after waking found the lease taken over: none counted.
-    assert_eq!(value(&samples, "job_executor_lease_renewals_total", &[]), 0.0);
-    assert_eq!(get(&rescuer.addr, "/readyz", "*/*"), (200, "ok\n".to_owned()));
-    assert_eq!(get(&rescuer.addr, "/healthz", "*/*"), (200, "ok\n".to_owned()));
+    assert_eq!(
+        value(&samples, "job_executor_lease_renewals_total", &[]),
+        0.0
+    );
+    assert_eq!(
+        get(&rescuer.addr, "/readyz", "*/*"),
+        (200, "ok\n".to_owned())
+    );
+    assert_eq!(
+        get(&rescuer.addr, "/healthz", "*/*"),
+        (200, "ok\n".to_owned())
+    );
     check_attribution(d, &db, victim);
     assert!(rescuer.stderr.lock().unwrap().contains("took job"));
     let _ = rescuer.stop();
     assert!(zombie.stop().contains("1 taken over by others"));
+}
+
+// ------------------------------------------- listings against events
+
+/// What `jobs --json` must say of a job, computed from its events alone.
+fn row_from_events(events: &[Value]) -> Value {
+    let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    let count = |kind: &str| kinds.iter().filter(|k| **k == kind).count();
+    let last = events.last().unwrap();
+    let (status, reason) = match *kinds.last().unwrap() {
+        "JobCompleted" => ("COMPLETED", json!("All steps completed successfully")),
+        "JobHalted" => {
+            let failed = events.iter().find(|e| e["kind"] == "StepFailed").unwrap();
+            let message = failed["payload"]["failure"]["message"].as_str().unwrap();
+            let step = &last["payload"]["step_index"];
+            ("FAILED", json!(format!("Step {step} failed: {message}")))
+        }
+        other => panic!("unexpected last event {other}"),
+    };
+    json!({
+        "job_id": events[0]["job_id"],
+        "status": status,
+        "steps_done": count("StepSucceeded") + count("StepFailed"),
+        "steps_planned": events[0]["payload"]["plan"].as_array().unwrap().len(),
+        "started_at": events[0]["recorded_at"],
+        "ended_at": last["recorded_at"],
+        "owner": null,
+        "final_reason": reason,
+    })
+}
+
+fn json_lines(out: &std::process::Output) -> Vec<Value> {
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Four jobs run by a worker (one fails), one claimed and not started, one
+/// waiting: `jobs --json` and `stats --json` say what the events say.
+fn listings_agree_with_events(d: &Path, db: &str) {
+    let ok = plan_of(&["capability_enable", "configuration_change"]);
+    let mut ran: Vec<Uuid> = (0..3)
+        .map(|n| submit(d, db, &ok, &format!("ok-{n}.json")))
+        .collect();
+    ran.push(submit(
+        d,
+        db,
+        &plan_of(&["capability_enable", "reindex"]),
+        "bad.json",
+    ));
+    let out = cli(
+        d,
+        &["worker", "--db", db, "--until-idle", "--worker-id", "w"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let held = submit(d, db, &ok, "held.json");
+    let waiting = submit(d, db, &ok, "waiting.json");
+    let log = job_executor::store::open(
+        &job_executor::store::Location::parse(db),
+        &job_executor::store::OpenOptions::default(),
+    )
+    .unwrap();
+    let claim = log
+        .claim("holder", Duration::from_secs(60))
+        .unwrap()
+        .unwrap();
+    assert_eq!(claim.fence.job_id, held);
+
+    let rows = json_lines(&cli(d, &["jobs", "--db", db, "--json"]));
+    assert_eq!(rows.len(), 6);
+    let mut total_events = 0;
+    for (row, job) in rows.iter().zip(&ran) {
+        let events = events(d, db, *job);
+        total_events += events.len();
+        assert_eq!(*row, row_from_events(&events));
+    }
+    let queued = |job: Uuid, status: &str, owner: Value| {
+        json!({"job_id": job.to_string(), "status": status, "steps_done": 0, "steps_planned": 2,
+               "started_at": null, "ended_at": null, "owner": owner, "final_reason": null})
+    };
+    assert_eq!(rows[4], queued(held, "RUNNING", json!("holder")));
+    assert_eq!(rows[5], queued(waiting, "SUBMITTED", Value::Null));
+
+    let failed = json_lines(&cli(
+        d,
+        &["jobs", "--db", db, "--json", "--status", "failed"],
+    ));
+    assert_eq!(failed, [rows[3].clone()]);
+    let first = json_lines(&cli(d, &["jobs", "--db", db, "--json", "--limit", "2"]));
+    assert_eq!(first, rows[..2]);
+    let since = rows[3]["started_at"].as_str().unwrap();
+    let recent = json_lines(&cli(d, &["jobs", "--db", db, "--json", "--since", since]));
+    let expected: Vec<&Value> = rows
+        .iter()
+        .filter(|r| r["started_at"].as_str().is_none_or(|at| at >= since))
+        .collect();
+    assert_eq!(recent.iter().collect::<Vec<_>>(), expected);
+
+    let stats = &json_lines(&cli(d, &["stats", "--db", db, "--json"]))[0];
+    let by_status = json!({"SUBMITTED": 1, "RUNNING": 1, "COMPLETED": 3, "FAILED": 1,
+                           "CANCELLED": 0, "INVALID": 0});
+    assert_eq!(stats["jobs_by_status"], by_status);
+    assert_eq!(stats["running_by_owner"], json!({"holder": 1}));
+    assert_eq!(stats["log"], json!({"events": total_events, "jobs": 4}));
+    assert!(stats["oldest_submitted_age_seconds"].as_f64().unwrap() >= 0.0);
+    let shown = text(&cli(d, &["stats", "--db", db]).stdout);
+    assert!(shown.contains("running by owner: holder 1"), "{shown}");
+}
+
+#[test]
+fn jobs_json_and_stats_agree_with_events_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("list.db").display().to_string();
+    listings_agree_with_events(dir.path(), &db);
+}
+
+#[test]
+fn jobs_json_and_stats_agree_with_events_on_postgres() {
+    let Some(schema) = common::pg::schema("listings") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    listings_agree_with_events(dir.path(), &schema.url());
+}
+
+/// A run without a worker records no claim: its evidence has none of the
+/// keys that name workers.
+#[test]
+fn a_job_run_without_a_worker_has_no_claim() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let plan = write_plan(d, "p.json", &plan_of(&["capability_enable"]));
+    let out = cli(d, &["run", &plan, "--db", "r.db", "--deterministic"]);
+    let evidence: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(evidence.get("claims").is_none());
+    assert!(evidence["step_results"][0].get("started_by").is_none());
+    let job: Uuid = evidence["job_id"].as_str().unwrap().parse().unwrap();
+    assert!(
+        events(d, "r.db", job)
+            .iter()
+            .all(|e| e["kind"] != "JobClaimed")
+    );
+}
+
+// ------------------------------------------- readiness through a proxy
+
+/// A TCP proxy the test controls, in front of the test's PostgreSQL
+/// server: down, it cuts every connection and refuses new ones.
+struct Proxy {
+    addr: String,
+    up: Arc<AtomicBool>,
+    open: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    fn start(upstream: String) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let up = Arc::new(AtomicBool::new(true));
+        let open = Arc::new(Mutex::new(Vec::new()));
+        let (is_up, conns) = (up.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().map_while(Result::ok) {
+                if !is_up.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let mut kept = conns.lock().unwrap();
+                kept.push(client.try_clone().unwrap());
+                kept.push(server.try_clone().unwrap());
+                pump(client.try_clone().unwrap(), server.try_clone().unwrap());
+                pump(server, client);
+            }
+        });
+        Proxy { addr, up, open }
+    }
+
+    fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::SeqCst);
+        if !up {
+            for stream in self.open.lock().unwrap().drain(..) {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+/// Copies `from` to `to` on a thread of its own, until either closes.
+fn pump(mut from: TcpStream, mut to: TcpStream) {
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from, &mut to);
+        let _ = to.shutdown(std::net::Shutdown::Both);
+    });
+}
+
+#[test]
+fn readyz_turns_503_while_the_store_is_unreachable_and_200_when_back() {
+    let Some(schema) = common::pg::schema("readyz") else {
+        return;
+    };
+    let server = common::pg::server_url();
+    let host_port = server
+        .split('@')
+        .nth(1)
+        .and_then(|s| s.split('/').next())
+        .unwrap();
+    let proxy = Proxy::start(host_port.to_owned());
+    let db = schema.url().replacen(host_port, &proxy.addr, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let worker = Served::start(dir.path(), &db, "probed", "1", &[]);
+    let ready = || get(&worker.addr, "/readyz", "*/*");
+    wait_for(20, "ready", || ready().0 == 200);
+    proxy.set_up(false);
+    wait_for(20, "not ready", || ready().0 == 503);
+    let (_, reason) = ready();
+    assert!(reason.contains("the store has not answered"), "{reason}");
+    assert_eq!(get(&worker.addr, "/healthz", "*/*").0, 200);
+    proxy.set_up(true);
+    wait_for(30, "ready again", || ready().0 == 200);
+    let _ = worker.stop();
 }
