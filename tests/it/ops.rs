@@ -360,11 +360,14 @@ fn events(dir: &Path, db: &str, job: Uuid) -> Vec<Value> {
 
 // ------------------------------------------- a known run, scraped
 
+/// A sample's name, labels and expected value.
+type Expected<'a> = (&'a str, &'a [(&'a str, &'a str)], f64);
+
 /// What the run below does, on the rescuer: 3 jobs complete, 1 fails on a
 /// step with no handler, and 1 is taken over from a zombie with its step in
 /// doubt (recorded interrupted: it fails too).
 fn check_rescuer(samples: &Samples) {
-    let expected: [(&str, &[(&str, &str)], f64); 17] = [
+    let expected: [Expected; 17] = [
         ("job_executor_jobs_total", &[("status", "completed")], 3.0),
         ("job_executor_jobs_total", &[("status", "failed")], 2.0),
         ("job_executor_jobs_total", &[("status", "cancelled")], 0.0),
