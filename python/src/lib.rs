@@ -24,7 +24,9 @@ use crate::executor::PyJobExecutor;
 #[pyfunction]
 fn create_default_executor() -> PyJobExecutor {
     let metrics = std::sync::Arc::new(job_executor::metrics::Metrics::new());
-    let mut executor = job_executor::JobExecutor::builder().metrics(metrics).build();
+    let mut executor = job_executor::JobExecutor::builder()
+        .metrics(metrics)
+        .build();
     job_executor::executor::register_defaults(&mut executor);
     PyJobExecutor::wrap(executor)
 }
