@@ -134,6 +134,14 @@ pub struct JobClaimed {
     pub epoch: u64,
     /// The worker whose lease ran out, when this claim took the job over.
     pub taken_over_from: Option<String>,
+    /// The step whose outcome this claim's owner recorded on taking the
+    /// job up, in the same commit and just before this claim: a step left
+    /// in doubt (recorded `interrupted`, or with the outcome the executor
+    /// knew but could not record). Absent otherwise. A claim never comes
+    /// between a `StepStarted` and its outcome (EXEC-002), so it is this
+    /// field, not the claim's place in the log, that says who recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recorded_outcome: Option<u32>,
 }
 
 /// One fact about a job.

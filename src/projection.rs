@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::chain::{self, Digest, HeadMac};
-use crate::events::{DecodeError, Event, EventRecord, format_timestamp};
+use crate::events::{DecodeError, Event, EventRecord, JobClaimed, format_timestamp};
 use crate::machine::{self, JobState, Phase, TransitionError};
 use crate::model::{FailureKind, StepStatus};
 use crate::result::{ClaimRef, Claimed, ExecutionResult, StepResult};
@@ -215,7 +215,14 @@ impl Projector {
                 self.health_after = s.health_after;
             }
             Event::StepFailed(f) => {
-                let recorded_by = self.current_claim();
+                // A step is recorded interrupted only by whoever takes the
+                // job up after the executor that started it stopped: never
+                // under the claim it ran under. A claim that did record it
+                // names it (`recorded_outcome`); `recover` claims nothing.
+                let recorded_by = match f.failure.kind {
+                    FailureKind::Interrupted => None,
+                    _ => self.current_claim(),
+                };
                 if let Some(step) = self.steps.last_mut() {
                     step.recorded_by = recorded_by;
                     step.status = StepStatus::Failed;
@@ -230,16 +237,29 @@ impl Projector {
             Event::JobCancelRequested(request) => {
                 self.cancel_request_reason = Some(request.reason);
             }
-            Event::JobClaimed(claimed) => self.claims.push(Claimed {
-                worker_id: claimed.worker_id,
-                host: claimed.host,
-                epoch: claimed.epoch,
-                taken_over_from: claimed.taken_over_from,
-                claimed_at: recorded_at,
-            }),
+            Event::JobClaimed(claimed) => self.claim(recorded_at, claimed),
             Event::JobCompleted(_) | Event::JobHalted(_) | Event::JobResumed(_) => {}
         }
         Ok(())
+    }
+
+    /// Folds a claim; the outcome it says it recorded on taking the job up
+    /// is attributed to it.
+    fn claim(&mut self, recorded_at: DateTime<Utc>, claimed: JobClaimed) {
+        self.claims.push(Claimed {
+            worker_id: claimed.worker_id,
+            host: claimed.host,
+            epoch: claimed.epoch,
+            taken_over_from: claimed.taken_over_from,
+            recorded_outcome: claimed.recorded_outcome,
+            claimed_at: recorded_at,
+        });
+        let by = self.current_claim();
+        if let Some(step_index) = claimed.recorded_outcome
+            && let Some(step) = self.steps.iter_mut().find(|s| s.step_index == step_index)
+        {
+            step.recorded_by = by;
+        }
     }
 
     /// Decodes a stored record of this job and folds it in, checking that it
@@ -545,6 +565,7 @@ fn attribute(evidence: &mut Value, result: &ExecutionResult) {
                 "host": c.host,
                 "epoch": c.epoch,
                 "taken_over_from": c.taken_over_from,
+                "recorded_outcome": c.recorded_outcome,
                 "claimed_at": format_timestamp(&c.claimed_at),
             })
         })

@@ -32,7 +32,8 @@ pub struct StepResult {
     /// run by workers.
     pub started_by: Option<ClaimRef>,
     /// The claim under which its outcome was appended (another worker's
-    /// after a takeover), once recorded.
+    /// after a takeover), once recorded; none for a step `recover` recorded
+    /// interrupted.
     pub recorded_by: Option<ClaimRef>,
 }
 
@@ -48,6 +49,9 @@ pub struct Claimed {
     pub epoch: u64,
     /// The worker whose lease ran out, when this claim was a takeover.
     pub taken_over_from: Option<String>,
+    /// The step left in doubt whose outcome was recorded on taking the job
+    /// up, just before the claim.
+    pub recorded_outcome: Option<u32>,
     /// When the claim was recorded.
     pub claimed_at: DateTime<Utc>,
 }

@@ -356,6 +356,8 @@ impl Worker {
             host: self.options.host.clone(),
             epoch: claim.fence.epoch,
             taken_over_from: claim.taken_over_from.clone(),
+            // The run fills it in if it records a step left in doubt.
+            recorded_outcome: None,
         });
         if let Some(signal) = self.leases.cancel_signal(job_id) {
             control = control.cancel_signal(signal);

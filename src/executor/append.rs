@@ -134,7 +134,7 @@ impl Run<'_> {
     /// prefix that a caught-up cancel request left valid. Returns the step
     /// started, when the events recorded end with a `StepStarted`.
     pub(super) fn record(&mut self, events: &[Event]) -> Result<Option<Started>, ExecutorError> {
-        let events = &*self.control.with_claim(events);
+        let events = &*self.control.with_claim(self.projector.state(), events);
         let mut caught_up = false;
         for _ in 0..CONFLICT_RETRIES_MAX {
             let accepted = self.accepted(events, caught_up)?;
@@ -271,10 +271,10 @@ impl Run<'_> {
             metrics.append_fenced();
         }
         if let StoreError::Fenced { .. } = failure
-            && let Some(outcome) = events.iter().position(is_outcome)
-            && outcome + 1 < events.len()
+            && let Some(through) = outcome_prefix(events)
+            && through + 1 < events.len()
         {
-            self.append(&events[..=outcome])?;
+            self.append(&events[..=through])?;
             return Err(ExecutorError::Store {
                 job_id,
                 source: failure,
@@ -384,6 +384,16 @@ impl Run<'_> {
 
 fn is_outcome(event: &Event) -> bool {
     matches!(event, Event::StepSucceeded(_) | Event::StepFailed(_))
+}
+
+/// The index of the last event of `events`' prefix that records a step's
+/// outcome: the outcome itself, or the claim right after it that names it.
+fn outcome_prefix(events: &[Event]) -> Option<usize> {
+    let outcome = events.iter().position(is_outcome)?;
+    match events.get(outcome + 1) {
+        Some(Event::JobClaimed(_)) => Some(outcome + 1),
+        _ => Some(outcome),
+    }
 }
 
 /// The outcome of a step whose start was committed with an unknown outcome:

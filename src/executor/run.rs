@@ -18,7 +18,7 @@ use crate::events::{
     JobStarted, StepFailed, StepStarted, StepSucceeded,
 };
 use crate::handler::{HealthObserver, Outcome, StepHandler};
-use crate::machine::{self, NextAction, next_action};
+use crate::machine::{self, JobState, NextAction, Phase, next_action};
 use crate::metrics::Metrics;
 use crate::model::{CancelSignal, ExecutionContext, FailureKind, JobStatus, JobStep, StepStatus};
 use crate::projection::{self, Projector};
@@ -131,8 +131,10 @@ impl<'a> RunControl<'a> {
 
     /// The run appends `claimed` — who claimed the job, at which epoch —
     /// with its first events (right after `JobStarted` for a job not
-    /// started yet), so the log tells which worker appended what follows.
-    /// A worker gives every job it takes up its claim.
+    /// started yet, right after the outcome of a step left in doubt, whose
+    /// index the run puts in `recorded_outcome`), so the log tells which
+    /// worker appended what follows. A worker gives every job it takes up
+    /// its claim.
     pub fn claimed(mut self, claimed: JobClaimed) -> Self {
         self.claimed = Some(claimed);
         self
@@ -149,13 +151,36 @@ impl<'a> RunControl<'a> {
         self.stop.is_some_and(|stop| stop.load(Ordering::SeqCst))
     }
 
-    /// `events` with the claim still to be appended, if any, put in: after
-    /// a `JobStarted` (which stays a job's first event), else first.
-    pub(super) fn with_claim<'e>(&mut self, events: &'e [Event]) -> Cow<'e, [Event]> {
-        let Some(claimed) = self.claimed.take() else {
+    /// `events` with the claim still to be appended, if any, put in. This
+    /// is the one place a claim's order is decided: it goes where the
+    /// machine first admits it after `state` — after a `JobStarted` (a
+    /// job's first event) and after the outcome of a step in flight
+    /// (EXEC-002: nothing but a cancel request comes between a step's start
+    /// and its outcome), else first. A takeover of a step in doubt thus
+    /// commits the step's outcome, then the claim naming that step in
+    /// `recorded_outcome`, then what follows.
+    pub(super) fn with_claim<'e>(
+        &mut self,
+        state: JobState,
+        events: &'e [Event],
+    ) -> Cow<'e, [Event]> {
+        let Some(mut claimed) = self.claimed.take() else {
             return Cow::Borrowed(events);
         };
-        let at = usize::from(matches!(events.first(), Some(Event::JobStarted(_))));
+        let mut state = state;
+        let mut at = 0;
+        while let (Phase::NotStarted | Phase::StepRunning { .. }, Some(event)) =
+            (state.phase, events.get(at))
+        {
+            let Ok(next) = machine::apply(state, event) else {
+                // The machine refuses the batch itself; the judge says why.
+                break;
+            };
+            if let Some(step_index) = step_of(event) {
+                claimed.recorded_outcome = Some(step_index);
+            }
+            (state, at) = (next, at + 1);
+        }
         let mut with_claim = Vec::with_capacity(events.len() + 1);
         with_claim.extend_from_slice(&events[..at]);
         with_claim.push(Event::JobClaimed(claimed));

@@ -160,6 +160,8 @@ pub(crate) struct ClaimRow {
     pub(crate) host: String,
     pub(crate) epoch: u64,
     pub(crate) taken_over_from: Option<String>,
+    /// The step left in doubt whose outcome the claim recorded.
+    pub(crate) recorded_outcome: Option<u32>,
 }
 
 /// Everything one job's page shows.
@@ -293,6 +295,7 @@ fn claim_rows(result: &ExecutionResult) -> Vec<ClaimRow> {
             host: c.host.clone(),
             epoch: c.epoch,
             taken_over_from: c.taken_over_from.clone(),
+            recorded_outcome: c.recorded_outcome,
         })
         .collect()
 }
@@ -309,6 +312,11 @@ fn ran_by(step: &StepResult) -> Option<String> {
             "started by {}, outcome recorded by {}",
             name(started),
             name(recorded)
+        )),
+        // An outcome with no claim recorded it: `recover` did.
+        (Some(started), None) if step.status != StepStatus::Running => Some(format!(
+            "started by {}, outcome recorded without a claim",
+            name(started)
         )),
         (Some(started), None) => Some(format!("started by {}", name(started))),
         (None, Some(recorded)) => Some(format!("outcome recorded by {}", name(recorded))),

@@ -492,25 +492,30 @@ fn zombie(db: &Db, dir: &Path) {
     );
     let after_takeover = log.load_job(job).unwrap();
     let kinds: Vec<&str> = after_takeover.iter().map(|r| r.kind.as_str()).collect();
-    // The rescuer's claim comes before the outcome it records.
+    // The rescuer records the step in doubt first (EXEC-002: nothing but
+    // its outcome follows a step's start), then its claim naming it.
     assert_eq!(
         kinds,
         [
             "JobStarted",
             "JobClaimed",
             "StepStarted",
-            "JobClaimed",
             "StepFailed",
+            "JobClaimed",
             "JobHalted"
         ]
     );
-    match after_takeover[4].decode().unwrap().event {
+    match after_takeover[3].decode().unwrap().event {
         Event::StepFailed(f) => {
             assert_eq!(
                 f.failure.kind,
                 job_executor::events::FailureKind::Interrupted
             )
         }
+        other => panic!("unexpected {other:?}"),
+    }
+    match after_takeover[4].decode().unwrap().event {
+        Event::JobClaimed(c) => assert_eq!(c.recorded_outcome, Some(0)),
         other => panic!("unexpected {other:?}"),
     }
     // The zombie wakes up, finishes its step, and is refused.

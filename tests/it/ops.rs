@@ -19,58 +19,108 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use job_executor::events::{Event, JobClaimed};
-use job_executor::machine::{Phase, Scenario, TransitionError};
+use job_executor::executor::RunControl;
 use job_executor::metrics::Metrics;
+use job_executor::store::{EventStore, MemoryStore, QueuedJob};
 use job_executor::{JobExecutor, JobStep, NoOpHandler, StepOutput};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 const BIN: &str = env!("CARGO_BIN_EXE_job-executor");
 
-fn claimed(worker: &str, epoch: u64) -> Event {
-    Event::JobClaimed(JobClaimed {
-        worker_id: worker.into(),
-        host: "h".into(),
-        epoch,
-        taken_over_from: None,
-    })
+/// A job whose step was left in doubt after a claim: its events, and who
+/// its evidence says recorded the step's outcome.
+fn take_up_in_doubt(
+    take_up: impl FnOnce(&JobExecutor, Uuid) -> job_executor::ExecutionResult,
+) -> (Vec<&'static str>, Vec<Event>, Value) {
+    let store = Arc::new(MemoryStore::new());
+    let job_id = Uuid::new_v4();
+    let stopped = [
+        common::started_of(2, "ok"),
+        common::claimed("a", 1, None),
+        common::step_started(0),
+    ];
+    store.append(&common::records(job_id, &stopped)).unwrap();
+    let mut executor = JobExecutor::builder().store(store.clone()).build();
+    executor.register_handler("ok", NoOpHandler);
+    let result = take_up(&executor, job_id);
+    let events: Vec<Event> = store
+        .load_job(job_id)
+        .unwrap()
+        .iter()
+        .map(|r| r.decode().unwrap().event)
+        .collect();
+    let kinds = events.iter().map(Event::kind).collect();
+    let evidence = job_executor::execution_result_to_evidence(&result);
+    assert_eq!(
+        evidence,
+        executor
+            .replay(job_id)
+            .map(|r| job_executor::execution_result_to_evidence(&r))
+            .unwrap()
+    );
+    (kinds, events, evidence)
 }
 
+/// A worker's take-up of a step in doubt commits the step's interrupted
+/// outcome, then its claim naming that step, then the halt: no claim comes
+/// between a step's start and its outcome (EXEC-002), and the evidence says
+/// the step was started by the first claim and recorded by the second.
 #[test]
-fn a_claim_is_admitted_wherever_a_started_job_is_and_only_forward() {
-    let started = common::started(2);
-    Scenario::given([started.clone()])
-        .when(claimed("a", 1))
-        .then_phase(Phase::Idle);
-    // A takeover claims a job with a step in doubt: the claim comes before
-    // the outcome the new owner records.
-    Scenario::given([started.clone(), claimed("a", 1), common::step_started(0)])
-        .when(claimed("b", 2))
-        .then_phase(Phase::StepRunning { step_index: 0 });
-    Scenario::given([started.clone(), common::step_started(0), common::failed(0)])
-        .when(claimed("b", 2))
-        .then_phase(Phase::StepFailed { step_index: 0 });
-    Scenario::given([started.clone(), claimed("a", 2)])
-        .when(claimed("b", 2))
-        .then_error(TransitionError::StaleClaim {
+fn a_takeover_records_the_step_in_doubt_before_its_claim() {
+    let (kinds, events, evidence) = take_up_in_doubt(|executor, job_id| {
+        let job = QueuedJob::new(job_id, Uuid::nil(), Vec::new(), "tester");
+        let control = RunControl::new().claimed(JobClaimed {
+            worker_id: "b".into(),
+            host: "h".into(),
             epoch: 2,
-            previous: 2,
+            taken_over_from: Some("a".into()),
+            recorded_outcome: None,
         });
-    Scenario::given([])
-        .when(claimed("a", 1))
-        .then_error(TransitionError::NotStarted { kind: "JobClaimed" });
-    let mut ended = common::completed_log(2);
-    ended.insert(1, claimed("a", 1));
-    Scenario::given(ended)
-        .when(claimed("b", 2))
-        .then_error(TransitionError::AfterEnd { kind: "JobClaimed" });
-    // A claim does not stand in for an outcome in any other way.
-    Scenario::given([started, common::step_started(0), claimed("b", 1)])
-        .when(common::step_started(1))
-        .then_error(TransitionError::OutcomeMissing {
-            kind: "StepStarted",
-            running: 0,
-        });
+        executor.take_up(&job, "b", control).unwrap()
+    });
+    let want = [
+        "JobStarted",
+        "JobClaimed",
+        "StepStarted",
+        "StepFailed",
+        "JobClaimed",
+        "JobHalted",
+    ];
+    assert_eq!(kinds, want);
+    match &events[4] {
+        Event::JobClaimed(c) => assert_eq!((c.epoch, c.recorded_outcome), (2, Some(0))),
+        other => panic!("{other:?}"),
+    }
+    let step = &evidence["step_results"][0];
+    assert_eq!(step["failure_kind"], "interrupted");
+    assert_eq!(step["started_by"], json!({"worker_id": "a", "epoch": 1}));
+    assert_eq!(step["recorded_by"], json!({"worker_id": "b", "epoch": 2}));
+    assert_eq!(evidence["claims"][1]["recorded_outcome"], 0);
+}
+
+/// `recover` claims nothing: the interrupted outcome it records is
+/// attributed to no claim, not to the claim the step ran under.
+#[test]
+fn recover_records_a_step_in_doubt_under_no_claim() {
+    let (kinds, _, evidence) = take_up_in_doubt(|executor, job_id| {
+        executor.recover().unwrap();
+        executor.replay(job_id).unwrap()
+    });
+    assert_eq!(
+        kinds,
+        [
+            "JobStarted",
+            "JobClaimed",
+            "StepStarted",
+            "StepFailed",
+            "JobHalted"
+        ]
+    );
+    let step = &evidence["step_results"][0];
+    assert_eq!(step["failure_kind"], "interrupted");
+    assert_eq!(step["started_by"], json!({"worker_id": "a", "epoch": 1}));
+    assert_eq!(step["recorded_by"], Value::Null);
 }
 
 /// An embedded executor counts into the metrics it was given; one given
@@ -447,16 +497,23 @@ fn check_attribution(dir: &Path, db: &str, job: Uuid) {
             "JobStarted",
             "JobClaimed",
             "StepStarted",
-            "JobClaimed",
             "StepFailed",
+            "JobClaimed",
             "JobHalted"
         ]
     );
+    // The takeover's commit: the step in doubt recorded interrupted, then
+    // the claim that says it recorded it, then the halt.
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 5, 6]);
     assert_eq!(events[1]["payload"]["worker_id"], "zombie");
     assert_eq!(events[1]["payload"]["taken_over_from"], Value::Null);
-    assert_eq!(events[3]["payload"]["worker_id"], "rescuer");
-    assert_eq!(events[3]["payload"]["taken_over_from"], "zombie");
-    assert!(events[3]["payload"]["epoch"].as_u64() > events[1]["payload"]["epoch"].as_u64());
+    assert!(events[1]["payload"].get("recorded_outcome").is_none());
+    assert_eq!(events[3]["payload"]["failure"]["kind"], "interrupted");
+    assert_eq!(events[4]["payload"]["worker_id"], "rescuer");
+    assert_eq!(events[4]["payload"]["taken_over_from"], "zombie");
+    assert_eq!(events[4]["payload"]["recorded_outcome"], 0);
+    assert!(events[4]["payload"]["epoch"].as_u64() > events[1]["payload"]["epoch"].as_u64());
     let out = cli(dir, &["replay", &job.to_string(), "--db", db]);
     let evidence: Value = serde_json::from_slice(&out.stdout).unwrap();
     let step = &evidence["step_results"][0];
@@ -470,6 +527,8 @@ fn check_attribution(dir: &Path, db: &str, job: Uuid) {
         .map(|c| c["worker_id"].as_str().unwrap())
         .collect();
     assert_eq!(claims, ["zombie", "rescuer"]);
+    assert_eq!(evidence["claims"][0]["recorded_outcome"], Value::Null);
+    assert_eq!(evidence["claims"][1]["recorded_outcome"], 0);
     let out = cli(dir, &["report", &job.to_string(), "--db", db]);
     let page = text(&out.stdout);
     assert!(page.contains("Taken over"), "{page}");
