@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use tracing_subscriber::Layer;
 use uuid::Uuid;
 
 use crate::bundle::{BundleError, export, verify_bundle};
@@ -52,6 +53,12 @@ pub struct Cli {
     /// (default `info`; e.g. `JE_LOG=job_executor=debug`).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Export a span per job and per step over OTLP/HTTP (protobuf) to the
+    /// collector at this http:// URL (its base, e.g.
+    /// http://127.0.0.1:4318: traces go to URL/v1/traces).
+    #[cfg(feature = "otel")]
+    #[arg(long, global = true, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// `--log-format` values.
@@ -420,6 +427,10 @@ pub enum CliError {
     /// `--lease-seconds` is not a positive number of seconds.
     #[error("invalid --lease-seconds {0}: expected a positive number of seconds")]
     Lease(f64),
+    /// Traces cannot be exported where `--otlp-endpoint` says.
+    #[cfg(feature = "otel")]
+    #[error("--otlp-endpoint: {0}")]
+    Otel(#[from] crate::otel::OtelError),
     /// Writing to stdout failed.
     #[error("cannot write output: {0}")]
     Output(#[from] io::Error),
@@ -427,8 +438,9 @@ pub enum CliError {
 
 /// Runs the parsed command line and returns the process exit code.
 pub fn main(cli: Cli) -> ExitCode {
-    init_logging(cli.log_format);
-    match dispatch(cli.command) {
+    // Held until the command is done: dropped, it sends the last spans.
+    let traces = init_logging(&cli);
+    match traces.and_then(|_traces| dispatch(cli.command)) {
         Ok(code) => ExitCode::from(code),
         Err(CliError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(e) => {
@@ -857,26 +869,65 @@ fn print_evidence(result: &ExecutionResult) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Diagnostics to stderr, as `format` says, filtered by `JE_LOG`
+/// Diagnostics to stderr, as `--log-format` says, filtered by `JE_LOG`
 /// (default `info`: a worker's claims, takeovers, fences, give-backs and
-/// job ends; warnings and errors).
-fn init_logging(format: LogFormat) {
+/// job ends; warnings and errors); with `--otlp-endpoint`, spans exported
+/// over OTLP too, whatever `JE_LOG` says (what it returns then must be
+/// kept until the command is done).
+fn init_logging(cli: &Cli) -> Result<Option<Traces>, CliError> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_from_env("JE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(io::stderr)
         .with_ansi(io::stderr().is_terminal());
-    // A subscriber set already (by an embedder calling `main`) is kept.
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder
+    let lines = match cli.log_format {
+        LogFormat::Text => layer.boxed(),
+        LogFormat::Json => layer
             .json()
             .with_current_span(true)
             .with_span_list(true)
             .flatten_event(true)
-            .try_init(),
+            .boxed(),
     };
+    let mut layers = vec![lines.with_filter(filter).boxed()];
+    let exporting = match otlp_layer(cli)? {
+        Some((traces, exporting)) => {
+            layers.push(traces);
+            Some(exporting)
+        }
+        None => None,
+    };
+    // A subscriber set already (by an embedder calling `main`) is kept.
+    let _ = tracing_subscriber::registry().with(layers).try_init();
+    Ok(exporting)
+}
+
+/// A layer of the CLI's subscriber.
+type BoxedLayer = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>;
+
+/// What keeps spans exported: dropped, it sends the last of them.
+#[cfg(feature = "otel")]
+type Traces = crate::otel::Exporting;
+/// Without the `otel` feature nothing is exported.
+#[cfg(not(feature = "otel"))]
+type Traces = std::convert::Infallible;
+
+/// The layer exporting spans over OTLP, and its guard, when asked for.
+#[cfg(feature = "otel")]
+fn otlp_layer(cli: &Cli) -> Result<Option<(BoxedLayer, Traces)>, CliError> {
+    let Some(endpoint) = &cli.otlp_endpoint else {
+        return Ok(None);
+    };
+    let (layer, exporting) = crate::otel::layer(endpoint)?;
+    Ok(Some((layer.boxed(), exporting)))
+}
+
+/// Without the `otel` feature there is no OTLP layer.
+#[cfg(not(feature = "otel"))]
+fn otlp_layer(_: &Cli) -> Result<Option<(BoxedLayer, Traces)>, CliError> {
+    Ok(None)
 }
 
 /// `jobs`: one line per job ([`job_rows`]), as text or JSON, filtered.

@@ -50,6 +50,8 @@ pub mod merkle;
 pub mod metrics;
 pub mod model;
 pub mod note;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod projection;
 pub mod report;
 pub mod result;

@@ -322,8 +322,18 @@ impl Worker {
                 continue;
             };
             let job_id = claim.fence.job_id;
-            let _claim =
-                tracing::info_span!("claim", job_id = %job_id, epoch = claim.fence.epoch).entered();
+            // Each claim is a trace of its own (the worker's span lasts
+            // as long as the process), so it names its worker itself.
+            let _claim = tracing::info_span!(
+                parent: None,
+                "claim",
+                worker_id = %worker_id,
+                job_id = %job_id,
+                // Signed, so that OpenTelemetry exports a number: an epoch
+                // is a database BIGINT, never past i64::MAX.
+                epoch = i64::try_from(claim.fence.epoch).unwrap_or(i64::MAX)
+            )
+            .entered();
             let ended = self.run_claim(&claim);
             self.leases.let_go(job_id);
             if let Some(finished) = ended.releases() {

@@ -105,6 +105,8 @@ pub struct RunControl<'a> {
     answer: Option<Answer>,
     /// A worker's claim, appended with the run's first events.
     claimed: Option<JobClaimed>,
+    /// The worker that claimed the job, named on the job's span.
+    worker_id: Option<String>,
 }
 
 impl<'a> RunControl<'a> {
@@ -136,6 +138,7 @@ impl<'a> RunControl<'a> {
     /// worker appended what follows. A worker gives every job it takes up
     /// its claim.
     pub fn claimed(mut self, claimed: JobClaimed) -> Self {
+        self.worker_id = Some(claimed.worker_id.clone());
         self.claimed = Some(claimed);
         self
     }
@@ -433,8 +436,7 @@ impl<'a> Run<'a> {
     pub(super) fn advance(&mut self, first: Vec<Event>) -> Result<ExecutionResult, ExecutorError> {
         let _running = self.engine.pool.job();
         let _counted = self.engine.metrics.as_deref().map(Metrics::job_running);
-        let job =
-            tracing::info_span!("job", job_id = %self.job_id, otel.status_code = field::Empty);
+        let job = self.job_span();
         let _job = job.enter();
         let mut batch = first;
         // The span of the step in flight: its outcome is recorded with the
@@ -475,7 +477,13 @@ impl<'a> Run<'a> {
             .result()
             .expect("a job that ran has a JobStarted event");
         if result.final_status == JobStatus::Failed {
+            let kind = result
+                .step_results
+                .iter()
+                .rev()
+                .find_map(|s| s.failure_kind);
             job.record("otel.status_code", "ERROR");
+            job.record("error.type", kind.map_or("_OTHER", FailureKind::as_str));
         }
         tracing::debug!(status = %result.final_status, reason = %result.final_reason, "job ended");
         Ok(result)
@@ -497,13 +505,29 @@ impl<'a> Run<'a> {
         Ok(started)
     }
 
+    /// The span of the job's run here: `job_id`, and `worker_id` when a
+    /// worker claimed it; a failed job's status and `error.type` (the
+    /// failed step's failure kind) are recorded when it ends.
+    fn job_span(&self) -> Span {
+        tracing::info_span!(
+            "job",
+            job_id = %self.job_id,
+            worker_id = self.control.worker_id.as_deref(),
+            otel.status_code = field::Empty,
+            error.r#type = field::Empty,
+        )
+    }
+
     /// The span of step `step_index`, which has just started.
     fn step_span(&self, step_index: u32) -> Span {
         let span = tracing::info_span!(
             "step",
-            step_index,
+            // Signed: OpenTelemetry's integers are, and an unsigned field
+            // would be exported as text.
+            step_index = i64::from(step_index),
             step_type = self.step_type(step_index),
             otel.status_code = field::Empty,
+            otel.status_description = field::Empty,
             error.r#type = field::Empty,
         );
         span.in_scope(|| tracing::debug!("step started"));
@@ -687,6 +711,7 @@ fn log_outcome(span: &Span, event: &Event) {
         Event::StepFailed(failed) => {
             let kind = failed.failure.kind.as_str();
             span.record("otel.status_code", "ERROR");
+            span.record("otel.status_description", failed.failure.message.as_str());
             span.record("error.type", kind);
             tracing::debug!(failure_kind = kind, error = %failed.failure.message, "step failed");
         }
