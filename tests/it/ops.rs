@@ -848,3 +848,36 @@ fn readyz_turns_503_while_the_store_is_unreachable_and_200_when_back() {
     wait_for(30, "ready again", || ready().0 == 200);
     let _ = worker.stop();
 }
+
+/// On SQLite the store stops answering when another process holds the
+/// file's write lock past the busy timeout (5 s): every claim waits it out
+/// and fails, so readiness turns 503 once a lease (1 s) has passed without
+/// an answer, and names the error; the lock let go, it turns 200 again.
+#[test]
+fn readyz_on_sqlite_turns_503_while_the_write_lock_is_held_and_200_when_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ready.db");
+    let worker = Served::start(dir.path(), &db.display().to_string(), "probed", "1", &[]);
+    let ready = || get(&worker.addr, "/readyz", "*/*");
+    wait_for(20, "ready", || ready().0 == 200);
+    let holder = rusqlite::Connection::open(&db).unwrap();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    wait_for(20, "not ready, with the store's error", || {
+        let (status, reason) = ready();
+        status == 503 && reason.contains("last error")
+    });
+    let (_, reason) = ready();
+    assert!(
+        reason.contains("the store has not answered for"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("locked") || reason.contains("busy"),
+        "{reason}"
+    );
+    assert_eq!(get(&worker.addr, "/healthz", "*/*").0, 200);
+    holder.execute_batch("COMMIT").unwrap();
+    drop(holder);
+    wait_for(20, "ready again", || ready().0 == 200);
+    let _ = worker.stop();
+}
