@@ -153,26 +153,3 @@ fn resource() -> Resource {
         .with_attribute(KeyValue::new("service.version", EXECUTOR_VERSION))
         .build()
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_base_url_gets_the_traces_path_once() {
-        for (given, url) in [
-            ("http://c:4318", "http://c:4318/v1/traces"),
-            ("http://c:4318/", "http://c:4318/v1/traces"),
-            ("http://c:4318/v1/traces", "http://c:4318/v1/traces"),
-            ("http://c/otlp", "http://c/otlp/v1/traces"),
-        ] {
-            assert_eq!(traces_url(given).unwrap(), url);
-        }
-        for refused in ["https://c:4318", "c:4318", "http://", "http:///v1/traces"] {
-            assert!(matches!(
-                traces_url(refused),
-                Err(OtelError::Endpoint { .. })
-            ));
-        }
-    }
-}

@@ -294,3 +294,24 @@ fn an_https_or_malformed_endpoint_is_refused() {
         assert!(!dir.path().join("x.db").exists());
     }
 }
+
+/// A collector's base URL gets the traces' path once; anything but a
+/// plain http:// URL with a host is refused.
+#[test]
+fn a_base_url_gets_the_traces_path_once() {
+    use job_executor::otel::{OtelError, traces_url};
+    for (given, url) in [
+        ("http://c:4318", "http://c:4318/v1/traces"),
+        ("http://c:4318/", "http://c:4318/v1/traces"),
+        ("http://c:4318/v1/traces", "http://c:4318/v1/traces"),
+        ("http://c/otlp", "http://c/otlp/v1/traces"),
+    ] {
+        assert_eq!(traces_url(given).unwrap(), url);
+    }
+    for refused in ["https://c:4318", "c:4318", "http://", "http:///v1/traces"] {
+        assert!(matches!(
+            traces_url(refused),
+            Err(OtelError::Endpoint { .. })
+        ));
+    }
+}

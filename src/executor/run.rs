@@ -134,7 +134,7 @@ impl<'a> RunControl<'a> {
     /// The run appends `claimed` — who claimed the job, at which epoch —
     /// with its first events (right after `JobStarted` for a job not
     /// started yet, right after the outcome of a step left in doubt, whose
-    /// index the run puts in `recorded_outcome`), so the log tells which
+    /// index the run puts in `recorded_outcome`, whatever it was given), so the log tells which
     /// worker appended what follows. A worker gives every job it takes up
     /// its claim.
     pub fn claimed(mut self, claimed: JobClaimed) -> Self {
@@ -170,6 +170,8 @@ impl<'a> RunControl<'a> {
         let Some(mut claimed) = self.claimed.take() else {
             return Cow::Borrowed(events);
         };
+        // What the claim recorded is the run's to say, from what it appends.
+        claimed.recorded_outcome = None;
         let mut state = state;
         let mut at = 0;
         while let (Phase::NotStarted | Phase::StepRunning { .. }, Some(event)) =

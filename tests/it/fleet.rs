@@ -494,17 +494,7 @@ fn zombie(db: &Db, dir: &Path) {
     let kinds: Vec<&str> = after_takeover.iter().map(|r| r.kind.as_str()).collect();
     // The rescuer records the step in doubt first (EXEC-002: nothing but
     // its outcome follows a step's start), then its claim naming it.
-    assert_eq!(
-        kinds,
-        [
-            "JobStarted",
-            "JobClaimed",
-            "StepStarted",
-            "StepFailed",
-            "JobClaimed",
-            "JobHalted"
-        ]
-    );
+    assert_eq!(kinds, common::TAKEN_OVER_KINDS);
     match after_takeover[3].decode().unwrap().event {
         Event::StepFailed(f) => {
             assert_eq!(

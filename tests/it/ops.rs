@@ -79,15 +79,7 @@ fn a_takeover_records_the_step_in_doubt_before_its_claim() {
         });
         executor.take_up(&job, "b", control).unwrap()
     });
-    let want = [
-        "JobStarted",
-        "JobClaimed",
-        "StepStarted",
-        "StepFailed",
-        "JobClaimed",
-        "JobHalted",
-    ];
-    assert_eq!(kinds, want);
+    assert_eq!(kinds, common::TAKEN_OVER_KINDS);
     match &events[4] {
         Event::JobClaimed(c) => assert_eq!((c.epoch, c.recorded_outcome), (2, Some(0))),
         other => panic!("{other:?}"),
@@ -491,17 +483,7 @@ fn check_rescuer(samples: &Samples) {
 fn check_attribution(dir: &Path, db: &str, job: Uuid) {
     let events = events(dir, db, job);
     let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
-    assert_eq!(
-        kinds,
-        [
-            "JobStarted",
-            "JobClaimed",
-            "StepStarted",
-            "StepFailed",
-            "JobClaimed",
-            "JobHalted"
-        ]
-    );
+    assert_eq!(kinds, common::TAKEN_OVER_KINDS);
     // The takeover's commit: the step in doubt recorded interrupted, then
     // the claim that says it recorded it, then the halt.
     let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();

@@ -61,6 +61,18 @@ pub fn failed(step_index: u32) -> Event {
     })
 }
 
+/// The events of a job taken over with its first step in doubt, as the
+/// new owner leaves them: the first claim's start, then the step recorded
+/// interrupted, the new claim naming it, and the halt (one commit).
+pub const TAKEN_OVER_KINDS: [&str; 6] = [
+    "JobStarted",
+    "JobClaimed",
+    "StepStarted",
+    "StepFailed",
+    "JobClaimed",
+    "JobHalted",
+];
+
 /// A worker's claim at `epoch`, saying it recorded the outcome of step
 /// `recorded_outcome` on taking the job up, if given.
 pub fn claimed(worker: &str, epoch: u64, recorded_outcome: Option<u32>) -> Event {
