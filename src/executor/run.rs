@@ -134,9 +134,9 @@ impl<'a> RunControl<'a> {
     /// The run appends `claimed` — who claimed the job, at which epoch —
     /// with its first events (right after `JobStarted` for a job not
     /// started yet, right after the outcome of a step left in doubt, whose
-    /// index the run puts in `recorded_outcome`, whatever it was given), so the log tells which
-    /// worker appended what follows. A worker gives every job it takes up
-    /// its claim.
+    /// index the run puts in `recorded_outcome`, whatever it was given),
+    /// so the log tells which worker appended what follows. A worker gives
+    /// every job it takes up its claim.
     pub fn claimed(mut self, claimed: JobClaimed) -> Self {
         self.worker_id = Some(claimed.worker_id.clone());
         self.claimed = Some(claimed);
