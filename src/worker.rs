@@ -456,6 +456,17 @@ struct Held {
     cancel_requested: CancelSignal,
 }
 
+impl Held {
+    /// `fence`'s claim, asked for at `asked`, for `lease`.
+    fn new(fence: Fence, asked: Instant, lease: Duration) -> Self {
+        Held {
+            fence,
+            valid_until: asked + lease - margin(lease),
+            cancel_requested: CancelSignal::new(),
+        }
+    }
+}
+
 /// The part of a lease not relied on: the server's and this host's clocks
 /// may run at slightly different rates.
 fn margin(lease: Duration) -> Duration {
@@ -478,6 +489,13 @@ impl Leases {
 
     /// Claims a job of `log`'s queue for `owner`, for `lease`, and holds it.
     ///
+    /// A worker holds at most one claim of a job, since its appends are
+    /// fenced by the job's claim: a claim of a job it holds already (its
+    /// lease ran out while one of its runs still has it) is given back at
+    /// once, and `None` returned. That run is fenced off by the store from
+    /// then on — the claim moved the job's epoch on — and the job is
+    /// claimed afresh, as a takeover, once the run has stopped.
+    ///
     /// # Errors
     /// The queue's.
     pub fn claim(
@@ -487,24 +505,24 @@ impl Leases {
         lease: Duration,
     ) -> Result<Option<Claim>, StoreError> {
         let asked = self.clock.instant();
-        let claim = log.claim(owner, lease)?;
-        if let Some(claim) = &claim {
-            self.hold(claim, asked, lease);
+        let Some(claim) = log.claim(owner, lease)? else {
+            return Ok(None);
+        };
+        let mut held = lock(&self.held);
+        if held.contains_key(&claim.fence.job_id) {
+            drop(held);
+            // Not given back, it is left for its lease to run out.
+            let _ = log.release(claim.fence, false);
+            return Ok(None);
         }
-        Ok(claim)
+        held.insert(claim.fence.job_id, Held::new(claim.fence, asked, lease));
+        Ok(Some(claim))
     }
 
     /// Holds `claim`, asked for at `asked` (a reading of the leases'
     /// clock, [`Clock::instant`]), for `lease`.
     pub fn hold(&self, claim: &Claim, asked: Instant, lease: Duration) {
-        lock(&self.held).insert(
-            claim.fence.job_id,
-            Held {
-                fence: claim.fence,
-                valid_until: asked + lease - margin(lease),
-                cancel_requested: CancelSignal::new(),
-            },
-        );
+        lock(&self.held).insert(claim.fence.job_id, Held::new(claim.fence, asked, lease));
     }
 
     /// Holds `job_id`'s claim no more (its appends are no longer fenced).
