@@ -13,7 +13,7 @@ use job_executor::store::{Claim, Fence, StoreError};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use super::baton::{ActorId, Call};
+use super::baton::{self, ActorId, Call};
 use super::rng::Rng;
 use super::time::SimTime;
 
@@ -321,8 +321,12 @@ impl State {
         }
     }
 
-    /// Takes the note that `actor`'s call started a handler.
+    /// Takes the note that `actor`'s append started a handler; the append
+    /// is over.
     pub fn take_started(&mut self, actor: Option<ActorId>) -> bool {
+        if let Some(actor) = actor {
+            self.appending.remove(&actor);
+        }
         actor.is_some() && self.started.take() == actor
     }
 
@@ -351,7 +355,16 @@ impl State {
             ));
             return;
         };
-        let fence = self.appending.get(&actor).copied().flatten();
+        let Some(&fence) = self.appending.get(&actor) else {
+            self.violation(format!(
+                "{}: the handler of step {step} started outside the commit of its StepStarted",
+                self.job(job)
+            ));
+            self.pend(call, actor);
+            // Nothing else will tell the scheduler the actor now waits.
+            baton::on_handler();
+            return;
+        };
         let current = self.epochs.get(&job).copied();
         if fence.map(|f| f.epoch) != current {
             self.violation(format!(
@@ -359,19 +372,22 @@ impl State {
                 self.job(job)
             ));
         }
+        self.pend(call, actor);
+        self.started = Some(actor);
+    }
+
+    /// Keeps a started step's call until its handler returns.
+    fn pend(&mut self, call: StepCall, actor: ActorId) {
         let due = self.handler_time();
         let succeeds = !self.rng.chance(self.faults.failing);
-        self.pending.insert(
-            self.next_pending,
-            Pending {
-                call,
-                actor,
-                due,
-                succeeds,
-            },
-        );
+        let pending = Pending {
+            call,
+            actor,
+            due,
+            succeeds,
+        };
+        self.pending.insert(self.next_pending, pending);
         self.next_pending += 1;
-        self.started = Some(actor);
     }
 
     /// When a handler started now returns: soon; slower than a lease; or
