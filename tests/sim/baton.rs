@@ -165,9 +165,10 @@ pub struct Actor {
     thread: Option<JoinHandle<()>>,
 }
 
-/// An actor that did not hand the baton back in time: the engine hung.
+/// Why a seed could not go on: an actor did not hand the baton back in
+/// time (the engine hung), or could not be started.
 #[derive(Debug)]
-pub struct Hung(pub ActorId);
+pub struct Broken(pub String);
 
 /// How long an actor may hold the baton, in real time, before the run is
 /// declared hung. Far beyond any one step of the engine's.
@@ -199,14 +200,14 @@ impl Baton {
         &mut self,
         process: usize,
         body: impl FnOnce() + Send + 'static,
-    ) -> Result<ActorId, Hung> {
+    ) -> Result<ActorId, Broken> {
         let id = self.actors.len();
         let (go, receiver) = channel();
         let reports = self.sender.clone();
         let thread = std::thread::Builder::new()
             .name(format!("sim-actor-{id}"))
             .spawn(move || run_actor(id, receiver, reports, body))
-            .expect("the simulation starts its actors' threads");
+            .map_err(|e| Broken(format!("cannot start actor {id}'s thread: {e}")))?;
         self.actors.push(Actor {
             state: State::Running,
             process,
@@ -219,7 +220,7 @@ impl Baton {
 
     /// Resumes `id` (waiting at a point) with `go`, and waits until it
     /// hands the baton back.
-    pub fn resume(&mut self, id: ActorId, go: Go) -> Result<(), Hung> {
+    pub fn resume(&mut self, id: ActorId, go: Go) -> Result<(), Broken> {
         let actor = &mut self.actors[id];
         actor.state = State::Running;
         if actor.go.send(go).is_err() {
@@ -231,7 +232,7 @@ impl Baton {
 
     /// Waits until `id`, which runs, hands the baton back: it stopped at
     /// a point, waits for a handler, or ended.
-    pub fn wait(&mut self, id: ActorId) -> Result<(), Hung> {
+    pub fn wait(&mut self, id: ActorId) -> Result<(), Broken> {
         if matches!(self.actors[id].state, State::Gone) {
             return Ok(());
         }
@@ -240,7 +241,10 @@ impl Baton {
             let report = match self.reports.recv_timeout(HOLD_MAX) {
                 Ok(report) => report,
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
-                    return Err(Hung(id));
+                    return Err(Broken(format!(
+                        "actor {id} kept the baton for {} s of real time: the engine hung",
+                        HOLD_MAX.as_secs()
+                    )));
                 }
             };
             match report {

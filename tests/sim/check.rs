@@ -8,12 +8,15 @@
 
 use std::collections::BTreeSet;
 
-use job_executor::events::Event;
+use job_executor::events::{Event, EventRecord};
 use job_executor::model::FailureKind;
 use job_executor::store::EventStore;
 use job_executor::verify::{VerifyOptions, verify_store};
 
+use uuid::Uuid;
+
 use super::scheduler::Sim;
+use super::world::State;
 
 impl Sim {
     /// Checks what the seed left; counts its steps and interrupted steps.
@@ -23,48 +26,8 @@ impl Sim {
             world.violation(panic.clone());
         }
         let events = self.inner.all_events();
-        if let Some(e) = events
-            .iter()
-            .enumerate()
-            .find(|(i, e)| e.position != *i as u64 + 1)
-        {
-            world.violation(format!(
-                "positions are not dense: event {} is at {}",
-                e.0 + 1,
-                e.1.position
-            ));
-        }
-        if self.inner.last_position().ok() != Some(events.len() as u64) {
-            world.violation(format!(
-                "the last position is not the log's length, {}",
-                events.len()
-            ));
-        }
-        let mut started = BTreeSet::new();
-        for e in &events {
-            let digest = e.digest.as_deref().unwrap_or("-");
-            let line = format!(
-                "log {} {} #{} {} {digest}",
-                e.position,
-                world.job(e.job_id),
-                e.seq,
-                e.kind
-            );
-            world.trace(line);
-            match e.decode().map(|r| r.event) {
-                Ok(Event::StepStarted(s)) => {
-                    world.counters.steps += 1;
-                    started.insert((e.job_id, s.step_index));
-                }
-                Ok(Event::StepFailed(f)) if f.failure.kind == FailureKind::Interrupted => {
-                    world.counters.interrupted += 1;
-                }
-                Ok(_) => {}
-                Err(error) => {
-                    world.violation(format!("event at {} does not decode: {error}", e.position))
-                }
-            }
-        }
+        check_positions(&mut world, &events, self.inner.last_position().ok());
+        let started = read_log(&mut world, &events);
         let unstarted: Vec<_> = world
             .called()
             .filter(|c| !started.contains(*c))
@@ -97,4 +60,53 @@ impl Sim {
             world.violation("some job did not end, or is still queued".into());
         }
     }
+}
+
+/// Positions are 1, 2, 3, … with no gap, and the last is the log's length.
+fn check_positions(world: &mut State, events: &[EventRecord], last: Option<u64>) {
+    if let Some((i, e)) = events
+        .iter()
+        .enumerate()
+        .find(|(i, e)| e.position != *i as u64 + 1)
+    {
+        world.violation(format!(
+            "positions are not dense: event {} is at {}",
+            i + 1,
+            e.position
+        ));
+    }
+    if last != Some(events.len() as u64) {
+        world.violation(format!(
+            "the last position ({last:?}) is not the log's length, {}",
+            events.len()
+        ));
+    }
+}
+
+/// Traces every event, counts steps started and steps interrupted, and
+/// returns the (job, step) pairs started.
+fn read_log(world: &mut State, events: &[EventRecord]) -> BTreeSet<(Uuid, u32)> {
+    let mut started = BTreeSet::new();
+    for e in events {
+        let digest = e.digest.as_deref().unwrap_or("-");
+        let job = world.job(e.job_id);
+        world.trace(format!(
+            "log {} {job} #{} {} {digest}",
+            e.position, e.seq, e.kind
+        ));
+        match e.decode().map(|r| r.event) {
+            Ok(Event::StepStarted(s)) => {
+                world.counters.steps += 1;
+                started.insert((e.job_id, s.step_index));
+            }
+            Ok(Event::StepFailed(f)) if f.failure.kind == FailureKind::Interrupted => {
+                world.counters.interrupted += 1;
+            }
+            Ok(_) => {}
+            Err(error) => {
+                world.violation(format!("event at {} does not decode: {error}", e.position))
+            }
+        }
+    }
+    started
 }

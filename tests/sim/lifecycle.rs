@@ -11,7 +11,7 @@ use job_executor::events::TERMINAL_KINDS;
 use job_executor::store::{EventStore, JobQueue};
 use serde_json::json;
 
-use super::baton::{ActorId, Go, Hung, State};
+use super::baton::{ActorId, Broken, Go, State};
 use super::fleet::{self, WorkerParts};
 use super::scheduler::{Process, Sim};
 use super::time::SimClock;
@@ -22,7 +22,7 @@ pub(super) const DRAIN_MICROS: u64 = 40 * LEASE_MICROS;
 
 impl Sim {
     /// Starts the next incarnation of the worker at `seat`.
-    pub(super) fn start_worker(&mut self, seat: usize) -> Result<(), Hung> {
+    pub(super) fn start_worker(&mut self, seat: usize) -> Result<(), Broken> {
         let s = &mut self.seats[seat];
         let name = format!("w{seat}.{}", s.incarnations);
         s.incarnations += 1;
@@ -59,7 +59,7 @@ impl Sim {
     }
 
     /// Starts the canceller.
-    pub(super) fn start_canceller(&mut self) -> Result<(), Hung> {
+    pub(super) fn start_canceller(&mut self) -> Result<(), Broken> {
         let process = self.processes.len();
         self.processes.push(Process {
             name: "canceller".into(),
@@ -79,7 +79,7 @@ impl Sim {
 
     /// A handler returns: its step is settled, and its actor runs until it
     /// hands the baton back.
-    pub(super) fn settle(&mut self, pending: u64) -> Result<(), Hung> {
+    pub(super) fn settle(&mut self, pending: u64) -> Result<(), Broken> {
         let Some(p) = self.world.lock().pending.remove(&pending) else {
             return Ok(());
         };
@@ -105,7 +105,7 @@ impl Sim {
 
     /// Strikes a worker, now and then: a crash, a stop (SIGTERM), or a
     /// partition that drops its renewals for a while.
-    pub(super) fn strike(&mut self) -> Result<(), Hung> {
+    pub(super) fn strike(&mut self) -> Result<(), Broken> {
         let (crash, stop, cut, pick, span) = {
             let mut world = self.world.lock();
             let faults = world.faults;
@@ -134,41 +134,42 @@ impl Sim {
         let now = self.time.now();
         let seat = self.processes[process].seat.unwrap_or_default();
         if crash {
-            self.world.lock().counters.crashes += 1;
-            self.crash(process)?;
-            self.seats[seat].restart_at = Some(now + span / 2);
-        } else if stop {
+            return self.crash(process);
+        }
+        let name = self.processes[process].name.clone();
+        if stop {
             if let Some(parts) = &self.processes[process].parts {
                 parts.stop.store(true, Ordering::SeqCst);
             }
             self.seats[seat].restart_at = Some(now + span);
+            self.world.lock().trace(format!("{now} stop {name}"));
         } else {
             self.processes[process].cut_off_until = now + span;
+            self.world.lock().trace(format!("{now} cut off {name}"));
         }
-        let name = &self.processes[process].name;
-        let what = if crash {
-            "crash"
-        } else if stop {
-            "stop"
-        } else {
-            "cut off"
-        };
-        self.world.lock().trace(format!("{now} {what} {name}"));
         Ok(())
     }
 
     /// `process` crashes: every actor of it dies where it stands, and the
-    /// steps it waited for are abandoned.
-    pub(super) fn crash(&mut self, process: usize) -> Result<(), Hung> {
-        let name = self.processes[process].name.clone();
-        self.world
-            .lock()
-            .trace(format!("{} {name} crashes", self.time.now()));
-        self.kill(process)
+    /// steps it waited for are abandoned. A worker starts again later, as
+    /// a new incarnation with nothing of the old one's state.
+    pub(super) fn crash(&mut self, process: usize) -> Result<(), Broken> {
+        let now = self.time.now();
+        let restart = {
+            let mut world = self.world.lock();
+            world.counters.crashes += 1;
+            world.trace(format!("{now} {} crashes", self.processes[process].name));
+            world.rng.between(0, 2 * LEASE_MICROS)
+        };
+        self.kill(process)?;
+        if let Some(seat) = self.processes[process].seat {
+            self.seats[seat].restart_at = Some(now + restart);
+        }
+        Ok(())
     }
 
     /// Ends every actor of `process`.
-    pub(super) fn kill(&mut self, process: usize) -> Result<(), Hung> {
+    pub(super) fn kill(&mut self, process: usize) -> Result<(), Broken> {
         self.processes[process].parts = None;
         let actors = self.processes[process].actors.clone();
         // Steps whose handlers its commits started die with it, waited
@@ -185,7 +186,7 @@ impl Sim {
     }
 
     /// Ends actor `id` wherever it is.
-    fn end(&mut self, id: ActorId) -> Result<(), Hung> {
+    fn end(&mut self, id: ActorId) -> Result<(), Broken> {
         loop {
             match self.baton.actors[id].state {
                 State::Gone | State::Running => return Ok(()),
@@ -212,7 +213,7 @@ impl Sim {
 
     /// Faults stop; stuck handlers return, paused workers go on, stopped
     /// and crashed ones start again: every job must end.
-    pub(super) fn drain(&mut self, moves: u64) -> Result<(), Hung> {
+    pub(super) fn drain(&mut self, moves: u64) -> Result<(), Broken> {
         let now = self.time.now();
         {
             let mut world = self.world.lock();

@@ -51,7 +51,7 @@ mod world;
 
 pub use world::Counters;
 
-use baton::Hung;
+use baton::Broken;
 use scheduler::Sim;
 
 /// What one seed came to.
@@ -71,10 +71,8 @@ pub fn run_seed(seed: u64, keep_trace: bool) -> SeedReport {
     let mut sim = Sim::new(seed, keep_trace);
     match sim.run() {
         Ok(()) => sim.check(),
-        // The actor's thread is left where it hangs.
-        Err(Hung(id)) => sim.world.lock().violation(format!(
-            "actor {id} kept the baton for a minute of real time: the engine hung"
-        )),
+        // Its actors are left where they are.
+        Err(Broken(why)) => sim.world.lock().violation(why),
     }
     let world = sim.world.lock();
     SeedReport {

@@ -12,7 +12,7 @@ use job_executor::store::{MemoryStore, QueuedJob};
 use job_executor::worker::submit;
 use uuid::Uuid;
 
-use super::baton::{ActorId, Baton, Call, Fault, Go, Hung, Point, State};
+use super::baton::{ActorId, Baton, Broken, Call, Fault, Go, Point, State};
 use super::fleet::{STEP_TYPE, WorkerParts};
 use super::log::SimLog;
 use super::time::{SimClock, SimTime};
@@ -160,7 +160,7 @@ impl Sim {
 
     /// Runs the seed: the faulty part, then the drain, then everything
     /// stopped.
-    pub(super) fn run(&mut self) -> Result<(), Hung> {
+    pub(super) fn run(&mut self) -> Result<(), Broken> {
         self.start_canceller()?;
         let mut moves = 0;
         while self.time.now() < HORIZON_MICROS && moves < MOVES_MAX {
@@ -182,7 +182,7 @@ impl Sim {
     }
 
     /// One move, chosen by the seed.
-    pub(super) fn step(&mut self) -> Result<(), Hung> {
+    pub(super) fn step(&mut self) -> Result<(), Broken> {
         if !self.draining() {
             self.strike()?;
         }
@@ -274,7 +274,7 @@ impl Sim {
     }
 
     /// Makes `m`.
-    fn make(&mut self, m: Move) -> Result<(), Hung> {
+    fn make(&mut self, m: Move) -> Result<(), Broken> {
         match m {
             Move::Resume(id) => self.resume(id),
             Move::Settle(pending) => self.settle(pending),
@@ -293,7 +293,7 @@ impl Sim {
 
     /// Hands the baton to `id`, waiting at a point; at a store call, what
     /// the call comes to is drawn first (a pause, a fault, a crash).
-    fn resume(&mut self, id: ActorId) -> Result<(), Hung> {
+    fn resume(&mut self, id: ActorId) -> Result<(), Broken> {
         self.paused.remove(&id);
         let State::At(point) = self.baton.actors[id].state.clone() else {
             return Ok(());
