@@ -1,18 +1,39 @@
 //! Time and job ids, injected so that an embedding can make execution
 //! deterministic: the same plan, clock and ids give the same log, byte for byte.
+//!
+//! A clock also measures spans (a lease, a renewal period, a poll, a pause
+//! before a retry) and waits: a simulation drives those with its own time.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
 use uuid::Uuid;
 
 use crate::model::JobStep;
 
-/// A source of the times recorded on events.
+/// A source of the times recorded on events, of the instants spans are
+/// measured from, and of waiting.
 pub trait Clock: Send + Sync {
     /// The current time. The executor truncates it to whole microseconds,
     /// the precision the log stores.
     fn now(&self) -> DateTime<Utc>;
+
+    /// A reading of a monotonic clock, which spans are measured from: how
+    /// long a worker trusts its lease, when it renews. The default is the
+    /// process's monotonic clock ([`Instant::now`]), whatever
+    /// [`now`](Self::now) reads: a clock that stamps events with logical
+    /// times still times leases for real.
+    fn instant(&self) -> Instant {
+        Instant::now()
+    }
+
+    /// Waits `duration` of this clock's time: an idle worker's poll, a
+    /// pause before an append is tried again. The default sleeps the
+    /// thread.
+    fn sleep(&self, duration: Duration) {
+        std::thread::sleep(duration);
+    }
 }
 
 /// Wall-clock time.

@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
+use crate::clock::{Clock, SystemClock};
 use crate::events::{EventRecord, JobClaimed};
 use crate::executor::{ExecutorBuilder, ExecutorError, JobExecutor, RunControl};
 use crate::handler::StepHandler;
@@ -220,9 +221,11 @@ impl Worker {
         options: WorkerOptions,
         configure: impl FnOnce(ExecutorBuilder) -> ExecutorBuilder,
     ) -> Self {
-        let leases = Arc::new(Leases::new());
+        let builder = configure(JobExecutor::builder());
+        // Leases are timed, and the worker waits, by the executor's clock.
+        let leases = Arc::new(Leases::with_clock(builder.clock_or_system()));
         let fenced = Arc::new(FencedStore::new(log.clone(), leases.clone()));
-        let executor = configure(JobExecutor::builder()).store(fenced).build();
+        let executor = builder.store(fenced).build();
         Worker {
             log,
             leases,
@@ -307,7 +310,9 @@ impl Worker {
                     self.health.store_failed(&e);
                     unreachable = (unreachable + 1).min(10);
                     tracing::warn!(error = %e, "cannot claim a job");
-                    std::thread::sleep(self.options.idle_poll * unreachable);
+                    self.leases
+                        .clock
+                        .sleep(self.options.idle_poll * unreachable);
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -318,7 +323,7 @@ impl Worker {
                 if self.options.until_idle && self.log.queued()?.is_empty() {
                     break;
                 }
-                std::thread::sleep(self.options.idle_poll);
+                self.leases.clock.sleep(self.options.idle_poll);
                 continue;
             };
             let job_id = claim.fence.job_id;
@@ -392,14 +397,15 @@ impl Worker {
 
     /// Renews the leases held, every third of a lease, until told to stop.
     fn renew_leases(&self, renewing: &AtomicBool) {
+        let clock = &self.leases.clock;
         let period = (self.options.lease / 3).max(Duration::from_millis(10));
-        let mut last = Instant::now();
+        let mut last = clock.instant();
         while renewing.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(20).min(period));
-            if last.elapsed() < period {
+            clock.sleep(Duration::from_millis(20).min(period));
+            if clock.instant().saturating_duration_since(last) < period {
                 continue;
             }
-            last = Instant::now();
+            last = clock.instant();
             let renewed =
                 self.leases
                     .renew(&*self.log, &self.options.worker_id, self.options.lease);
@@ -500,9 +506,24 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The claims a worker holds, with how long each is good for by the
 /// worker's own clock: until a renewal made at `asked` was answered, plus
 /// the lease, less a margin for clocks that drift.
-#[derive(Debug, Default)]
 pub struct Leases {
     held: Mutex<HashMap<Uuid, Held>>,
+    /// The worker's clock, which leases are timed by.
+    clock: Arc<dyn Clock>,
+}
+
+impl Default for Leases {
+    fn default() -> Self {
+        Leases::with_clock(Arc::new(SystemClock))
+    }
+}
+
+impl std::fmt::Debug for Leases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Leases")
+            .field("held", &self.held)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
@@ -512,6 +533,17 @@ struct Held {
     cancel_requested: CancelSignal,
 }
 
+impl Held {
+    /// `fence`'s claim, asked for at `asked`, for `lease`.
+    fn new(fence: Fence, asked: Instant, lease: Duration) -> Self {
+        Held {
+            fence,
+            valid_until: asked + lease - margin(lease),
+            cancel_requested: CancelSignal::new(),
+        }
+    }
+}
+
 /// The part of a lease not relied on: the server's and this host's clocks
 /// may run at slightly different rates.
 fn margin(lease: Duration) -> Duration {
@@ -519,12 +551,27 @@ fn margin(lease: Duration) -> Duration {
 }
 
 impl Leases {
-    /// No claims held.
+    /// No claims held, timed by the system's monotonic clock.
     pub fn new() -> Self {
         Leases::default()
     }
 
+    /// No claims held, timed by `clock` ([`Clock::instant`]).
+    pub fn with_clock(clock: Arc<dyn Clock>) -> Self {
+        Leases {
+            held: Mutex::default(),
+            clock,
+        }
+    }
+
     /// Claims a job of `log`'s queue for `owner`, for `lease`, and holds it.
+    ///
+    /// A worker holds at most one claim of a job, since its appends are
+    /// fenced by the job's claim: a claim of a job it holds already (its
+    /// lease ran out while one of its runs still has it) is given back at
+    /// once, and `None` returned. That run is fenced off by the store from
+    /// then on — the claim moved the job's epoch on — and the job is
+    /// claimed afresh, as a takeover, once the run has stopped.
     ///
     /// # Errors
     /// The queue's.
@@ -534,24 +581,25 @@ impl Leases {
         owner: &str,
         lease: Duration,
     ) -> Result<Option<Claim>, StoreError> {
-        let asked = Instant::now();
-        let claim = log.claim(owner, lease)?;
-        if let Some(claim) = &claim {
-            self.hold(claim, asked, lease);
+        let asked = self.clock.instant();
+        let Some(claim) = log.claim(owner, lease)? else {
+            return Ok(None);
+        };
+        let mut held = lock(&self.held);
+        if held.contains_key(&claim.fence.job_id) {
+            drop(held);
+            // Not given back, it is left for its lease to run out.
+            let _ = log.release(claim.fence, false);
+            return Ok(None);
         }
-        Ok(claim)
+        held.insert(claim.fence.job_id, Held::new(claim.fence, asked, lease));
+        Ok(Some(claim))
     }
 
-    /// Holds `claim`, asked for at `asked`, for `lease`.
+    /// Holds `claim`, asked for at `asked` (a reading of the leases'
+    /// clock, [`Clock::instant`]), for `lease`.
     pub fn hold(&self, claim: &Claim, asked: Instant, lease: Duration) {
-        lock(&self.held).insert(
-            claim.fence.job_id,
-            Held {
-                fence: claim.fence,
-                valid_until: asked + lease - margin(lease),
-                cancel_requested: CancelSignal::new(),
-            },
-        );
+        lock(&self.held).insert(claim.fence.job_id, Held::new(claim.fence, asked, lease));
     }
 
     /// Holds `job_id`'s claim no more (its appends are no longer fenced).
@@ -578,7 +626,7 @@ impl Leases {
         if fences.is_empty() {
             return Ok(0);
         }
-        let asked = Instant::now();
+        let asked = self.clock.instant();
         let held = log.renew(owner, &fences, lease)?;
         self.renewed(&fences, &held, asked, lease);
         for fence in &held {
@@ -589,8 +637,9 @@ impl Leases {
         Ok(held.len())
     }
 
-    /// Notes a renewal asked for `asked_for` at `asked`: the claims in
-    /// `held` are good for another `lease`; the others were taken over.
+    /// Notes a renewal asked for `asked_for` at `asked` (a reading of the
+    /// leases' clock): the claims in `held` are good for another `lease`;
+    /// the others were taken over.
     pub fn renewed(&self, asked_for: &[Fence], held: &[Fence], asked: Instant, lease: Duration) {
         let mut leases = lock(&self.held);
         for fence in asked_for {
@@ -623,7 +672,7 @@ impl Leases {
     fn fence(&self, job_id: Uuid) -> Option<(Fence, bool)> {
         lock(&self.held)
             .get(&job_id)
-            .map(|h| (h.fence, Instant::now() < h.valid_until))
+            .map(|h| (h.fence, self.clock.instant() < h.valid_until))
     }
 }
 

@@ -191,7 +191,7 @@ impl Run<'_> {
                 Attempt::Failed(failure) => self.classify(events, failure, retries)?,
             }
             retries += 1;
-            std::thread::sleep(pause);
+            self.engine.clock.sleep(pause);
             pause = (pause * 2).min(APPEND_RETRY_PAUSE_MAX);
         }
     }

@@ -69,10 +69,17 @@ impl ExecutorBuilder {
         self
     }
 
-    /// The clock events are stamped with (default: [`SystemClock`]).
+    /// The clock events are stamped with, and an append waits by before
+    /// it is tried again (default: [`SystemClock`]). A worker's leases are
+    /// timed by it too.
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = Some(clock);
         self
+    }
+
+    /// The clock the executor will have: the one given, or the system's.
+    pub(crate) fn clock_or_system(&self) -> Arc<dyn Clock> {
+        self.clock.clone().unwrap_or_else(|| Arc::new(SystemClock))
     }
 
     /// A key that authenticates every event's chain digest with HMAC-SHA256,

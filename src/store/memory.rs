@@ -2,7 +2,7 @@
 //! reference the SQLite store is tested against.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use uuid::Uuid;
@@ -11,12 +11,28 @@ use super::{
     AppendOptions, Claim, EventStore, Fence, JobQueue, QueueEntry, QueueState, QueuedJob,
     StoreError, check_batch,
 };
+use crate::clock::{Clock, SystemClock};
 use crate::events::{EventRecord, format_timestamp};
 
 /// An event log held in memory; lost when dropped.
-#[derive(Debug, Default)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
+    /// The database's clock: what its queue times leases (and submissions) by.
+    clock: Arc<dyn Clock>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore::with_clock(Arc::new(SystemClock))
+    }
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -46,6 +62,20 @@ impl MemoryStore {
     /// An empty log.
     pub fn new() -> Self {
         MemoryStore::default()
+    }
+
+    /// An empty log whose queue times leases by `clock` — the database's
+    /// clock, which a simulation drives.
+    pub fn with_clock(clock: Arc<dyn Clock>) -> Self {
+        MemoryStore {
+            inner: Mutex::default(),
+            clock,
+        }
+    }
+
+    /// The database's clock, now.
+    fn now(&self) -> SystemTime {
+        self.clock.now().into()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -193,13 +223,13 @@ impl JobQueue for MemoryStore {
             owner: None,
             epoch: 0,
             lease_until: None,
-            submitted_at: format_timestamp(&chrono::Utc::now()),
+            submitted_at: format_timestamp(&self.clock.now()),
         });
         Ok(())
     }
 
     fn claim(&self, owner: &str, lease: Duration) -> Result<Option<Claim>, StoreError> {
-        let now = SystemTime::now();
+        let now = self.now();
         let mut inner = self.lock();
         let claimable = |q: &Queued| q.state == QueueState::Submitted;
         let expired = |q: &Queued| {
@@ -233,7 +263,7 @@ impl JobQueue for MemoryStore {
         fences: &[Fence],
         lease: Duration,
     ) -> Result<Vec<Fence>, StoreError> {
-        let until = SystemTime::now().checked_add(lease);
+        let until = self.now().checked_add(lease);
         let mut inner = self.lock();
         let mut held = Vec::new();
         for queued in &mut inner.queue {
@@ -281,7 +311,7 @@ impl JobQueue for MemoryStore {
     }
 
     fn queued(&self) -> Result<Vec<QueueEntry>, StoreError> {
-        let now = SystemTime::now();
+        let now = self.now();
         Ok(self
             .lock()
             .queue

@@ -27,5 +27,6 @@ mod proofs;
 mod properties;
 mod report;
 mod report_browser;
+mod simulation;
 mod store;
 mod tamper;

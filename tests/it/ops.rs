@@ -657,10 +657,10 @@ fn listings_agree_with_events(d: &Path, db: &str) {
         &plan_of(&["capability_enable", "reindex"]),
         "bad.json",
     ));
-    let out = cli(
-        d,
-        &["worker", "--db", db, "--until-idle", "--worker-id", "w"],
-    );
+    // One slot: the jobs start in the order they were submitted, which is
+    // the order `jobs` lists them in.
+    let args = ["worker", "--db", db, "--until-idle", "--worker-id", "w"];
+    let out = cli(d, &[&args[..], &["--concurrency", "1"]].concat());
     assert!(out.status.success(), "{}", text(&out.stderr));
     let held = submit(d, db, &ok, "held.json");
     let waiting = submit(d, db, &ok, "waiting.json");
