@@ -10,6 +10,8 @@
 //! cargo run --release --example workload -- --replay-only FILE   # replay a whole log, streaming
 //! cargo run --release --example workload -- --scale FILE         # one job's replay as the log grows
 //! cargo run --release --example workload -- --generate FILE [--sync S] # write a log (NORMAL) and keep it
+//! cargo run --release --example workload -- --metrics-overhead [--threads 1,8] [--sync S] [--runs N]
+//!     # the engine with metrics off and on, alternating in one run
 //! cargo run --release --example workload -- --baseline-only FILE [--sync S] [--same-table]
 //!     # only the same-commit baseline (into the log's own table with --same-table)
 //! ```
@@ -18,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use job_executor::metrics::Metrics;
 use job_executor::projection::replay_all;
 use job_executor::store::{EventStore, SqliteOptions, SqliteStore, Synchronous};
 use job_executor::verify::{VerifyOptions, verify_store};
@@ -46,6 +49,8 @@ struct Options {
     same_table: bool,
     /// `--sync` as given: `--generate` writes at NORMAL unless told.
     sync_given: bool,
+    /// Only the engine, with metrics off and on.
+    metrics_overhead: bool,
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -63,6 +68,7 @@ fn parse_args() -> Result<Options, String> {
         baseline_only: None,
         same_table: false,
         sync_given: false,
+        metrics_overhead: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -95,6 +101,7 @@ fn parse_args() -> Result<Options, String> {
             "--scale" => options.scale = Some(PathBuf::from(value()?)),
             "--baseline-only" => options.baseline_only = Some(PathBuf::from(value()?)),
             "--same-table" => options.same_table = true,
+            "--metrics-overhead" => options.metrics_overhead = true,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -116,9 +123,23 @@ fn sync_name(sync: Synchronous) -> &'static str {
 
 /// Runs the engine; returns events/s.
 fn engine(path: &Path, sync: Synchronous, jobs: usize, steps: usize, threads: usize) -> f64 {
+    engine_with(path, sync, (jobs, steps, threads), None)
+}
+
+/// Runs the engine, counting into `metrics` when given; returns events/s.
+fn engine_with(
+    path: &Path,
+    sync: Synchronous,
+    (jobs, steps, threads): (usize, usize, usize),
+    metrics: Option<Arc<Metrics>>,
+) -> f64 {
     let options = SqliteOptions::default().with_synchronous(sync);
     let store = Arc::new(SqliteStore::open_with(path, &options).expect("open the log"));
-    let mut executor = JobExecutor::builder().store(store).build();
+    let mut builder = JobExecutor::builder().store(store);
+    if let Some(metrics) = metrics {
+        builder = builder.metrics(metrics);
+    }
+    let mut executor = builder.build();
     executor.register_handler("noop", NoOpHandler);
     let executor = Arc::new(executor);
     let plan = Arc::new(plan(steps));
@@ -394,6 +415,48 @@ fn run_single_mode(options: &Options) -> bool {
     false
 }
 
+/// `--metrics-overhead`: for each configuration, the engine with metrics
+/// off and on into fresh files, in alternating order run after run; one
+/// JSON line each with the medians and the median of the runs' ratios.
+fn metrics_overhead(options: &Options, scratch: &Path) {
+    let shape = (options.jobs, options.steps);
+    for &sync in &options.syncs {
+        for &threads in &options.threads {
+            let (mut off, mut on, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+            for run in 0..options.runs {
+                let rate = |metrics: bool| {
+                    let path = scratch.join(format!("metrics-{metrics}-{run}.db"));
+                    let counted = metrics.then(|| Arc::new(Metrics::new()));
+                    let rate = engine_with(&path, sync, (shape.0, shape.1, threads), counted);
+                    remove_db(&path);
+                    rate
+                };
+                let (a, b) = if run % 2 == 0 {
+                    let a = rate(false);
+                    (a, rate(true))
+                } else {
+                    let b = rate(true);
+                    (rate(false), b)
+                };
+                off.push(a);
+                on.push(b);
+                ratios.push(b / a);
+            }
+            println!(
+                "{{\"mode\":\"metrics_overhead\",\"sync\":\"{}\",\"threads\":{threads},\"jobs\":{},\"steps\":{},\"runs\":{},\
+                 \"metrics_off_events_per_s\":{:.0},\"metrics_on_events_per_s\":{:.0},\"on_over_off\":{:.3}}}",
+                sync_name(sync),
+                shape.0,
+                shape.1,
+                options.runs,
+                median(off),
+                median(on),
+                median(ratios),
+            );
+        }
+    }
+}
+
 /// One configuration's JSON line.
 fn print_row(options: &Options, sync: Synchronous, threads: usize, row: &Row) {
     let (jobs, steps) = (options.jobs, options.steps);
@@ -437,6 +500,11 @@ fn main() {
         return;
     }
     let scratch = tempfile_dir(options.dir.as_deref());
+    if options.metrics_overhead {
+        metrics_overhead(&options, &scratch);
+        let _ = std::fs::remove_dir_all(&scratch);
+        return;
+    }
     for &sync in &options.syncs {
         for &threads in &options.threads {
             let row = measure(&options, &scratch, sync, threads);

@@ -12,16 +12,19 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use tracing_subscriber::Layer;
 use uuid::Uuid;
 
 use crate::bundle::{BundleError, export, verify_bundle};
 use crate::chain::{Digest, HeadKey, KeyError};
 #[cfg(unix)]
 use crate::command::CommandHandler;
+use crate::events::parse_timestamp;
 use crate::executor::{
     ExecutorConfig, ExecutorError, JobExecutor, LogLocation, Recovery, register_defaults,
 };
-use crate::jobs::job_rows;
+use crate::jobs::{JobFilter, job_rows};
+use crate::metrics::{Metrics, MetricsServer, QueueGauges};
 use crate::model::{JobStatus, PlanError, PlanFile, validate_plan};
 use crate::projection::{ReplayError, execution_result_to_evidence, replay};
 use crate::report::{JobPage, ReportError, ReportOptions, write_site};
@@ -45,6 +48,26 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+    /// How diagnostics are written to stderr: text lines or JSON objects
+    /// (one a line). Which are written is set by JE_LOG, an EnvFilter
+    /// (default `info`; e.g. `JE_LOG=job_executor=debug`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Export a span per job and per step over OTLP/HTTP (protobuf) to the
+    /// collector at this http:// URL (its base, e.g.
+    /// http://127.0.0.1:4318: traces go to URL/v1/traces).
+    #[cfg(feature = "otel")]
+    #[arg(long, global = true, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+}
+
+/// `--log-format` values.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One line of text per event, with its spans' fields.
+    Text,
+    /// One JSON object per event, with its spans' fields.
+    Json,
 }
 
 /// `--db`, shared by every command that reads or writes the log.
@@ -72,10 +95,16 @@ pub enum Command {
         db: DbArg,
     },
     /// List stored jobs: id, status, steps succeeded/planned, start and end times.
-    Jobs {
+    Jobs(JobsArgs),
+    /// Jobs by status, the oldest submitted job's age, running jobs by
+    /// owner, and the events and jobs in the log.
+    Stats {
         /// The event log database.
         #[command(flatten)]
         db: DbArg,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Check every stored job's hash chain and EXEC-001..006 (or one bundle).
     /// Exit 1 on any violation.
@@ -118,6 +147,28 @@ pub enum Command {
     Worker(WorkerArgs),
     /// Write a job's self-contained audit bundle (JSON).
     Export(ExportArgs),
+}
+
+/// `jobs`' arguments.
+#[derive(Debug, Args)]
+pub struct JobsArgs {
+    /// The event log database.
+    #[command(flatten)]
+    pub db: DbArg,
+    /// One JSON object a line: job_id, status, steps_done, steps_planned,
+    /// started_at, ended_at, owner, final_reason.
+    #[arg(long)]
+    pub json: bool,
+    /// Only jobs of this status (SUBMITTED, RUNNING, COMPLETED, FAILED,
+    /// CANCELLED, INVALID; any case).
+    #[arg(long)]
+    pub status: Option<String>,
+    /// At most this many jobs, the first listed.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Only jobs started (queued ones: submitted) at or after this RFC 3339 time.
+    #[arg(long)]
+    pub since: Option<String>,
 }
 
 /// `run`'s arguments.
@@ -264,6 +315,9 @@ pub struct WorkerArgs {
     /// Authenticate the events it records with the key in this file.
     #[arg(long)]
     pub key_file: Option<PathBuf>,
+    /// Serve /metrics (Prometheus), /healthz and /readyz here, HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<String>,
 }
 
 /// `export`'s arguments.
@@ -359,9 +413,24 @@ pub enum CliError {
     /// A copy stopped.
     #[error(transparent)]
     Copy(#[from] crate::store::CopyError),
+    /// `--since` is not an RFC 3339 time.
+    #[error("invalid --since {0:?}: expected an RFC 3339 time, such as 2026-01-31T12:00:00Z")]
+    Since(String),
+    /// The metrics server cannot listen where asked.
+    #[error("--metrics-addr {addr}: cannot listen there: {source}")]
+    MetricsAddr {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: io::Error,
+    },
     /// `--lease-seconds` is not a positive number of seconds.
     #[error("invalid --lease-seconds {0}: expected a positive number of seconds")]
     Lease(f64),
+    /// Traces cannot be exported where `--otlp-endpoint` says.
+    #[cfg(feature = "otel")]
+    #[error("--otlp-endpoint: {0}")]
+    Otel(#[from] crate::otel::OtelError),
     /// Writing to stdout failed.
     #[error("cannot write output: {0}")]
     Output(#[from] io::Error),
@@ -369,7 +438,9 @@ pub enum CliError {
 
 /// Runs the parsed command line and returns the process exit code.
 pub fn main(cli: Cli) -> ExitCode {
-    match dispatch(cli.command) {
+    // Held until the command is done: dropped, it sends the last spans.
+    let traces = init_logging(&cli);
+    match traces.and_then(|_traces| dispatch(cli.command)) {
         Ok(code) => ExitCode::from(code),
         Err(CliError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(e) => {
@@ -384,7 +455,8 @@ fn dispatch(command: Command) -> Result<u8, CliError> {
         Command::Run(args) => run(&args),
         Command::Replay(args) => replay_command(&args),
         Command::Events { job_id, db } => events(&job_id, &db.db),
-        Command::Jobs { db } => jobs(&*open_existing(&db.db)?),
+        Command::Jobs(args) => jobs(&args),
+        Command::Stats { db, json } => stats(&*open_existing(&db.db)?, json),
         Command::Verify(args) => verify_command(&args),
         Command::Recover { db, key_file } => recover(&db.db, key_file.as_deref()),
         Command::Resume(args) => resume(&args),
@@ -492,28 +564,24 @@ fn submit(args: &SubmitArgs) -> Result<u8, CliError> {
 }
 
 fn worker(args: &WorkerArgs) -> Result<u8, CliError> {
-    let config = config(
+    let mut config = config(
         &args.db.db,
         OpenOptions::default(),
         args.key_file.as_deref(),
     )?;
-    let lease = std::time::Duration::try_from_secs_f64(args.lease_seconds)
-        .ok()
-        .filter(|lease| !lease.is_zero())
-        .ok_or(CliError::Lease(args.lease_seconds))?;
+    let options = worker_options(args)?;
+    let metrics = args.metrics_addr.as_ref().map(|_| Arc::new(Metrics::new()));
+    if let Some(metrics) = &metrics {
+        config = config.with_metrics(metrics.clone());
+    }
     let log = config.open_log()?;
-    let mut options = WorkerOptions::default()
-        .with_concurrency(args.concurrency)
-        .with_lease(lease);
-    if let Some(id) = &args.worker_id {
-        options = options.with_worker_id(id);
-    }
-    if args.until_idle {
-        options = options.until_idle();
-    }
     let worker_id = options.worker_id.clone();
-    let mut worker = Worker::with(log, options, |builder| config.configure(builder));
+    let mut worker = Worker::with(log.clone(), options, |builder| config.configure(builder));
     register_cli_handlers(worker.executor_mut());
+    let _server = match (&args.metrics_addr, &metrics) {
+        (Some(addr), Some(metrics)) => Some(serve_metrics(addr, metrics, log, &worker)?),
+        _ => None,
+    };
     let stop = worker.stop_flag();
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, stop.clone()).map_err(CliError::Output)?;
@@ -531,6 +599,45 @@ fn worker(args: &WorkerArgs) -> Result<u8, CliError> {
     )?;
     out.flush()?;
     Ok(if report.failed.is_empty() { 0 } else { 1 })
+}
+
+/// The worker's options, as `worker`'s arguments say.
+fn worker_options(args: &WorkerArgs) -> Result<WorkerOptions, CliError> {
+    let lease = std::time::Duration::try_from_secs_f64(args.lease_seconds)
+        .ok()
+        .filter(|lease| !lease.is_zero())
+        .ok_or(CliError::Lease(args.lease_seconds))?;
+    let mut options = WorkerOptions::default()
+        .with_concurrency(args.concurrency)
+        .with_lease(lease);
+    if let Some(id) = &args.worker_id {
+        options = options.with_worker_id(id);
+    }
+    if args.until_idle {
+        options = options.until_idle();
+    }
+    Ok(options)
+}
+
+/// Serves `metrics` and the queue's gauges of `log` at `addr`, with the
+/// worker's probes, until dropped.
+fn serve_metrics(
+    addr: &str,
+    metrics: &Metrics,
+    log: Arc<dyn Log>,
+    worker: &Worker,
+) -> Result<MetricsServer, CliError> {
+    let mut registry = metrics.registry();
+    QueueGauges::new(log, Some(worker.health())).register(&mut registry);
+    let server =
+        crate::metrics::serve(addr, Arc::new(registry), worker.health()).map_err(|source| {
+            CliError::MetricsAddr {
+                addr: addr.to_owned(),
+                source,
+            }
+        })?;
+    tracing::info!(addr = %server.addr(), "serving /metrics, /healthz and /readyz");
+    Ok(server)
 }
 
 /// `copy`: the whole source is verified first (so nothing is written from a
@@ -762,11 +869,109 @@ fn print_evidence(result: &ExecutionResult) -> Result<(), CliError> {
     Ok(())
 }
 
-/// `jobs`: one line per job ([`job_rows`]).
-fn jobs(log: &dyn Log) -> Result<u8, CliError> {
+/// Diagnostics to stderr, as `--log-format` says, filtered by `JE_LOG`
+/// (default `info`: a worker's claims, takeovers, fences, give-backs and
+/// job ends; warnings and errors); with `--otlp-endpoint`, spans exported
+/// over OTLP too, whatever `JE_LOG` says (what it returns then must be
+/// kept until the command is done).
+fn init_logging(cli: &Cli) -> Result<Option<Traces>, CliError> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("JE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(io::stderr)
+        .with_ansi(io::stderr().is_terminal());
+    let lines = match cli.log_format {
+        LogFormat::Text => layer.boxed(),
+        LogFormat::Json => layer
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .flatten_event(true)
+            .boxed(),
+    };
+    let mut layers = vec![lines.with_filter(filter).boxed()];
+    let exporting = match otlp_layer(cli)? {
+        Some((traces, exporting)) => {
+            layers.push(traces);
+            Some(exporting)
+        }
+        None => None,
+    };
+    // A subscriber set already (by an embedder calling `main`) is kept.
+    let _ = tracing_subscriber::registry().with(layers).try_init();
+    Ok(exporting)
+}
+
+/// A layer of the CLI's subscriber.
+type BoxedLayer = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>;
+
+/// What keeps spans exported: dropped, it sends the last of them.
+#[cfg(feature = "otel")]
+type Traces = crate::otel::Exporting;
+/// Without the `otel` feature nothing is exported.
+#[cfg(not(feature = "otel"))]
+type Traces = std::convert::Infallible;
+
+/// The layer exporting spans over OTLP, and its guard, when asked for.
+#[cfg(feature = "otel")]
+fn otlp_layer(cli: &Cli) -> Result<Option<(BoxedLayer, Traces)>, CliError> {
+    let Some(endpoint) = &cli.otlp_endpoint else {
+        return Ok(None);
+    };
+    let (layer, exporting) = crate::otel::layer(endpoint)?;
+    Ok(Some((layer.boxed(), exporting)))
+}
+
+/// Without the `otel` feature there is no OTLP layer.
+#[cfg(not(feature = "otel"))]
+fn otlp_layer(_: &Cli) -> Result<Option<(BoxedLayer, Traces)>, CliError> {
+    Ok(None)
+}
+
+/// `jobs`: one line per job ([`job_rows`]), as text or JSON, filtered.
+fn jobs(args: &JobsArgs) -> Result<u8, CliError> {
+    let since = args
+        .since
+        .as_deref()
+        .map(|text| parse_timestamp(text).map_err(|_| CliError::Since(text.to_owned())))
+        .transpose()?;
+    let filter = JobFilter {
+        status: args.status.clone(),
+        since,
+        limit: args.limit,
+    };
+    let log = open_existing(&args.db.db)?;
     let mut out = io::BufWriter::new(io::stdout().lock());
-    for row in job_rows(log)? {
-        writeln!(out, "{}", row?)?;
+    let mut shown = 0;
+    for row in job_rows(&*log)? {
+        if filter.limit.is_some_and(|limit| shown >= limit) {
+            break;
+        }
+        let row = row?;
+        if !filter.keeps(&row) {
+            continue;
+        }
+        shown += 1;
+        if args.json {
+            writeln!(out, "{}", row.to_json())?;
+        } else {
+            writeln!(out, "{row}")?;
+        }
+    }
+    out.flush()?;
+    Ok(0)
+}
+
+/// `stats`: the log's and the queue's figures ([`crate::jobs::stats`]).
+fn stats(log: &dyn Log, json: bool) -> Result<u8, CliError> {
+    let stats = crate::jobs::stats(log)?;
+    let mut out = io::stdout().lock();
+    if json {
+        writeln!(out, "{}", stats.to_json())?;
+    } else {
+        writeln!(out, "{stats}")?;
     }
     out.flush()?;
     Ok(0)

@@ -120,6 +120,30 @@ pub struct JobResumed {
     pub health_before: Option<Value>,
 }
 
+/// Payload of `JobClaimed`: a worker claimed the job from the queue — or
+/// took it over once its last owner's lease ran out — and appends what
+/// follows, up to the next claim. A job run without a worker has none.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobClaimed {
+    /// The worker that claimed it.
+    pub worker_id: String,
+    /// The host the worker runs on.
+    pub host: String,
+    /// The claim's epoch (its fence): larger than every earlier claim's.
+    pub epoch: u64,
+    /// The worker whose lease ran out, when this claim took the job over.
+    pub taken_over_from: Option<String>,
+    /// The step whose outcome this claim's owner recorded on taking the
+    /// job up, in the same commit and just before this claim: a step left
+    /// in doubt (recorded `interrupted`, or with the outcome the executor
+    /// knew but could not record). Absent otherwise. A claim never comes
+    /// between a `StepStarted` and its outcome (EXEC-002), so it is this
+    /// field, not the claim's place in the log, that says who recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recorded_outcome: Option<u32>,
+}
+
 /// One fact about a job.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
@@ -142,10 +166,12 @@ pub enum Event {
     JobCancelled(JobCancelled),
     /// An executor took up a job that had stopped between steps.
     JobResumed(JobResumed),
+    /// A worker claimed the job (or took it over).
+    JobClaimed(JobClaimed),
 }
 
 /// The event kinds this build reads and writes, in their stored spelling.
-pub const EVENT_KINDS: [&str; 9] = [
+pub const EVENT_KINDS: [&str; 10] = [
     "JobStarted",
     "StepStarted",
     "StepSucceeded",
@@ -155,6 +181,7 @@ pub const EVENT_KINDS: [&str; 9] = [
     "JobCancelRequested",
     "JobCancelled",
     "JobResumed",
+    "JobClaimed",
 ];
 
 /// The kinds that end a job, in their stored spelling: nothing may follow
@@ -214,6 +241,7 @@ impl Event {
             Event::JobCancelRequested(_) => "JobCancelRequested",
             Event::JobCancelled(_) => "JobCancelled",
             Event::JobResumed(_) => "JobResumed",
+            Event::JobClaimed(_) => "JobClaimed",
         }
     }
 
@@ -234,6 +262,7 @@ impl Event {
             Event::JobCancelRequested(p) => serde_json::to_string(p),
             Event::JobCancelled(p) => serde_json::to_string(p),
             Event::JobResumed(p) => serde_json::to_string(p),
+            Event::JobClaimed(p) => serde_json::to_string(p),
         };
         // Payloads are plain structs of strings, numbers and JSON values:
         // serialising them to a String cannot fail.
@@ -279,6 +308,7 @@ impl Event {
             "JobCancelRequested" => Event::JobCancelRequested(source.parse("JobCancelRequested")?),
             "JobCancelled" => Event::JobCancelled(source.parse("JobCancelled")?),
             "JobResumed" => Event::JobResumed(source.parse("JobResumed")?),
+            "JobClaimed" => Event::JobClaimed(source.parse("JobClaimed")?),
             other => return Err(DecodeError::UnknownKind(other.to_owned())),
         })
     }

@@ -1,12 +1,14 @@
 //! The job list: every job of a log, then every job waiting in its queue,
 //! one row each — what `job-executor jobs` prints.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::events::format_timestamp;
+use crate::events::{format_timestamp, parse_timestamp};
 use crate::model::JobStatus;
 use crate::projection::Projector;
 use crate::store::{Log, QueueEntry, QueueState, StoreError};
@@ -23,6 +25,8 @@ pub enum JobRow {
         status: JobStatus,
         /// Steps that succeeded.
         steps_succeeded: usize,
+        /// Steps whose outcome is recorded (succeeded or failed).
+        steps_done: usize,
         /// Steps in its plan.
         steps_planned: usize,
         /// When it started.
@@ -31,6 +35,8 @@ pub enum JobRow {
         ended_at: DateTime<Utc>,
         /// The worker running it, while one does.
         owner: Option<String>,
+        /// Why it ended as it did (`Job has not finished` until it ends).
+        final_reason: String,
     },
     /// A job submitted and not started: it has no events yet.
     Queued {
@@ -55,6 +61,88 @@ pub enum JobRow {
 }
 
 impl JobRow {
+    /// The status word `jobs` shows: the job's status, `SUBMITTED` or
+    /// `RUNNING` for a queued job, `INVALID` for a log that does not fold.
+    pub fn status_word(&self) -> &'static str {
+        match self {
+            JobRow::Logged { status, .. } => status.as_str(),
+            JobRow::Queued {
+                state: QueueState::Running,
+                ..
+            } => "RUNNING",
+            JobRow::Queued { .. } => "SUBMITTED",
+            JobRow::Invalid { .. } => "INVALID",
+        }
+    }
+
+    /// The row as `jobs --json` prints it: `job_id`, `status`,
+    /// `steps_done`, `steps_planned`, `started_at`, `ended_at` (null until
+    /// the job ends), `owner` (the worker holding it, while one does),
+    /// `final_reason` (null until the job ends; for an invalid log, what is
+    /// wrong with it).
+    pub fn to_json(&self) -> Value {
+        let (done, planned, started, ended, owner, reason) = match self {
+            JobRow::Logged {
+                status,
+                steps_done,
+                steps_planned,
+                started_at,
+                ended_at,
+                owner,
+                final_reason,
+                ..
+            } => {
+                let ended = status.is_terminal();
+                (
+                    json!(steps_done),
+                    json!(steps_planned),
+                    json!(format_timestamp(started_at)),
+                    json!(ended.then(|| format_timestamp(ended_at))),
+                    json!(owner),
+                    json!(ended.then_some(final_reason)),
+                )
+            }
+            JobRow::Queued { steps, owner, .. } => (
+                json!(0),
+                json!(steps),
+                Value::Null,
+                Value::Null,
+                json!(owner),
+                Value::Null,
+            ),
+            JobRow::Invalid { problem, .. } => {
+                let null = Value::Null;
+                (
+                    null.clone(),
+                    null.clone(),
+                    null.clone(),
+                    null.clone(),
+                    null,
+                    json!(problem),
+                )
+            }
+        };
+        json!({
+            "job_id": self.job_id().to_string(),
+            "status": self.status_word(),
+            "steps_done": done,
+            "steps_planned": planned,
+            "started_at": started,
+            "ended_at": ended,
+            "owner": owner,
+            "final_reason": reason,
+        })
+    }
+
+    /// When the job started — for a queued job, when it was submitted.
+    fn since(&self) -> Option<DateTime<Utc>> {
+        match self {
+            JobRow::Logged { started_at, .. } => Some(*started_at),
+            JobRow::Queued { submitted_at, .. } => parse_timestamp(submitted_at).ok(),
+            JobRow::Invalid { .. } => None,
+        }
+    }
+
     /// The job this row is about.
     pub fn job_id(&self) -> Uuid {
         match self {
@@ -84,6 +172,7 @@ impl fmt::Display for JobRow {
                 started_at,
                 ended_at,
                 owner: held_by,
+                ..
             } => write!(
                 f,
                 "{job_id}\t{status}\t{steps_succeeded}/{steps_planned} steps\t{}\t{}{}",
@@ -188,10 +277,12 @@ impl JobRows<'_> {
             job_id,
             status: result.final_status,
             steps_succeeded: result.steps_succeeded,
+            steps_done: result.steps_succeeded + result.steps_failed,
             steps_planned: result.steps_planned,
             started_at: result.started_at,
             ended_at: result.completed_at,
             owner: self.owner(job_id),
+            final_reason: result.final_reason,
         })
     }
 }
@@ -219,4 +310,128 @@ impl Iterator for JobRows<'_> {
         }
         None
     }
+}
+
+/// Which rows a listing keeps: `jobs --status S --since TIME --limit N`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct JobFilter {
+    /// Only rows of this status word ([`JobRow::status_word`]), in any case.
+    pub status: Option<String>,
+    /// Only jobs that started (queued jobs: were submitted) at or after it.
+    pub since: Option<DateTime<Utc>>,
+    /// At most this many rows, the first in listing order.
+    pub limit: Option<usize>,
+}
+
+impl JobFilter {
+    /// Whether `row` passes the status and time conditions (the limit is
+    /// the caller's to count).
+    pub fn keeps(&self, row: &JobRow) -> bool {
+        let status = self
+            .status
+            .as_deref()
+            .is_none_or(|s| s.eq_ignore_ascii_case(row.status_word()));
+        let since = self
+            .since
+            .is_none_or(|since| row.since().is_some_and(|at| at >= since));
+        status && since
+    }
+}
+
+/// What `job-executor stats` shows of a log and its queue.
+#[derive(Clone, Debug, Default, PartialEq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Jobs by status word ([`JobRow::status_word`]), queued ones included.
+    pub jobs_by_status: BTreeMap<&'static str, u64>,
+    /// How long the oldest submitted job has waited (by the database's
+    /// clock), when one waits.
+    pub oldest_submitted_age_seconds: Option<f64>,
+    /// Jobs running, by the worker holding them.
+    pub running_by_owner: BTreeMap<String, u64>,
+    /// Events in the log (its last position).
+    pub events: u64,
+    /// Jobs in the log (started).
+    pub jobs: u64,
+}
+
+/// The statuses `stats` always shows, in order.
+const STATUSES: [&str; 6] = [
+    "SUBMITTED",
+    "RUNNING",
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "INVALID",
+];
+
+impl Stats {
+    /// As `stats --json` prints it: `jobs_by_status`,
+    /// `oldest_submitted_age_seconds` (null when none waits),
+    /// `running_by_owner`, `log` {`events`, `jobs`}.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "jobs_by_status": self.jobs_by_status,
+            "oldest_submitted_age_seconds": self.oldest_submitted_age_seconds,
+            "running_by_owner": self.running_by_owner,
+            "log": {"events": self.events, "jobs": self.jobs},
+        })
+    }
+}
+
+/// A few lines for people: jobs by status, the queue's age, the owners, the log.
+impl fmt::Display for Stats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let statuses: Vec<String> = self
+            .jobs_by_status
+            .iter()
+            .map(|(status, n)| format!("{n} {status}"))
+            .collect();
+        writeln!(f, "jobs: {}", statuses.join(", "))?;
+        match self.oldest_submitted_age_seconds {
+            Some(age) => writeln!(f, "oldest submitted job: waiting for {age:.1} s")?,
+            None => writeln!(f, "oldest submitted job: none waiting")?,
+        }
+        let owners: Vec<String> = self
+            .running_by_owner
+            .iter()
+            .map(|(owner, n)| format!("{owner} {n}"))
+            .collect();
+        let owners = if owners.is_empty() {
+            "none".to_owned()
+        } else {
+            owners.join(", ")
+        };
+        writeln!(f, "running by owner: {owners}")?;
+        write!(f, "log: {} events, {} jobs", self.events, self.jobs)
+    }
+}
+
+/// The stats of `log`: every job folded as `jobs` folds it, the queue
+/// counted by the store.
+///
+/// # Errors
+/// The store's.
+pub fn stats(log: &dyn Log) -> Result<Stats, StoreError> {
+    let mut stats = Stats {
+        jobs_by_status: STATUSES.iter().map(|s| (*s, 0)).collect(),
+        ..Stats::default()
+    };
+    for row in job_rows(log)? {
+        let row = row?;
+        if let JobRow::Logged { .. } | JobRow::Invalid { .. } = row {
+            stats.jobs += 1;
+        }
+        *stats.jobs_by_status.entry(row.status_word()).or_default() += 1;
+    }
+    for entry in log.queued()? {
+        if let (QueueState::Running, Some(owner)) = (entry.state, entry.owner) {
+            *stats.running_by_owner.entry(owner).or_default() += 1;
+        }
+    }
+    let queue = log.queue_summary()?;
+    stats.oldest_submitted_age_seconds = queue.oldest_submitted_age.map(|a| a.as_secs_f64());
+    stats.events = log.last_position()?;
+    Ok(stats)
 }

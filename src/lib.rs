@@ -47,8 +47,11 @@ pub mod handler;
 pub mod jobs;
 pub mod machine;
 pub mod merkle;
+pub mod metrics;
 pub mod model;
 pub mod note;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod projection;
 pub mod report;
 pub mod result;

@@ -8,7 +8,7 @@
 //! `verify` all fold through [`apply`], so a sequence one of them accepts is
 //! accepted by all.
 
-use crate::events::Event;
+use crate::events::{Event, JobClaimed};
 use crate::model::{JobStatus, JobStep, PlanError, validate_plan};
 
 /// Where a job is in its life.
@@ -51,6 +51,8 @@ pub struct JobState {
     pub next_step: u32,
     /// Whether a cancel request has been recorded.
     pub cancel_requested: bool,
+    /// The epoch of the last `JobClaimed` (0 before any).
+    pub claim_epoch: u64,
 }
 
 impl Default for JobState {
@@ -67,6 +69,7 @@ impl JobState {
             steps: 0,
             next_step: 0,
             cancel_requested: false,
+            claim_epoch: 0,
         }
     }
 
@@ -227,6 +230,34 @@ pub enum TransitionError {
     /// `JobCancelled` with no request to honour.
     #[error("JobCancelled without a JobCancelRequested before it")]
     CancelWithoutRequest,
+    /// A claim whose epoch does not move past the last claim's: claims
+    /// fence each other off only by moving the epoch on.
+    #[error("JobClaimed at epoch {epoch}, but the job was already claimed at epoch {previous}")]
+    StaleClaim {
+        /// The refused claim's epoch.
+        epoch: u64,
+        /// The last claim's epoch.
+        previous: u64,
+    },
+    /// A claim while a step is in flight: nothing comes between a step's
+    /// start and its outcome but a cancel request. A takeover of a step in
+    /// doubt records the step's outcome first, then its claim.
+    #[error(
+        "JobClaimed while step {running} has no outcome: a claim comes after the outcome of the step in flight"
+    )]
+    ClaimDuringStep {
+        /// The step in flight.
+        running: u32,
+    },
+    /// A claim that says it recorded the outcome of a step that is not the
+    /// last one to have ended.
+    #[error(
+        "JobClaimed says it recorded the outcome of step {step_index}, which is not the last step to have ended"
+    )]
+    ClaimedOutcomeMissing {
+        /// The step the claim names.
+        step_index: u32,
+    },
     /// Anything after the terminal event.
     #[error("{kind} after the job ended: the log of a finished job is closed")]
     AfterEnd {
@@ -241,13 +272,16 @@ impl TransitionError {
     /// log shares.
     pub fn invariant(&self) -> &'static str {
         match self {
-            TransitionError::NotStarted { .. } => "LOG",
+            TransitionError::NotStarted { .. }
+            | TransitionError::StaleClaim { .. }
+            | TransitionError::ClaimedOutcomeMissing { .. } => "LOG",
             TransitionError::AlreadyStarted | TransitionError::Restarted { .. } => "EXEC-006",
             TransitionError::InvalidPlan(_)
             | TransitionError::OutOfOrder { .. }
             | TransitionError::NoSuchStep { .. } => "EXEC-001",
             TransitionError::OutcomeMissing { .. }
-            | TransitionError::OutcomeWithoutStart { .. } => "EXEC-002",
+            | TransitionError::OutcomeWithoutStart { .. }
+            | TransitionError::ClaimDuringStep { .. } => "EXEC-002",
             TransitionError::AfterFailure { .. }
             | TransitionError::HaltMismatch { .. }
             | TransitionError::HaltWithoutFailure { .. }
@@ -286,8 +320,18 @@ pub fn apply(state: JobState, event: &Event) -> Result<JobState, TransitionError
 
         // A request records an outside wish and changes nothing else, so it
         // may arrive at any time, even while a step runs; it is honoured
-        // before the next step would start.
+        // before the next step would start. It is the only event that may
+        // come between a step's start and its outcome.
         (_, Event::JobCancelRequested(_)) => request_cancel(state),
+        // A claim records who appends from here on, and nothing else. It
+        // waits for the step in flight's outcome: a takeover of a step in
+        // doubt records the step interrupted first, then its claim.
+        (Phase::StepRunning { step_index }, Event::JobClaimed(_)) => {
+            Err(TransitionError::ClaimDuringStep {
+                running: step_index,
+            })
+        }
+        (_, Event::JobClaimed(claimed)) => claim(state, claimed),
 
         (Phase::Idle, Event::StepStarted(s)) => start_step(state, s.step_index),
         (Phase::Idle, Event::StepSucceeded(s)) => Err(TransitionError::OutcomeWithoutStart {
@@ -349,6 +393,28 @@ fn request_cancel(state: JobState) -> Result<JobState, TransitionError> {
             ..state
         })
     }
+}
+
+/// `JobClaimed` between steps, or after a failed step: at an epoch past
+/// the last claim's; a step whose outcome it says it recorded is the last
+/// step to have ended (the one before the next).
+fn claim(state: JobState, claimed: &JobClaimed) -> Result<JobState, TransitionError> {
+    let epoch = claimed.epoch;
+    if epoch <= state.claim_epoch {
+        return Err(TransitionError::StaleClaim {
+            epoch,
+            previous: state.claim_epoch,
+        });
+    }
+    if let Some(step_index) = claimed.recorded_outcome
+        && state.next_step.checked_sub(1) != Some(step_index)
+    {
+        return Err(TransitionError::ClaimedOutcomeMissing { step_index });
+    }
+    Ok(JobState {
+        claim_epoch: epoch,
+        ..state
+    })
 }
 
 /// `StepStarted` between steps: the next step of the plan, and no cancel

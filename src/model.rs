@@ -336,3 +336,17 @@ pub enum FailureKind {
     /// The executor stopped while the step ran; its outcome is unknown.
     Interrupted,
 }
+
+impl FailureKind {
+    /// The stored spelling: `handler_failed`, `no_handler`, `panic`,
+    /// `timeout`, `interrupted`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::HandlerFailed => "handler_failed",
+            FailureKind::NoHandler => "no_handler",
+            FailureKind::Panic => "panic",
+            FailureKind::Timeout => "timeout",
+            FailureKind::Interrupted => "interrupted",
+        }
+    }
+}

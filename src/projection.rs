@@ -10,10 +10,10 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::chain::{self, Digest, HeadMac};
-use crate::events::{DecodeError, Event, EventRecord, format_timestamp};
+use crate::events::{DecodeError, Event, EventRecord, JobClaimed, format_timestamp};
 use crate::machine::{self, JobState, Phase, TransitionError};
 use crate::model::{FailureKind, StepStatus};
-use crate::result::{ExecutionResult, StepResult};
+use crate::result::{ClaimRef, Claimed, ExecutionResult, StepResult};
 use crate::store::{EventStore, StoreError};
 
 /// `final_reason` of a job whose every step succeeded.
@@ -99,6 +99,7 @@ pub struct Projector {
     head_mac: Option<HeadMac>,
     cancel_reason: Option<String>,
     cancel_request_reason: Option<String>,
+    claims: Vec<Claimed>,
 }
 
 impl Projector {
@@ -120,6 +121,7 @@ impl Projector {
             head_mac: None,
             cancel_reason: None,
             cancel_request_reason: None,
+            claims: Vec::new(),
         }
     }
 
@@ -141,6 +143,14 @@ impl Projector {
     /// The reason of the cancel request folded so far, if any.
     pub fn cancel_request_reason(&self) -> Option<String> {
         self.cancel_request_reason.clone()
+    }
+
+    /// The claim the job is under now: the last `JobClaimed` folded.
+    fn current_claim(&self) -> Option<ClaimRef> {
+        self.claims.last().map(|c| ClaimRef {
+            worker_id: c.worker_id.clone(),
+            epoch: c.epoch,
+        })
     }
 
     /// Folds `event`, whose record the caller sealed and appended, without
@@ -190,9 +200,13 @@ impl Projector {
                 error: None,
                 health_after: None,
                 failure_kind: None,
+                started_by: self.current_claim(),
+                recorded_by: None,
             }),
             Event::StepSucceeded(s) => {
+                let recorded_by = self.current_claim();
                 if let Some(step) = self.steps.last_mut() {
+                    step.recorded_by = recorded_by;
                     step.status = StepStatus::Completed;
                     step.completed_at = recorded_at;
                     step.output = Some(s.output);
@@ -201,7 +215,16 @@ impl Projector {
                 self.health_after = s.health_after;
             }
             Event::StepFailed(f) => {
+                // A step is recorded interrupted only by whoever takes the
+                // job up after the executor that started it stopped: never
+                // under the claim it ran under. A claim that did record it
+                // names it (`recorded_outcome`); `recover` claims nothing.
+                let recorded_by = match f.failure.kind {
+                    FailureKind::Interrupted => None,
+                    _ => self.current_claim(),
+                };
                 if let Some(step) = self.steps.last_mut() {
+                    step.recorded_by = recorded_by;
                     step.status = StepStatus::Failed;
                     step.completed_at = recorded_at;
                     step.output = f.output;
@@ -214,9 +237,29 @@ impl Projector {
             Event::JobCancelRequested(request) => {
                 self.cancel_request_reason = Some(request.reason);
             }
+            Event::JobClaimed(claimed) => self.claim(recorded_at, claimed),
             Event::JobCompleted(_) | Event::JobHalted(_) | Event::JobResumed(_) => {}
         }
         Ok(())
+    }
+
+    /// Folds a claim; the outcome it says it recorded on taking the job up
+    /// is attributed to it.
+    fn claim(&mut self, recorded_at: DateTime<Utc>, claimed: JobClaimed) {
+        self.claims.push(Claimed {
+            worker_id: claimed.worker_id,
+            host: claimed.host,
+            epoch: claimed.epoch,
+            taken_over_from: claimed.taken_over_from,
+            recorded_outcome: claimed.recorded_outcome,
+            claimed_at: recorded_at,
+        });
+        let by = self.current_claim();
+        if let Some(step_index) = claimed.recorded_outcome
+            && let Some(step) = self.steps.iter_mut().find(|s| s.step_index == step_index)
+        {
+            step.recorded_by = by;
+        }
     }
 
     /// Decodes a stored record of this job and folds it in, checking that it
@@ -323,6 +366,7 @@ impl Projector {
             events: self.events,
             head: self.head,
             head_mac: self.head_mac,
+            claims: self.claims,
         })
     }
 }
@@ -422,16 +466,6 @@ fn status_name(status: StepStatus) -> &'static str {
     }
 }
 
-fn failure_name(kind: FailureKind) -> &'static str {
-    match kind {
-        FailureKind::HandlerFailed => "handler_failed",
-        FailureKind::NoHandler => "no_handler",
-        FailureKind::Panic => "panic",
-        FailureKind::Timeout => "timeout",
-        FailureKind::Interrupted => "interrupted",
-    }
-}
-
 /// The audit evidence of a result: a JSON object whose keys serialise in
 /// sorted order, with RFC 3339 UTC timestamps, so the same result always
 /// gives the same bytes.
@@ -459,7 +493,7 @@ pub fn execution_result_to_evidence(result: &ExecutionResult) -> Value {
                 "completed_at": format_timestamp(&step.completed_at),
                 "output": step.output,
                 "error": step.error,
-                "failure_kind": step.failure_kind.map(failure_name),
+                "failure_kind": step.failure_kind.map(FailureKind::as_str),
                 "health_after": step.health_after,
             })
         })
@@ -473,7 +507,7 @@ pub fn execution_result_to_evidence(result: &ExecutionResult) -> Value {
     }
     let duration = result.completed_at - result.started_at;
     let duration_seconds = duration.num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6;
-    json!({
+    let mut evidence = json!({
         "job_id": result.job_id.to_string(),
         "contract_id": result.contract_id.to_string(),
         "executed_by": result.executed_by,
@@ -497,5 +531,43 @@ pub fn execution_result_to_evidence(result: &ExecutionResult) -> Value {
             "completed_at": format_timestamp(&result.completed_at),
             "duration_seconds": duration_seconds,
         },
-    })
+    });
+    attribute(&mut evidence, result);
+    evidence
+}
+
+/// Adds to the evidence of a job run by workers who ran it: `claims` (each
+/// worker's claim, in order) and, on each step, the claims under which its
+/// start and its outcome were appended (`started_by`, `recorded_by`). The
+/// evidence of a job run without a worker is left as it is.
+fn attribute(evidence: &mut Value, result: &ExecutionResult) {
+    if result.claims.is_empty() {
+        return;
+    }
+    let by = |claim: &Option<ClaimRef>| {
+        claim.as_ref().map_or(
+            Value::Null,
+            |c| json!({"worker_id": c.worker_id, "epoch": c.epoch}),
+        )
+    };
+    if let Some(steps) = evidence["step_results"].as_array_mut() {
+        for (json, step) in steps.iter_mut().zip(&result.step_results) {
+            json["started_by"] = by(&step.started_by);
+            json["recorded_by"] = by(&step.recorded_by);
+        }
+    }
+    evidence["claims"] = result
+        .claims
+        .iter()
+        .map(|c| {
+            json!({
+                "worker_id": c.worker_id,
+                "host": c.host,
+                "epoch": c.epoch,
+                "taken_over_from": c.taken_over_from,
+                "recorded_outcome": c.recorded_outcome,
+                "claimed_at": format_timestamp(&c.claimed_at),
+            })
+        })
+        .collect();
 }

@@ -28,6 +28,42 @@ pub struct StepResult {
     pub health_after: Option<Value>,
     /// Why the step failed, when it did.
     pub failure_kind: Option<FailureKind>,
+    /// The claim under which its `StepStarted` was appended, for a job
+    /// run by workers.
+    pub started_by: Option<ClaimRef>,
+    /// The claim under which its outcome was appended (another worker's
+    /// after a takeover), once recorded; none for a step `recover` recorded
+    /// interrupted.
+    pub recorded_by: Option<ClaimRef>,
+}
+
+/// A worker's claim on a job, as its `JobClaimed` records it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Claimed {
+    /// The worker.
+    pub worker_id: String,
+    /// Its host.
+    pub host: String,
+    /// The claim's epoch.
+    pub epoch: u64,
+    /// The worker whose lease ran out, when this claim was a takeover.
+    pub taken_over_from: Option<String>,
+    /// The step left in doubt whose outcome was recorded on taking the job
+    /// up, just before the claim.
+    pub recorded_outcome: Option<u32>,
+    /// When the claim was recorded.
+    pub claimed_at: DateTime<Utc>,
+}
+
+/// Which claim appended an event: its worker and epoch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClaimRef {
+    /// The worker.
+    pub worker_id: String,
+    /// The claim's epoch.
+    pub epoch: u64,
 }
 
 /// The result of a job, folded from its event log.
@@ -73,4 +109,7 @@ pub struct ExecutionResult {
     pub head: Digest,
     /// HMAC of `head`, when the last event was written with a key.
     pub head_mac: Option<HeadMac>,
+    /// The workers' claims on the job, in order (none for a job run
+    /// without a worker).
+    pub claims: Vec<Claimed>,
 }

@@ -32,9 +32,10 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use crate::clock::{Clock, SystemClock};
-use crate::events::EventRecord;
+use crate::events::{EventRecord, JobClaimed};
 use crate::executor::{ExecutorBuilder, ExecutorError, JobExecutor, RunControl};
 use crate::handler::StepHandler;
+use crate::metrics::Health;
 use crate::model::CancelSignal;
 use crate::result::ExecutionResult;
 use crate::store::{AppendOptions, Claim, EventStore, Fence, JobQueue, Log, QueuedJob, StoreError};
@@ -43,8 +44,11 @@ use crate::store::{AppendOptions, Claim, EventStore, Fence, JobQueue, Log, Queue
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct WorkerOptions {
-    /// Names the worker in leases and in `jobs` (default: host and pid).
+    /// Names the worker in leases, in `jobs` and in its claims (default:
+    /// host and pid).
     pub worker_id: String,
+    /// The host recorded in its claims (default: this host's name).
+    pub host: String,
     /// Jobs run at once (default 4).
     pub concurrency: usize,
     /// How long a claim lasts unless renewed (default 30 s).
@@ -59,7 +63,8 @@ pub struct WorkerOptions {
 impl Default for WorkerOptions {
     fn default() -> Self {
         WorkerOptions {
-            worker_id: default_worker_id(),
+            worker_id: format!("{}:{}", hostname(), std::process::id()),
+            host: hostname(),
             concurrency: 4,
             lease: Duration::from_secs(30),
             idle_poll: Duration::from_millis(200),
@@ -94,11 +99,11 @@ impl WorkerOptions {
     }
 }
 
-fn default_worker_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+/// This host's name (`host` where it cannot be read).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "host".to_owned());
-    format!("{host}:{}", std::process::id())
+        .unwrap_or_else(|_| "host".to_owned())
 }
 
 /// Submits a job to the queue of `log`; a worker will run it.
@@ -190,6 +195,7 @@ pub struct Worker {
     executor: JobExecutor,
     options: WorkerOptions,
     stop: Arc<AtomicBool>,
+    health: Arc<Health>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -224,9 +230,17 @@ impl Worker {
             log,
             leases,
             executor,
+            health: Arc::new(Health::new(options.lease)),
             options,
             stop: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// What the worker tells its probes: live while [`run`](Self::run)'s
+    /// loops run; ready while, besides, its store answered within the last
+    /// lease and it takes work.
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
     }
 
     /// Registers `handler` for `step_type`.
@@ -260,6 +274,8 @@ impl Worker {
     pub fn run(&self) -> Result<WorkerReport, StoreError> {
         let report = Mutex::new(WorkerReport::default());
         let renewing = AtomicBool::new(true);
+        self.health.set_running(true);
+        self.health.set_taking_work(true);
         let outcome = std::thread::scope(|scope| {
             let renewer = scope.spawn(|| self.renew_leases(&renewing));
             let slots: Vec<_> = (0..self.options.concurrency)
@@ -275,6 +291,8 @@ impl Worker {
             let _ = renewer.join();
             outcome
         });
+        self.health.set_taking_work(false);
+        self.health.set_running(false);
         outcome?;
         Ok(report.into_inner().unwrap_or_else(|p| p.into_inner()))
     }
@@ -283,13 +301,15 @@ impl Worker {
     /// cannot be reached is tried again, backing off up to ten polls.
     fn work(&self, report: &Mutex<WorkerReport>) -> Result<(), StoreError> {
         let (worker_id, lease) = (&self.options.worker_id, self.options.lease);
+        let _worker = tracing::info_span!("worker", worker_id = %worker_id).entered();
         let mut unreachable = 0u32;
         while !self.stop.load(Ordering::SeqCst) {
             let claimed = match self.leases.claim(&*self.log, worker_id, lease) {
                 Ok(claimed) => claimed,
                 Err(e) if e.is_transient() => {
+                    self.health.store_failed(&e);
                     unreachable = (unreachable + 1).min(10);
-                    eprintln!("job-executor worker {worker_id}: cannot claim a job: {e}");
+                    tracing::warn!(error = %e, "cannot claim a job");
                     self.leases
                         .clock
                         .sleep(self.options.idle_poll * unreachable);
@@ -297,6 +317,7 @@ impl Worker {
                 }
                 Err(e) => return Err(e),
             };
+            self.health.store_answered();
             unreachable = 0;
             let Some(claim) = claimed else {
                 if self.options.until_idle && self.log.queued()?.is_empty() {
@@ -305,38 +326,73 @@ impl Worker {
                 self.leases.clock.sleep(self.options.idle_poll);
                 continue;
             };
+            let job_id = claim.fence.job_id;
+            // Each claim is a trace of its own (the worker's span lasts
+            // as long as the process), so it names its worker itself.
+            let _claim = tracing::info_span!(
+                parent: None,
+                "claim",
+                worker_id = %worker_id,
+                job_id = %job_id,
+                // Signed, so that OpenTelemetry exports a number: an epoch
+                // is a database BIGINT, never past i64::MAX.
+                epoch = i64::try_from(claim.fence.epoch).unwrap_or(i64::MAX)
+            )
+            .entered();
             let ended = self.run_claim(&claim);
-            self.leases.let_go(claim.fence.job_id);
+            self.leases.let_go(job_id);
             if let Some(finished) = ended.releases() {
                 self.log.release(claim.fence, finished)?;
             }
-            if let Ended::Failed(error) = &ended {
-                let job_id = claim.fence.job_id;
-                eprintln!("job-executor worker {worker_id}: job {job_id}: {error}");
-            }
-            lock(report).count(claim.fence.job_id, ended);
+            log_end(&ended);
+            lock(report).count(job_id, ended);
         }
+        self.health.set_taking_work(false);
         Ok(())
     }
 
     /// Runs one claimed job as far as the worker may take it.
     fn run_claim(&self, claim: &Claim) -> Ended {
-        let job_id = claim.fence.job_id;
-        if let Some(previous) = &claim.taken_over_from {
-            eprintln!(
-                "job-executor worker {}: took job {job_id} over from {previous}, whose lease ran out",
-                self.options.worker_id
-            );
+        let (job_id, epoch) = (claim.fence.job_id, claim.fence.epoch);
+        match &claim.taken_over_from {
+            Some(previous) => {
+                if let Some(metrics) = self.executor.metrics() {
+                    metrics.taken_over();
+                }
+                tracing::info!(
+                    taken_over_from = %previous,
+                    "took job {job_id} over from {previous}, whose lease ran out"
+                );
+            }
+            None => tracing::info!("claimed job {job_id} at epoch {epoch}"),
         }
-        let mut control = RunControl::new().stop_on(&self.stop);
+        let mut control = RunControl::new().stop_on(&self.stop).claimed(JobClaimed {
+            worker_id: self.options.worker_id.clone(),
+            host: self.options.host.clone(),
+            epoch: claim.fence.epoch,
+            taken_over_from: claim.taken_over_from.clone(),
+            // The run fills it in if it records a step left in doubt.
+            recorded_outcome: None,
+        });
         if let Some(signal) = self.leases.cancel_signal(job_id) {
             control = control.cancel_signal(signal);
         }
-        Ended::of(
-            &self
-                .executor
-                .take_up(&claim.job, &self.options.worker_id, control),
-        )
+        let taken_up = self
+            .executor
+            .take_up(&claim.job, &self.options.worker_id, control);
+        if let Some(result) = taken_up
+            .as_ref()
+            .ok()
+            .filter(|r| r.final_status.is_terminal())
+        {
+            tracing::info!(
+                status = %result.final_status,
+                reason = %result.final_reason,
+                "job {job_id} ended {}",
+                result.final_status
+            );
+        }
+        Ended::of(&taken_up)
     }
 
     /// Renews the leases held, every third of a lease, until told to stop.
@@ -353,14 +409,35 @@ impl Worker {
             let renewed =
                 self.leases
                     .renew(&*self.log, &self.options.worker_id, self.options.lease);
-            // Unrenewed, the leases run out on their own: no new step
-            // starts once they do.
-            if let Err(e) = renewed {
-                eprintln!(
-                    "job-executor worker {}: cannot renew leases: {e}",
-                    self.options.worker_id
-                );
+            match renewed {
+                Ok(0) => {}
+                Ok(leases) => {
+                    self.health.store_answered();
+                    if let Some(metrics) = self.executor.metrics() {
+                        metrics.leases_renewed(leases);
+                    }
+                }
+                // Unrenewed, the leases run out on their own: no new step
+                // starts once they do.
+                Err(e) => {
+                    self.health.store_failed(&e);
+                    tracing::warn!(worker_id = %self.options.worker_id, error = %e, "cannot renew leases");
+                }
             }
+        }
+    }
+}
+
+/// Logs what became of a claimed job (in the job's span).
+fn log_end(ended: &Ended) {
+    match ended {
+        Ended::Finished => tracing::debug!("released the ended job from the queue"),
+        Ended::Stopped => tracing::info!("gave the job back between steps, as asked to stop"),
+        Ended::Lost => tracing::warn!(
+            "fenced off: another worker took the job over; this one appends nothing more to it"
+        ),
+        Ended::Failed(error) => {
+            tracing::error!(%error, "the job's run failed; it is left for another claim once its lease runs out")
         }
     }
 }
@@ -540,12 +617,14 @@ impl Leases {
     /// gets its cancel signal raised. One round of what a worker's renewal
     /// thread does every third of a lease.
     ///
+    /// Returns how many leases were renewed.
+    ///
     /// # Errors
     /// The queue's: the leases were not renewed, and run out on their own.
-    pub fn renew(&self, log: &dyn Log, owner: &str, lease: Duration) -> Result<(), StoreError> {
+    pub fn renew(&self, log: &dyn Log, owner: &str, lease: Duration) -> Result<usize, StoreError> {
         let fences = self.fences();
         if fences.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let asked = self.clock.instant();
         let held = log.renew(owner, &fences, lease)?;
@@ -555,7 +634,7 @@ impl Leases {
                 self.raise_cancel(fence.job_id);
             }
         }
-        Ok(())
+        Ok(held.len())
     }
 
     /// Notes a renewal asked for `asked_for` at `asked` (a reading of the

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use job_executor::chain::{Digest, HeadKey};
 use job_executor::executor::{ExecutorConfig, LogLocation};
+use job_executor::metrics::Metrics;
 use job_executor::store::{StoreError, Synchronous};
 use job_executor::verify::{VerifyOptions, verify_store};
 use job_executor::{
@@ -216,7 +217,8 @@ impl PyJobExecutor {
         .with_synchronous(self::synchronous(synchronous)?)
         .deterministic(deterministic)
         .with_pool(PoolOptions::default().with_polling(polling))
-        .with_executor_version(executor_version);
+        .with_executor_version(executor_version)
+        .with_metrics(Arc::new(Metrics::new()));
         if let Some(seconds) = health_timeout_seconds {
             let timeout = Duration::try_from_secs_f64(seconds).map_err(|_| {
                 PyValueError::new_err(format!(
@@ -241,6 +243,17 @@ impl PyJobExecutor {
             }
         }
         Ok(PyJobExecutor::wrap(executor))
+    }
+
+    /// The executor's metrics (jobs, steps, durations, appends, jobs
+    /// running), as the core writes them in the OpenMetrics text format:
+    /// what a Prometheus scrape of this process would read.
+    fn metrics_text(&self, py: Python<'_>) -> String {
+        let executor = self.read(py);
+        executor
+            .metrics()
+            .map(|metrics| metrics.encode_text())
+            .unwrap_or_default()
     }
 
     /// The executor version recorded in every job this executor starts.

@@ -23,7 +23,12 @@ use crate::executor::PyJobExecutor;
 /// default step types, and an in-memory event log.
 #[pyfunction]
 fn create_default_executor() -> PyJobExecutor {
-    PyJobExecutor::wrap(job_executor::create_default_executor())
+    let metrics = std::sync::Arc::new(job_executor::metrics::Metrics::new());
+    let mut executor = job_executor::JobExecutor::builder()
+        .metrics(metrics)
+        .build();
+    job_executor::executor::register_defaults(&mut executor);
+    PyJobExecutor::wrap(executor)
 }
 
 /// The audit evidence of an `ExecutionResult`, as a dict.

@@ -221,3 +221,23 @@ def test_one_executor_is_shared_by_threads_running_different_jobs(db: str) -> No
     assert all(r.final_status == je.JobStatus.COMPLETED for r in results)
     report = executor.verify()
     assert report.ok and report.jobs == 40 and report.events == 40 * 10
+
+
+def test_metrics_text_counts_the_jobs_and_steps_run():
+    parser = pytest.importorskip("prometheus_client.openmetrics.parser")
+    executor = je.JobExecutor(dict(HANDLERS))
+    run(executor, plan("ok", "ok"))
+    run(executor, plan("ok", "fail", "ok"))
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in parser.text_string_to_metric_families(executor.metrics_text())
+        for s in family.samples
+    }
+    assert samples[("job_executor_jobs_total", (("status", "completed"),))] == 1
+    assert samples[("job_executor_jobs_total", (("status", "failed"),))] == 1
+    ok = (("status", "completed"), ("step_type", "ok"))
+    assert samples[("job_executor_steps_total", ok)] == 3
+    failed = (("status", "failed"), ("step_type", "fail"))
+    assert samples[("job_executor_steps_total", failed)] == 1
+    assert samples[("job_executor_jobs_running", ())] == 0
+    assert je.create_default_executor().metrics_text().endswith("# EOF\n")

@@ -15,6 +15,7 @@ use crate::clock::Clock;
 use crate::events::{Event, EventRecord, StepFailed, StepSucceeded, truncate_to_micros};
 use crate::handler::Outcome;
 use crate::machine;
+use crate::metrics::Metrics;
 use crate::model::FailureKind;
 use crate::runner::Handover;
 use crate::store::{EventStore, StoreError};
@@ -45,6 +46,7 @@ pub(super) struct Sealer {
     head: Digest,
     clock: Arc<dyn Clock>,
     key: Option<Arc<HeadKey>>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Sealer {
@@ -55,6 +57,7 @@ impl Sealer {
         head: Digest,
         clock: Arc<dyn Clock>,
         key: Option<Arc<HeadKey>>,
+        metrics: Option<Arc<Metrics>>,
     ) -> Self {
         Sealer {
             job_id,
@@ -62,6 +65,7 @@ impl Sealer {
             head,
             clock,
             key,
+            metrics,
         }
     }
 
@@ -91,8 +95,20 @@ impl Sealer {
         store: &dyn EventStore,
         events: &[Event],
     ) -> Result<(), StoreError> {
-        store.append(&self.seal(events, |_, _| {})).map(|_| ())
+        let records = self.seal(events, |_, _| {});
+        timed(self.metrics.as_deref(), || store.append(&records)).map(|_| ())
     }
+}
+
+/// Runs the append `append`, its time counted in `metrics` when given.
+pub(super) fn timed<T>(metrics: Option<&Metrics>, append: impl FnOnce() -> T) -> T {
+    let Some(metrics) = metrics else {
+        return append();
+    };
+    let began = Instant::now();
+    let appended = append();
+    metrics.append_took(began.elapsed());
+    appended
 }
 
 /// Events sealed for an append, with the step they start and the hook that
@@ -118,6 +134,7 @@ impl Run<'_> {
     /// prefix that a caught-up cancel request left valid. Returns the step
     /// started, when the events recorded end with a `StepStarted`.
     pub(super) fn record(&mut self, events: &[Event]) -> Result<Option<Started>, ExecutorError> {
+        let events = &*self.control.with_claim(self.projector.state(), events);
         let mut caught_up = false;
         for _ in 0..CONFLICT_RETRIES_MAX {
             let accepted = self.accepted(events, caught_up)?;
@@ -214,10 +231,10 @@ impl Run<'_> {
             started,
         } = prepared;
         let store = &self.engine.store;
-        let appended = match hook {
+        let appended = timed(self.engine.metrics.as_deref(), || match hook {
             Some(hook) => store.append_then(&records, hook),
             None => store.append(&records),
-        };
+        });
         let detail = match appended {
             Ok(_) => {
                 self.fold(&records, events)?;
@@ -250,11 +267,14 @@ impl Run<'_> {
         retries: u32,
     ) -> Result<(), ExecutorError> {
         let job_id = self.job_id;
+        if let (StoreError::Fenced { .. }, Some(metrics)) = (&failure, &self.engine.metrics) {
+            metrics.append_fenced();
+        }
         if let StoreError::Fenced { .. } = failure
-            && let Some(outcome) = events.iter().position(is_outcome)
-            && outcome + 1 < events.len()
+            && let Some(through) = outcome_prefix(events)
+            && through + 1 < events.len()
         {
-            self.append(&events[..=outcome])?;
+            self.append(&events[..=through])?;
             return Err(ExecutorError::Store {
                 job_id,
                 source: failure,
@@ -285,6 +305,7 @@ impl Run<'_> {
                     kind: event.kind(),
                     source,
                 })?;
+            self.tally(event);
         }
         Ok(())
     }
@@ -363,6 +384,16 @@ impl Run<'_> {
 
 fn is_outcome(event: &Event) -> bool {
     matches!(event, Event::StepSucceeded(_) | Event::StepFailed(_))
+}
+
+/// The index of the last event of `events`' prefix that records a step's
+/// outcome: the outcome itself, or the claim right after it that names it.
+fn outcome_prefix(events: &[Event]) -> Option<usize> {
+    let outcome = events.iter().position(is_outcome)?;
+    match events.get(outcome + 1) {
+        Some(Event::JobClaimed(_)) => Some(outcome + 1),
+        _ => Some(outcome),
+    }
 }
 
 /// The outcome of a step whose start was committed with an unknown outcome:

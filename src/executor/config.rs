@@ -14,6 +14,7 @@ use super::drive::{Drivers, PoolDrivers};
 use super::{EXECUTOR_VERSION, Engine, JobExecutor};
 use crate::chain::HeadKey;
 use crate::clock::{Clock, LogicalClock, SystemClock, derived_job_id};
+use crate::metrics::Metrics;
 use crate::model::PlanFile;
 use crate::runner::{HandlerPool, PoolOptions};
 use crate::store::{
@@ -43,6 +44,7 @@ pub struct ExecutorBuilder {
     pool: PoolOptions,
     health_timeout: Duration,
     drivers: Option<Arc<dyn Drivers>>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl ExecutorBuilder {
@@ -57,6 +59,7 @@ impl ExecutorBuilder {
             pool: PoolOptions::default(),
             health_timeout: HEALTH_TIMEOUT_DEFAULT,
             drivers: None,
+            metrics: None,
         }
     }
 
@@ -127,6 +130,13 @@ impl ExecutorBuilder {
         self
     }
 
+    /// Metrics to count into: jobs and steps ended, appends, jobs running
+    /// (default: none, and nothing is counted).
+    pub fn metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
     /// The executor, with no handlers registered.
     pub fn build(self) -> JobExecutor {
         let drivers = self
@@ -143,6 +153,7 @@ impl ExecutorBuilder {
             watchdog: Watchdog::new(),
             unrecorded: Mutex::new(HashMap::new()),
             version: self.version.unwrap_or_else(|| EXECUTOR_VERSION.to_owned()),
+            metrics: self.metrics,
         };
         JobExecutor {
             engine: Arc::new(engine),
@@ -213,6 +224,8 @@ pub struct ExecutorConfig {
     pub pool: PoolOptions,
     /// The version recorded in every `JobStarted` and `JobResumed`.
     pub executor_version: String,
+    /// The metrics the executor counts into, if any.
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 impl Default for ExecutorConfig {
@@ -232,6 +245,7 @@ impl ExecutorConfig {
             health_timeout: HEALTH_TIMEOUT_DEFAULT,
             pool: PoolOptions::default(),
             executor_version: EXECUTOR_VERSION.to_owned(),
+            metrics: None,
         }
     }
 
@@ -277,6 +291,12 @@ impl ExecutorConfig {
         self
     }
 
+    /// Counting into `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
     /// Opens the log (and the queue beside it).
     ///
     /// # Errors
@@ -291,7 +311,7 @@ impl ExecutorConfig {
     }
 
     /// `builder` with everything of this configuration but the log: the
-    /// key, the clock, the deadline, the pools, the version.
+    /// key, the clock, the deadline, the pools, the version, the metrics.
     pub fn configure(&self, builder: ExecutorBuilder) -> ExecutorBuilder {
         let mut builder = builder
             .executor_version(self.executor_version.clone())
@@ -302,6 +322,9 @@ impl ExecutorConfig {
         }
         if let Some(key) = &self.head_key {
             builder = builder.head_key(key.clone());
+        }
+        if let Some(metrics) = &self.metrics {
+            builder = builder.metrics(metrics.clone());
         }
         builder
     }

@@ -35,6 +35,7 @@ pub use run::RunControl;
 use crate::chain::HeadKey;
 use crate::clock::Clock;
 use crate::handler::{DEFAULT_STEP_TYPES, HealthObserver, NoOpHandler, StepHandler};
+use crate::metrics::Metrics;
 use crate::model::{JobStep, validate_plan};
 use crate::projection;
 use crate::result::ExecutionResult;
@@ -85,6 +86,8 @@ struct Engine {
     /// Step outcomes known but not recorded, for `recover`.
     unrecorded: Mutex<HashMap<(Uuid, u32), UnrecordedOutcome>>,
     version: String,
+    /// Where jobs, steps and appends are counted, if anywhere.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Engine {
@@ -186,6 +189,11 @@ impl JobExecutor {
     /// The event log this executor appends to.
     pub fn store(&self) -> &dyn EventStore {
         self.engine.store.as_ref()
+    }
+
+    /// The metrics this executor counts into, if it was given any.
+    pub fn metrics(&self) -> Option<&Arc<Metrics>> {
+        self.engine.metrics.as_ref()
     }
 
     /// The key this executor authenticates every event's digest with, if

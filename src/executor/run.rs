@@ -14,18 +14,20 @@ use uuid::Uuid;
 use super::append::Sealer;
 use super::{Engine, ExecutorError};
 use crate::events::{
-    Event, EventRecord, Failure, JobCancelled, JobCompleted, JobHalted, JobResumed, JobStarted,
-    StepFailed, StepStarted, StepSucceeded,
+    Event, EventRecord, Failure, JobCancelled, JobClaimed, JobCompleted, JobHalted, JobResumed,
+    JobStarted, StepFailed, StepStarted, StepSucceeded,
 };
 use crate::handler::{HealthObserver, Outcome, StepHandler};
-use crate::machine::{self, NextAction, next_action};
-use crate::model::{CancelSignal, ExecutionContext, FailureKind, JobStep};
+use crate::machine::{self, JobState, NextAction, Phase, next_action};
+use crate::metrics::Metrics;
+use crate::model::{CancelSignal, ExecutionContext, FailureKind, JobStatus, JobStep, StepStatus};
 use crate::projection::{self, Projector};
 use crate::result::ExecutionResult;
 use crate::runner::{self, Dispatch, Handover};
 use crate::store::QueuedJob;
 use crate::sync::panic_message;
 use crate::watchdog::Action;
+use tracing::{Span, field};
 
 /// A step whose start was just recorded, and how its handler runs.
 pub(super) struct Started {
@@ -74,7 +76,9 @@ pub(super) struct Run<'a> {
     contract_id: Uuid,
     executed_by: String,
     observer: Option<&'a dyn HealthObserver>,
-    control: RunControl<'a>,
+    pub(super) control: RunControl<'a>,
+    /// When the step in flight started here (kept only for metrics).
+    step_began: Option<Instant>,
 }
 
 /// How a caller steers a run it does not follow step by step: a flag that
@@ -99,6 +103,10 @@ pub struct RunControl<'a> {
     /// Set: handlers run on this run's own thread, and where the watchdog
     /// answers when it ends the job at a step's deadline.
     answer: Option<Answer>,
+    /// A worker's claim, appended with the run's first events.
+    claimed: Option<JobClaimed>,
+    /// The worker that claimed the job, named on the job's span.
+    worker_id: Option<String>,
 }
 
 impl<'a> RunControl<'a> {
@@ -123,6 +131,18 @@ impl<'a> RunControl<'a> {
         self
     }
 
+    /// The run appends `claimed` — who claimed the job, at which epoch —
+    /// with its first events (right after `JobStarted` for a job not
+    /// started yet, right after the outcome of a step left in doubt, whose
+    /// index the run puts in `recorded_outcome`, whatever it was given),
+    /// so the log tells which worker appended what follows. A worker gives
+    /// every job it takes up its claim.
+    pub fn claimed(mut self, claimed: JobClaimed) -> Self {
+        self.worker_id = Some(claimed.worker_id.clone());
+        self.claimed = Some(claimed);
+        self
+    }
+
     /// Handlers are called on the run's own thread; the watchdog answers
     /// `answer` if it ends the job at a step's deadline.
     pub(super) fn answering(mut self, answer: Answer) -> Self {
@@ -132,6 +152,45 @@ impl<'a> RunControl<'a> {
 
     fn stopping(&self) -> bool {
         self.stop.is_some_and(|stop| stop.load(Ordering::SeqCst))
+    }
+
+    /// `events` with the claim still to be appended, if any, put in. This
+    /// is the one place a claim's order is decided: it goes where the
+    /// machine first admits it after `state` — after a `JobStarted` (a
+    /// job's first event) and after the outcome of a step in flight
+    /// (EXEC-002: nothing but a cancel request comes between a step's start
+    /// and its outcome), else first. A takeover of a step in doubt thus
+    /// commits the step's outcome, then the claim naming that step in
+    /// `recorded_outcome`, then what follows.
+    pub(super) fn with_claim<'e>(
+        &mut self,
+        state: JobState,
+        events: &'e [Event],
+    ) -> Cow<'e, [Event]> {
+        let Some(mut claimed) = self.claimed.take() else {
+            return Cow::Borrowed(events);
+        };
+        // What the claim recorded is the run's to say, from what it appends.
+        claimed.recorded_outcome = None;
+        let mut state = state;
+        let mut at = 0;
+        while let (Phase::NotStarted | Phase::StepRunning { .. }, Some(event)) =
+            (state.phase, events.get(at))
+        {
+            let Ok(next) = machine::apply(state, event) else {
+                // The machine refuses the batch itself; the judge says why.
+                break;
+            };
+            if let Some(step_index) = step_of(event) {
+                claimed.recorded_outcome = Some(step_index);
+            }
+            (state, at) = (next, at + 1);
+        }
+        let mut with_claim = Vec::with_capacity(events.len() + 1);
+        with_claim.extend_from_slice(&events[..at]);
+        with_claim.push(Event::JobClaimed(claimed));
+        with_claim.extend_from_slice(&events[at..]);
+        Cow::Owned(with_claim)
     }
 }
 
@@ -234,6 +293,7 @@ impl<'a> Run<'a> {
             executed_by,
             observer: None,
             control: RunControl::default(),
+            step_began: None,
         }
     }
 
@@ -343,7 +403,27 @@ impl<'a> Run<'a> {
     /// run has recorded, at the time it fires, and appended.
     fn record_later(&self, event: Event) -> Action {
         let (store, sealer) = (self.engine.store.clone(), self.sealer());
-        Box::new(move || sealer.append(store.as_ref(), std::slice::from_ref(&event)))
+        let counted = self.counted_later(step_of(&event));
+        Box::new(move || {
+            sealer.append(store.as_ref(), std::slice::from_ref(&event))?;
+            counted(std::slice::from_ref(&event));
+            Ok(())
+        })
+    }
+
+    /// What counts events the watchdog records for this run, for step
+    /// `step_index` (the step in flight).
+    fn counted_later(&self, step_index: Option<u32>) -> impl Fn(&[Event]) + Send + 'static {
+        let metrics = self.engine.metrics.clone();
+        let step_type = step_index.map_or("", |i| self.step_type(i)).to_owned();
+        let began = self.step_began;
+        move |events| {
+            if let Some(metrics) = &metrics {
+                for event in events {
+                    count(metrics, event, &step_type, began);
+                }
+            }
+        }
     }
 
     /// Advances the job until the machine says it is done (or the run is
@@ -357,16 +437,26 @@ impl<'a> Run<'a> {
     /// one commit, and nothing about at-most-once changes.
     pub(super) fn advance(&mut self, first: Vec<Event>) -> Result<ExecutionResult, ExecutorError> {
         let _running = self.engine.pool.job();
+        let _counted = self.engine.metrics.as_deref().map(Metrics::job_running);
+        let job = self.job_span();
+        let _job = job.enter();
         let mut batch = first;
+        // The span of the step in flight: its outcome is recorded with the
+        // next step's start.
+        let mut step = None;
         loop {
             self.decide_more(&mut batch);
             if batch.is_empty() {
                 break;
             }
-            let started = self.record(&batch)?;
+            let started = self.record_in(&batch, step.take())?;
             batch.clear();
             if let Some(started) = started {
-                let Some(outcome) = self.outcome(started) else {
+                let span = self.step_span(started.step_index);
+                let _step = span.enter();
+                let outcome = self.outcome(started);
+                step = Some(span.clone());
+                let Some(outcome) = outcome else {
                     // The watchdog ended the job at a step's deadline, and
                     // answered for it.
                     return projection::replay(self.engine.store.as_ref(), self.job_id)
@@ -377,17 +467,73 @@ impl<'a> Run<'a> {
                     Observed::Failed(e) => {
                         // The step's outcome is a fact: record it (without
                         // health), then stop before the next step.
-                        self.record(std::slice::from_ref(&outcome))?;
+                        self.record_in(std::slice::from_ref(&outcome), step.take())?;
                         return Err(e);
                     }
                     Observed::Recorded(e) => return Err(e),
                 }
             }
         }
-        Ok(self
+        let result = self
             .projector
             .result()
-            .expect("a job that ran has a JobStarted event"))
+            .expect("a job that ran has a JobStarted event");
+        if result.final_status == JobStatus::Failed {
+            let kind = result
+                .step_results
+                .iter()
+                .rev()
+                .find_map(|s| s.failure_kind);
+            job.record("otel.status_code", "ERROR");
+            job.record("error.type", kind.map_or("_OTHER", FailureKind::as_str));
+        }
+        tracing::debug!(status = %result.final_status, reason = %result.final_reason, "job ended");
+        Ok(result)
+    }
+
+    /// Records `events` as [`record`](Self::record) does; the outcome among
+    /// them, if any, is logged in `ending`, the span of the step it ends.
+    fn record_in(
+        &mut self,
+        events: &[Event],
+        ending: Option<Span>,
+    ) -> Result<Option<Started>, ExecutorError> {
+        let started = self.record(events)?;
+        if let Some(span) = ending {
+            for event in events {
+                log_outcome(&span, event);
+            }
+        }
+        Ok(started)
+    }
+
+    /// The span of the job's run here: `job_id`, and `worker_id` when a
+    /// worker claimed it; a failed job's status and `error.type` (the
+    /// failed step's failure kind) are recorded when it ends.
+    fn job_span(&self) -> Span {
+        tracing::info_span!(
+            "job",
+            job_id = %self.job_id,
+            worker_id = self.control.worker_id.as_deref(),
+            otel.status_code = field::Empty,
+            error.r#type = field::Empty,
+        )
+    }
+
+    /// The span of step `step_index`, which has just started.
+    fn step_span(&self, step_index: u32) -> Span {
+        let span = tracing::info_span!(
+            "step",
+            // Signed: OpenTelemetry's integers are, and an unsigned field
+            // would be exported as text.
+            step_index = i64::from(step_index),
+            step_type = self.step_type(step_index),
+            otel.status_code = field::Empty,
+            otel.status_description = field::Empty,
+            error.r#type = field::Empty,
+        );
+        span.in_scope(|| tracing::debug!("step started"));
+        span
     }
 
     /// Appends to `batch` what the machine decides after it, up to the next
@@ -423,7 +569,30 @@ impl<'a> Run<'a> {
             self.projector.head(),
             self.engine.clock.clone(),
             self.engine.head_key.clone(),
+            self.engine.metrics.clone(),
         )
+    }
+
+    /// Counts an event this run recorded, when there are metrics: a step's
+    /// outcome (how long it took, when it started here), a job's end.
+    pub(super) fn tally(&mut self, event: &Event) {
+        let Some(metrics) = self.engine.metrics.as_deref() else {
+            return;
+        };
+        if let Event::StepStarted(_) = event {
+            self.step_began = Some(Instant::now());
+            return;
+        }
+        let began = self.step_began.take();
+        let step_type = step_of(event).map_or("", |i| self.step_type(i));
+        count(metrics, event, step_type, began);
+    }
+
+    /// The type of step `step_index` of the plan.
+    fn step_type(&self, step_index: u32) -> &str {
+        self.plan
+            .get(step_index as usize)
+            .map_or("", |step| step.step_type.as_str())
     }
 
     /// Prepares the handler of a step about to start (its deadline runs
@@ -519,20 +688,59 @@ impl<'a> Run<'a> {
         let cancel = context.cancel.clone();
         let answer = self.control.answer.clone();
         let job_id = self.job_id;
+        let counted = self.counted_later(Some(step_index));
         // Built only if it fires: arming costs no allocation but the box.
         Box::new(move || {
             cancel.cancel();
             let outcome = outcome_event(runner::timed_out(timeout_seconds, ""), step_index);
-            sealer.append(
-                store.as_ref(),
-                &[outcome, Event::JobHalted(JobHalted { step_index })],
-            )?;
+            let ending = [outcome, Event::JobHalted(JobHalted { step_index })];
+            sealer.append(store.as_ref(), &ending)?;
+            counted(&ending);
             if let Some(answer) = answer {
                 answer
                     .give(projection::replay(store.as_ref(), job_id).map_err(ExecutorError::from));
             }
             Ok(())
         })
+    }
+}
+
+/// Logs a step's outcome in its span (marked an error when it failed).
+fn log_outcome(span: &Span, event: &Event) {
+    let _in = span.enter();
+    match event {
+        Event::StepSucceeded(_) => tracing::debug!("step succeeded"),
+        Event::StepFailed(failed) => {
+            let kind = failed.failure.kind.as_str();
+            span.record("otel.status_code", "ERROR");
+            span.record("otel.status_description", failed.failure.message.as_str());
+            span.record("error.type", kind);
+            tracing::debug!(failure_kind = kind, error = %failed.failure.message, "step failed");
+        }
+        _ => {}
+    }
+}
+
+/// The step an outcome event is about.
+fn step_of(event: &Event) -> Option<u32> {
+    match event {
+        Event::StepSucceeded(s) => Some(s.step_index),
+        Event::StepFailed(f) => Some(f.step_index),
+        _ => None,
+    }
+}
+
+/// Counts `event`, recorded here, into `metrics`: a step's outcome (of
+/// type `step_type`, started at `began` when it started here), a job's end.
+fn count(metrics: &Metrics, event: &Event, step_type: &str, began: Option<Instant>) {
+    let took = || began.map(|at| at.elapsed());
+    match event {
+        Event::StepSucceeded(_) => metrics.step_ended(step_type, StepStatus::Completed, took()),
+        Event::StepFailed(_) => metrics.step_ended(step_type, StepStatus::Failed, took()),
+        Event::JobCompleted(_) => metrics.job_ended(JobStatus::Completed),
+        Event::JobHalted(_) => metrics.job_ended(JobStatus::Failed),
+        Event::JobCancelled(_) => metrics.job_ended(JobStatus::Cancelled),
+        _ => {}
     }
 }
 

@@ -12,7 +12,7 @@ use super::timeline::{self, Moment, MomentKind, Outcome, StepSpan, Timeline};
 use crate::events::{Event, EventRecord, FailureKind, JobStarted, format_timestamp};
 use crate::model::{JobStatus, JobStep, StepStatus};
 use crate::projection::{Projector, ReplayError};
-use crate::result::{ExecutionResult, StepResult};
+use crate::result::{ClaimRef, ExecutionResult, StepResult};
 use crate::verify::{JobReport, VerifyOptions, verify_job};
 
 /// Steps shown in one table; a longer plan is split into sections of this
@@ -105,6 +105,9 @@ pub(crate) struct StepRow {
     pub(crate) health_after: Option<Cell>,
     pub(crate) started_at: Option<String>,
     pub(crate) took: Option<String>,
+    /// Which workers started it and recorded its outcome, for a job run by
+    /// workers.
+    pub(crate) ran_by: Option<String>,
 }
 
 /// A run of consecutive steps shown as one table.
@@ -149,6 +152,18 @@ pub(crate) struct Resumption {
     pub(crate) version: String,
 }
 
+/// A worker's claim on the job.
+#[derive(Clone, Debug)]
+pub(crate) struct ClaimRow {
+    pub(crate) at: String,
+    pub(crate) worker_id: String,
+    pub(crate) host: String,
+    pub(crate) epoch: u64,
+    pub(crate) taken_over_from: Option<String>,
+    /// The step left in doubt whose outcome the claim recorded.
+    pub(crate) recorded_outcome: Option<u32>,
+}
+
 /// Everything one job's page shows.
 #[derive(Clone, Debug)]
 pub struct JobPage {
@@ -157,6 +172,8 @@ pub struct JobPage {
     pub(crate) executed_by: String,
     pub(crate) executor_version: String,
     pub(crate) resumptions: Vec<Resumption>,
+    /// The workers' claims, in order: who ran the job, takeovers included.
+    pub(crate) claims: Vec<ClaimRow>,
     /// `None` when not even the job's first event can be folded.
     pub(crate) status: Option<JobStatus>,
     pub(crate) reason: String,
@@ -211,6 +228,7 @@ impl JobPage {
             executed_by: plan.map_or_else(String::new, |p| p.executed_by.clone()),
             executor_version: plan.map_or_else(String::new, |p| p.executor_version.clone()),
             resumptions: resumptions.into_iter().map(|(_, r)| r).collect(),
+            claims: result.map_or_else(Vec::new, claim_rows),
             status: result.map(|r| r.final_status),
             reason: result.map_or_else(String::new, |r| r.final_reason.clone()),
             cancel_requested: cancel_reason(records),
@@ -263,6 +281,46 @@ impl JobPage {
             // The index keeps a row per job: a long error is cut short there.
             reason: ellipsis(&self.reason, REASON_CHARS_MAX),
         }
+    }
+}
+
+/// The claims of a job run by workers, as the summary lists them.
+fn claim_rows(result: &ExecutionResult) -> Vec<ClaimRow> {
+    result
+        .claims
+        .iter()
+        .map(|c| ClaimRow {
+            at: format_timestamp(&c.claimed_at),
+            worker_id: c.worker_id.clone(),
+            host: c.host.clone(),
+            epoch: c.epoch,
+            taken_over_from: c.taken_over_from.clone(),
+            recorded_outcome: c.recorded_outcome,
+        })
+        .collect()
+}
+
+/// Who ran a step: one worker, or the one that started it and the one that
+/// recorded its outcome when a takeover came between.
+fn ran_by(step: &StepResult) -> Option<String> {
+    let name = |c: &ClaimRef| format!("{} (epoch {})", c.worker_id, c.epoch);
+    match (&step.started_by, &step.recorded_by) {
+        (Some(started), Some(recorded)) if started == recorded => {
+            Some(format!("by {}", name(started)))
+        }
+        (Some(started), Some(recorded)) => Some(format!(
+            "started by {}, outcome recorded by {}",
+            name(started),
+            name(recorded)
+        )),
+        // An outcome with no claim recorded it: `recover` did.
+        (Some(started), None) if step.status != StepStatus::Running => Some(format!(
+            "started by {}, outcome recorded without a claim",
+            name(started)
+        )),
+        (Some(started), None) => Some(format!("started by {}", name(started))),
+        (None, Some(recorded)) => Some(format!("outcome recorded by {}", name(recorded))),
+        (None, None) => None,
     }
 }
 
@@ -614,6 +672,7 @@ fn step_row(position: usize, planned: Option<&JobStep>, result: Option<&StepResu
                     .unwrap_or(0),
             )
         }),
+        ran_by: result.and_then(ran_by),
     }
 }
 

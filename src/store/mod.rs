@@ -26,7 +26,7 @@ pub use memory::MemoryStore;
 pub use open::{Location, Log, OpenOptions, open};
 #[cfg(feature = "postgres")]
 pub use postgres::{PG_SCHEMA_VERSION, PgOptions, PgStore};
-pub use queue::{Claim, Fence, JobQueue, QueueEntry, QueueState, QueuedJob};
+pub use queue::{Claim, Fence, JobQueue, QueueEntry, QueueState, QueueSummary, QueuedJob};
 pub use sqlite::{APPLICATION_ID, DB_SCHEMA_VERSION, SqliteOptions, SqliteStore, Synchronous};
 
 use crate::events::{EventRecord, TERMINAL_KINDS};

@@ -122,6 +122,20 @@ pub struct QueueEntry {
     pub steps: usize,
 }
 
+/// How many jobs wait and run, and how long the oldest has waited: what a
+/// fleet's dashboard shows of the queue.
+#[derive(Clone, Debug, Default, PartialEq)]
+#[non_exhaustive]
+pub struct QueueSummary {
+    /// Jobs submitted and not claimed.
+    pub submitted: u64,
+    /// Jobs claimed by a worker (leases run out or not).
+    pub running: u64,
+    /// How long the oldest submitted job has waited, by the database's
+    /// clock; `None` when none waits.
+    pub oldest_submitted_age: Option<Duration>,
+}
+
 /// The queue's side of a store. Every change is one transaction of the
 /// database, and lease times are the database's clock, so workers on many
 /// hosts agree on them.
@@ -174,4 +188,34 @@ pub trait JobQueue: Send + Sync {
     /// # Errors
     /// Store failures.
     fn queued(&self) -> Result<Vec<QueueEntry>, StoreError>;
+
+    /// How many jobs are submitted and running, and the oldest submitted
+    /// one's age. By default from [`queued`](Self::queued) and this host's
+    /// clock; the SQL stores count in the database, by its clock.
+    ///
+    /// # Errors
+    /// Store failures.
+    fn queue_summary(&self) -> Result<QueueSummary, StoreError> {
+        let mut summary = QueueSummary::default();
+        for entry in self.queued()? {
+            match entry.state {
+                QueueState::Submitted => {
+                    summary.submitted += 1;
+                    if summary.submitted == 1 {
+                        let waited = chrono::DateTime::parse_from_rfc3339(&entry.submitted_at)
+                            .map(|at| chrono::Utc::now() - at.with_timezone(&chrono::Utc));
+                        summary.oldest_submitted_age = Some(
+                            waited
+                                .ok()
+                                .and_then(|w| w.to_std().ok())
+                                .unwrap_or_default(),
+                        );
+                    }
+                }
+                QueueState::Running => summary.running += 1,
+                QueueState::Finished => {}
+            }
+        }
+        Ok(summary)
+    }
 }

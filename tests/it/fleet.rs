@@ -472,10 +472,11 @@ fn zombie(db: &Db, dir: &Path) {
     let zombie = spawn_worker(dir, &url, "zombie", "1", false);
     let log = db.open();
     let give_up = Instant::now() + Duration::from_secs(20);
-    while log.last_seq(job).unwrap() < 2 && Instant::now() < give_up {
+    // JobStarted, JobClaimed, StepStarted.
+    while log.last_seq(job).unwrap() < 3 && Instant::now() < give_up {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(log.last_seq(job).unwrap(), 2, "the step never started");
+    assert_eq!(log.last_seq(job).unwrap(), 3, "the step never started");
     let pid = nix::unistd::Pid::from_raw(zombie.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
     std::thread::sleep(Duration::from_millis(1500));
@@ -491,17 +492,20 @@ fn zombie(db: &Db, dir: &Path) {
     );
     let after_takeover = log.load_job(job).unwrap();
     let kinds: Vec<&str> = after_takeover.iter().map(|r| r.kind.as_str()).collect();
-    assert_eq!(
-        kinds,
-        ["JobStarted", "StepStarted", "StepFailed", "JobHalted"]
-    );
-    match after_takeover[2].decode().unwrap().event {
+    // The rescuer records the step in doubt first (EXEC-002: nothing but
+    // its outcome follows a step's start), then its claim naming it.
+    assert_eq!(kinds, common::TAKEN_OVER_KINDS);
+    match after_takeover[3].decode().unwrap().event {
         Event::StepFailed(f) => {
             assert_eq!(
                 f.failure.kind,
                 job_executor::events::FailureKind::Interrupted
             )
         }
+        other => panic!("unexpected {other:?}"),
+    }
+    match after_takeover[4].decode().unwrap().event {
+        Event::JobClaimed(c) => assert_eq!(c.recorded_outcome, Some(0)),
         other => panic!("unexpected {other:?}"),
     }
     // The zombie wakes up, finishes its step, and is refused.

@@ -3,7 +3,7 @@
 
 use crate::common;
 
-use common::{completed, failed, halted, started, step_started, succeeded};
+use common::{claimed, completed, failed, halted, started, step_started, succeeded};
 use job_executor::JobStep;
 use job_executor::events::{Event, JobStarted};
 use job_executor::machine::{
@@ -443,4 +443,81 @@ fn a_job_resumes_only_between_steps() {
     Scenario::given([started(0), completed()])
         .when(resumed())
         .then_error(TransitionError::AfterEnd { kind: "JobResumed" });
+}
+
+// --- claims -----------------------------------------------------------------
+
+#[test]
+fn a_claim_between_a_step_start_and_its_outcome_is_refused() {
+    let refusal = TransitionError::ClaimDuringStep { running: 0 };
+    assert_eq!(refusal.invariant(), "EXEC-002");
+    Scenario::given([started(2), claimed("a", 1, None), step_started(0)])
+        .when(claimed("b", 2, None))
+        .then_error(refusal);
+    // Even one that says it recorded the step: the outcome comes first.
+    Scenario::given([started(2), step_started(0)])
+        .when(claimed("b", 2, Some(0)))
+        .then_error(TransitionError::ClaimDuringStep { running: 0 });
+    // A cancel request is the one event that may arrive meanwhile.
+    Scenario::given([started(2), claimed("a", 1, None), step_started(0)])
+        .when(cancel_requested())
+        .then_phase(Phase::StepRunning { step_index: 0 });
+}
+
+#[test]
+fn a_takeover_records_the_step_in_doubt_then_its_claim() {
+    let taken_over = [
+        started(2),
+        claimed("a", 1, None),
+        step_started(0),
+        failed(0),
+    ];
+    let state = Scenario::given(taken_over.clone())
+        .when(claimed("b", 2, Some(0)))
+        .then_phase(Phase::StepFailed { step_index: 0 });
+    assert_eq!(state.claim_epoch, 2);
+    let mut log = taken_over.to_vec();
+    log.extend([claimed("b", 2, Some(0)), halted(0)]);
+    assert_eq!(fold(&log).unwrap().phase, Phase::Halted { step_index: 0 });
+    // A success known to the new owner is recorded the same way.
+    Scenario::given([started(2), step_started(0), succeeded(0)])
+        .when(claimed("b", 2, Some(0)))
+        .then_phase(Phase::Idle);
+}
+
+#[test]
+fn a_claim_names_only_the_outcome_just_recorded() {
+    Scenario::given([started(2)])
+        .when(claimed("b", 2, Some(0)))
+        .then_error(TransitionError::ClaimedOutcomeMissing { step_index: 0 });
+    Scenario::given([started(3), step_started(0), succeeded(0)])
+        .when(claimed("b", 2, Some(1)))
+        .then_error(TransitionError::ClaimedOutcomeMissing { step_index: 1 });
+}
+
+#[test]
+fn a_claim_is_admitted_between_steps_of_a_started_job_and_only_forward() {
+    Scenario::given([started(2)])
+        .when(claimed("a", 1, None))
+        .then_phase(Phase::Idle);
+    Scenario::given([started(2), step_started(0), succeeded(0)])
+        .when(claimed("a", 1, None))
+        .then_phase(Phase::Idle);
+    Scenario::given([started(2), step_started(0), failed(0)])
+        .when(claimed("b", 2, None))
+        .then_phase(Phase::StepFailed { step_index: 0 });
+    Scenario::given([started(2), claimed("a", 2, None)])
+        .when(claimed("b", 2, None))
+        .then_error(TransitionError::StaleClaim {
+            epoch: 2,
+            previous: 2,
+        });
+    Scenario::given([])
+        .when(claimed("a", 1, None))
+        .then_error(TransitionError::NotStarted { kind: "JobClaimed" });
+    let mut ended = common::completed_log(2);
+    ended.insert(1, claimed("a", 1, None));
+    Scenario::given(ended)
+        .when(claimed("b", 2, None))
+        .then_error(TransitionError::AfterEnd { kind: "JobClaimed" });
 }

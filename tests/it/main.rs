@@ -21,6 +21,7 @@ mod fleet;
 mod fuzz;
 mod lifecycle;
 mod machine;
+mod ops;
 mod process;
 mod proofs;
 mod properties;

@@ -493,3 +493,61 @@ proptest! {
         }
     }
 }
+
+/// EXEC-002 as SPEC.md words it, over one job's events: every `StepStarted`
+/// is followed by exactly one outcome for its index before anything else
+/// happens to the job (a cancel request, an outside wish, aside).
+fn exec_002_holds(log: &[Event]) -> bool {
+    let mut in_flight = None;
+    for event in log {
+        let outcome = match event {
+            Event::StepSucceeded(s) => Some(s.step_index),
+            Event::StepFailed(f) => Some(f.step_index),
+            _ => None,
+        };
+        match (in_flight, event) {
+            (None, Event::StepStarted(s)) => in_flight = Some(s.step_index),
+            (Some(_), Event::JobCancelRequested(_)) => {}
+            (Some(running), _) if outcome == Some(running) => in_flight = None,
+            (Some(_), _) => return false,
+            (None, _) if outcome.is_some() => return false,
+            (None, _) => {}
+        }
+    }
+    true
+}
+
+/// The step of the last outcome among `events`.
+fn last_outcome(events: &[Event]) -> Option<u32> {
+    events.iter().rev().find_map(|e| match e {
+        Event::StepSucceeded(s) => Some(s.step_index),
+        Event::StepFailed(f) => Some(f.step_index),
+        _ => None,
+    })
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// A claim inserted anywhere in a finished job's log is accepted
+    /// exactly where EXEC-002, read literally, still holds (and the job
+    /// has started and not ended): never between a step's start and its
+    /// outcome.
+    #[test]
+    fn a_claim_is_admitted_exactly_where_exec_002_allows(
+        log in valid_log(),
+        at in any::<prop::sample::Index>(),
+        names_outcome in any::<bool>(),
+    ) {
+        let at = at.index(log.len() + 1);
+        let recorded = if names_outcome { last_outcome(&log[..at]) } else { None };
+        let mut claimed = log.clone();
+        claimed.insert(at, common::claimed("w", 1, recorded));
+        let inside = at >= 1 && at < log.len();
+        prop_assert_eq!(
+            accepted_as_finished(&claimed),
+            inside && exec_002_holds(&claimed),
+            "a claim at {} of {:?}", at, log.iter().map(Event::kind).collect::<Vec<_>>()
+        );
+    }
+}

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use job_executor::clock::Clock;
+use job_executor::events::JobClaimed;
 use job_executor::executor::{CancelRequest, RunControl};
 use job_executor::store::Log;
 use job_executor::worker::{Ended, FencedStore, Leases};
@@ -101,7 +102,15 @@ impl WorkerParts {
                 }
             };
             let job_id = claim.fence.job_id;
-            let mut control = RunControl::new().stop_on(&self.stop);
+            // The run records the claim, as a worker's does: first, or
+            // after the outcome of a step it finds in doubt.
+            let mut control = RunControl::new().stop_on(&self.stop).claimed(JobClaimed {
+                worker_id: self.name.clone(),
+                host: "sim".into(),
+                epoch: claim.fence.epoch,
+                taken_over_from: claim.taken_over_from.clone(),
+                recorded_outcome: None,
+            });
             if let Some(signal) = self.leases.cancel_signal(job_id) {
                 control = control.cancel_signal(signal);
             }

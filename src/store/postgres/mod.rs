@@ -51,6 +51,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../schema/postgres/0002_job_queue.sql"),
     include_str!("../../../schema/postgres/0003_job_starts.sql"),
     include_str!("../../../schema/postgres/0004_statement_checks.sql"),
+    include_str!("../../../schema/postgres/0007_job_claimed.sql"),
 ];
 
 /// The schema version this build writes.

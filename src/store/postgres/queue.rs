@@ -5,7 +5,9 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use super::super::sql::{self, EntryRow};
-use super::super::{Claim, Fence, JobQueue, QueueEntry, QueueState, QueuedJob, StoreError};
+use super::super::{
+    Claim, Fence, JobQueue, QueueEntry, QueueState, QueueSummary, QueuedJob, StoreError,
+};
 use super::PgStore;
 
 /// The queue's rows, in the writer's transactions: a claim locks the row
@@ -157,9 +159,38 @@ impl JobQueue for PgStore {
                 .collect()
         })
     }
+
+    fn queue_summary(&self) -> Result<QueueSummary, StoreError> {
+        self.summarize_queue()
+    }
 }
 
 impl PgStore {
+    /// The queue's counts and the oldest waiting job's age, by the
+    /// server's clock, in one statement.
+    fn summarize_queue(&self) -> Result<QueueSummary, StoreError> {
+        let row = self.with_reader(|conn| {
+            conn.client
+                .query_one(
+                    "SELECT count(*) FILTER (WHERE state = 'submitted'),
+                            count(*) FILTER (WHERE state = 'running'),
+                            extract(epoch FROM clock_timestamp() - min(submitted_at)
+                                    FILTER (WHERE state = 'submitted'))::float8
+                     FROM jobs WHERE state <> 'finished'",
+                    &[],
+                )
+                .map_err(|e| self.classify("counting the job queue", e))
+        })?;
+        let count = |n: i64| u64::try_from(n).unwrap_or(0);
+        Ok(QueueSummary {
+            submitted: count(row.get(0)),
+            running: count(row.get(1)),
+            oldest_submitted_age: row
+                .get::<_, Option<f64>>(2)
+                .map(|age| Duration::try_from_secs_f64(age.max(0.0)).unwrap_or_default()),
+        })
+    }
+
     /// Runs `write` in a transaction of the writer's.
     fn queue_write<T>(
         &self,

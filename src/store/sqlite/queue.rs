@@ -6,7 +6,9 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use uuid::Uuid;
 
 use super::super::sql::{self, EntryRow};
-use super::super::{Claim, Fence, JobQueue, QueueEntry, QueueState, QueuedJob, StoreError};
+use super::super::{
+    Claim, Fence, JobQueue, QueueEntry, QueueState, QueueSummary, QueuedJob, StoreError,
+};
 use super::{SqliteStore, classify};
 
 /// The queue's rows, in the writer's transactions: `BEGIN IMMEDIATE` takes
@@ -178,6 +180,37 @@ impl JobQueue for SqliteStore {
             Ok(entries)
         })
     }
+
+    fn queue_summary(&self) -> Result<QueueSummary, StoreError> {
+        self.with_reader("counting the job queue", |conn| {
+            queue_summary(conn).map_err(|e| classify(&self.path, "counting the job queue", e))
+        })
+    }
+}
+
+/// How many jobs wait and run, and the oldest waiting one's age by
+/// SQLite's clock, in one read of the queue's index.
+fn queue_summary(conn: &Connection) -> rusqlite::Result<QueueSummary> {
+    if !has_queue(conn)? {
+        return Ok(QueueSummary::default());
+    }
+    conn.query_row(
+        "SELECT count(*) FILTER (WHERE state = 'submitted'),
+                count(*) FILTER (WHERE state = 'running'),
+                unixepoch('subsec') - (SELECT unixepoch(submitted_at, 'subsec') FROM jobs
+                                       WHERE state = 'submitted' ORDER BY submitted_no LIMIT 1)
+         FROM jobs WHERE state <> 'finished'",
+        [],
+        |row| {
+            Ok(QueueSummary {
+                submitted: row.get::<_, i64>(0)?.try_into().unwrap_or(0),
+                running: row.get::<_, i64>(1)?.try_into().unwrap_or(0),
+                oldest_submitted_age: row
+                    .get::<_, Option<f64>>(2)?
+                    .map(|age| Duration::try_from_secs_f64(age.max(0.0)).unwrap_or_default()),
+            })
+        },
+    )
 }
 
 impl SqliteStore {

@@ -60,6 +60,10 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../schema/0008_cheaper_digest_check.sql"),
         then: None,
     },
+    Migration {
+        sql: include_str!("../../../schema/0011_job_claimed.sql"),
+        then: None,
+    },
 ];
 
 /// The event columns of a version-1 database opened for reading (no chain

@@ -7,8 +7,8 @@ use chrono::{DateTime, TimeDelta, Utc};
 use job_executor::JobStep;
 use job_executor::chain::{Digest, chain};
 use job_executor::events::{
-    Event, EventRecord, Failure, FailureKind, JobCompleted, JobHalted, JobStarted, StepFailed,
-    StepStarted, StepSucceeded,
+    Event, EventRecord, Failure, FailureKind, JobClaimed, JobCompleted, JobHalted, JobStarted,
+    StepFailed, StepStarted, StepSucceeded,
 };
 use serde_json::json;
 use uuid::Uuid;
@@ -58,6 +58,30 @@ pub fn failed(step_index: u32) -> Event {
         },
         output: None,
         health_after: None,
+    })
+}
+
+/// The events of a job taken over with its first step in doubt, as the
+/// new owner leaves them: the first claim's start, then the step recorded
+/// interrupted, the new claim naming it, and the halt (one commit).
+pub const TAKEN_OVER_KINDS: [&str; 6] = [
+    "JobStarted",
+    "JobClaimed",
+    "StepStarted",
+    "StepFailed",
+    "JobClaimed",
+    "JobHalted",
+];
+
+/// A worker's claim at `epoch`, saying it recorded the outcome of step
+/// `recorded_outcome` on taking the job up, if given.
+pub fn claimed(worker: &str, epoch: u64, recorded_outcome: Option<u32>) -> Event {
+    Event::JobClaimed(JobClaimed {
+        worker_id: worker.into(),
+        host: "h".into(),
+        epoch,
+        taken_over_from: None,
+        recorded_outcome,
     })
 }
 
